@@ -1,0 +1,64 @@
+# cwm: two commands set everything up on a fresh machine: `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PROTO_VENV := .venv-proto
+PROTO_PY := $(PROTO_VENV)/bin/python
+PIP_FLAGS := --quiet --disable-pip-version-check
+
+.PHONY: demo test lint proto proto-check buf-lint buf-breaking test-py test-protobuf6 bench clean
+
+# The main environment: protobuf 7, grpcio 1.85, torch 2.13.0 (the CPU wheel pip finds here;
+# it must be named in the same pip command so nothing pulls a CUDA build).
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install $(PIP_FLAGS) 'torch==2.13.0' -e '.[dev,engine]'
+	touch $@
+
+# The generator environment: grpcio-tools 1.80.x, whose gencode targets protobuf 6.31.1, so
+# the committed code runs on protobuf 6 and 7 alike. It also runs the SDK tests on protobuf 6.
+$(PROTO_VENV)/.installed: pyproject.toml
+	test -x $(PROTO_PY) || $(PYTHON) -m venv $(PROTO_VENV)
+	$(PROTO_PY) -m pip install $(PIP_FLAGS) 'grpcio-tools==1.80.0' 'mypy-protobuf==5.1.0' \
+		'buf-bin==1.75.0' 'protobuf>=6.31.1,<7' -e . pytest pytest-asyncio pytest-timeout
+	touch $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/cwm demo
+
+proto: $(PROTO_VENV)/.installed
+	PATH=$(CURDIR)/$(PROTO_VENV)/bin:$$PATH $(PROTO_PY) tools/gen_proto.py
+
+# Regenerating must change nothing: the committed code is what the proto says.
+proto-check: proto
+	@git add -N cwm_client/_generated >/dev/null 2>&1 || true
+	@git diff --exit-code --stat -- cwm_client/_generated \
+		|| { echo "generated code is stale: run 'make proto' and commit"; exit 1; }
+
+buf-lint: $(PROTO_VENV)/.installed
+	cd proto && ../$(PROTO_VENV)/bin/buf lint
+
+buf-breaking: $(PROTO_VENV)/.installed
+	PATH=$(CURDIR)/$(PROTO_VENV)/bin:$$PATH tools/check_breaking.sh
+
+lint: $(VENV)/.installed buf-lint buf-breaking proto-check
+	$(VENV)/bin/ruff check cwm_client cwm_server tools tests
+	$(VENV)/bin/ruff format --check cwm_client cwm_server tools tests
+	$(VENV)/bin/mypy --strict cwm_client
+
+test-py: $(VENV)/.installed
+	$(VENV)/bin/pytest -q -p no:cacheprovider tests
+
+# The SDK and the manager on protobuf 6 (what LMCache pins), with the same generated code.
+test-protobuf6: $(PROTO_VENV)/.installed
+	$(PROTO_PY) -c 'import google.protobuf as p; assert p.__version__.startswith("6."), p.__version__'
+	$(PROTO_VENV)/bin/pytest -q -p no:cacheprovider tests/test_sdk_roundtrip.py
+
+test: lint test-py test-protobuf6
+
+bench: $(VENV)/.installed
+	$(PY) tools/bench/freeze_thaw.py
+
+clean:
+	rm -rf $(VENV) $(PROTO_VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,35 @@
+"""cwm_client: the typed SDK for the cwm context window manager.
+
+Generated protobuf/gRPC code lives in `cwm_client._generated` (use `cwm_client.pb`);
+the hand-written parts are the sync and asyncio clients, typed errors and chunk framing.
+No torch and no server code is imported here.
+"""
+
+from cwm_client import pb
+from cwm_client._common import FreezeResult, ThawedChunk
+from cwm_client.async_client import AsyncThawStream, AsyncWindowClient
+from cwm_client.chunks import (
+    ChunkPayload,
+    InMemoryChunk,
+    array_from_chunk,
+    chunks_from_array,
+    chunks_from_bytes,
+    digest,
+)
+from cwm_client.sync_client import ThawStream, WindowClient
+
+__all__ = [
+    "AsyncThawStream",
+    "AsyncWindowClient",
+    "ChunkPayload",
+    "FreezeResult",
+    "InMemoryChunk",
+    "ThawStream",
+    "ThawedChunk",
+    "WindowClient",
+    "array_from_chunk",
+    "chunks_from_array",
+    "chunks_from_bytes",
+    "digest",
+    "pb",
+]

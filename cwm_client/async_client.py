@@ -1,0 +1,280 @@
+"""asyncio client for WindowService, the twin of `sync_client.WindowClient`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from types import TracebackType
+from typing import Any
+
+import grpc
+import grpc.aio
+from grpc.aio import EOF  # type: ignore[attr-defined]
+
+from cwm_client import pb
+from cwm_client._common import (
+    CHANNEL_OPTIONS,
+    DEFAULT_TARGET,
+    FreezeResult,
+    Progress,
+    ThawDecoder,
+    ThawedChunk,
+    build_header,
+    expected_chunks,
+    freeze_requests,
+    list_request,
+)
+from cwm_client.chunks import DEFAULT_CHUNK_TOKENS, DEFAULT_PART_BYTES, ChunkPayload
+from cwm_client.errors import DataLoss, from_rpc_error
+
+
+class AsyncThawStream:
+    """A running Thaw: `await open()` reads the window, then `async for` the chunks."""
+
+    def __init__(self, call: Any, first_chunk: int, chunk_count: int) -> None:
+        self._call = call
+        self._decoder = ThawDecoder()
+        self._first_chunk = first_chunk
+        self._chunk_count = chunk_count
+        self._expected = 0
+        self.window = pb.WindowInfo()
+
+    async def open(self) -> AsyncThawStream:
+        try:
+            first = await self._call.read()
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        if first is EOF:
+            raise DataLoss("thaw stream ended before the window info")
+        self._decoder.accept(first)
+        assert self._decoder.window is not None
+        self.window = self._decoder.window
+        self._expected = expected_chunks(self.window, self._first_chunk, self._chunk_count)
+        return self
+
+    async def __aiter__(self) -> AsyncIterator[ThawedChunk]:
+        try:
+            while True:
+                message = await self._call.read()
+                if message is EOF:
+                    break
+                chunk = self._decoder.accept(message)
+                if chunk is not None:
+                    yield chunk
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        self._decoder.finish(self._expected)
+
+    def close(self) -> None:
+        self._call.cancel()
+
+    async def __aenter__(self) -> AsyncThawStream:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class AsyncWindowClient:
+    """asyncio WindowService client; every failure raises a `cwm_client.errors` class."""
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        channel: grpc.aio.Channel | None = None,
+        timeout: float | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        self._owns_channel = channel is None
+        self._channel = channel or grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self._stub = pb.WindowServiceStub(self._channel)
+        self._timeout = timeout
+        self._metadata = tuple(metadata)
+
+    async def close(self) -> None:
+        if self._owns_channel:
+            await self._channel.close(None)
+
+    async def __aenter__(self) -> AsyncWindowClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def _unary(self, method: Any, request: Any) -> Any:
+        try:
+            return await method(request, timeout=self._timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    async def find_missing(self, digests: Sequence[bytes]) -> list[bytes]:
+        """The digests among `digests` that the manager does not hold."""
+        response: pb.FindMissingChunksResponse = await self._unary(
+            self._stub.FindMissingChunks, pb.FindMissingChunksRequest(digests=digests)
+        )
+        return list(response.missing_digests)
+
+    async def freeze(
+        self,
+        name: str,
+        chunks: Sequence[ChunkPayload],
+        *,
+        fingerprint: pb.ModelFingerprint,
+        token_ids: Sequence[int],
+        chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+        session_id: str = "",
+        cache_salt: str = "",
+        parent: str = "",
+        tags: Mapping[str, str] | None = None,
+        description: str = "",
+        ttl_seconds: int = 0,
+        pinned: bool = False,
+        replace: bool = False,
+        skip_existing: bool = True,
+        part_bytes: int = DEFAULT_PART_BYTES,
+        progress: Progress | None = None,
+    ) -> FreezeResult:
+        """Store `chunks` as window `name`; only chunks the manager lacks are sent."""
+        header = build_header(
+            name,
+            chunks,
+            fingerprint=fingerprint,
+            token_ids=token_ids,
+            chunk_tokens=chunk_tokens,
+            session_id=session_id,
+            cache_salt=cache_salt,
+            parent=parent,
+            tags=tags,
+            description=description,
+            ttl_seconds=ttl_seconds,
+            pinned=pinned,
+            replace=replace,
+        )
+        missing = (
+            set(await self.find_missing(list(header.chunk_digests)))
+            if skip_existing and chunks
+            else None
+        )
+        to_send = [c for c in chunks if missing is None or c.digest in missing]
+        requests = freeze_requests(header, to_send, part_bytes, progress)
+        response: pb.FreezeResponse = await self._unary(self._stub.Freeze, requests)
+        return FreezeResult(
+            window=response.window,
+            chunks_sent=response.chunks_received,
+            chunks_reused=response.chunks_reused,
+            bytes_sent=response.bytes_received,
+        )
+
+    async def thaw(
+        self, name: str, *, first_chunk: int = 0, chunk_count: int = 0
+    ) -> AsyncThawStream:
+        """Open a thaw of `name` (or of a range of its chunks); the window is read already."""
+        call = self._stub.Thaw(
+            pb.ThawRequest(name=name, first_chunk=first_chunk, chunk_count=chunk_count),
+            timeout=self._timeout,
+            metadata=self._metadata,
+        )
+        return await AsyncThawStream(call, first_chunk, chunk_count).open()
+
+    async def get(self, name: str, *, view: int = pb.WindowView.WINDOW_VIEW_FULL) -> pb.WindowInfo:
+        response: pb.GetWindowResponse = await self._unary(
+            self._stub.GetWindow,
+            pb.GetWindowRequest(name=name, view=view),  # type: ignore[arg-type]
+        )
+        return response.window
+
+    async def list_page(
+        self,
+        *,
+        page_size: int = 100,
+        page_token: str = "",
+        name_prefix: str = "",
+        session_id: str = "",
+        model_id: str = "",
+        tags: Mapping[str, str] | None = None,
+        search: str = "",
+        view: int = pb.WindowView.WINDOW_VIEW_BASIC,
+    ) -> tuple[list[pb.WindowInfo], str]:
+        """One page of windows and the token of the next ("" on the last page)."""
+        response: pb.ListWindowsResponse = await self._unary(
+            self._stub.ListWindows,
+            list_request(
+                page_size=page_size,
+                page_token=page_token,
+                name_prefix=name_prefix,
+                session_id=session_id,
+                model_id=model_id,
+                tags=tags,
+                search=search,
+                view=view,
+            ),
+        )
+        return list(response.windows), response.next_page_token
+
+    async def list(
+        self,
+        *,
+        page_size: int = 100,
+        name_prefix: str = "",
+        session_id: str = "",
+        model_id: str = "",
+        tags: Mapping[str, str] | None = None,
+        search: str = "",
+        view: int = pb.WindowView.WINDOW_VIEW_BASIC,
+    ) -> AsyncIterator[pb.WindowInfo]:
+        """Every matching window, fetching pages as the iteration needs them."""
+        token = ""
+        while True:
+            windows, token = await self.list_page(
+                page_size=page_size,
+                page_token=token,
+                name_prefix=name_prefix,
+                session_id=session_id,
+                model_id=model_id,
+                tags=tags,
+                search=search,
+                view=view,
+            )
+            for window in windows:
+                yield window
+            if not token:
+                return
+
+    async def clone(
+        self,
+        source_name: str,
+        new_name: str,
+        *,
+        description: str = "",
+        tags: Mapping[str, str] | None = None,
+        ttl_seconds: int = 0,
+    ) -> pb.WindowInfo:
+        """Branch `source_name` as `new_name`, sharing every chunk (no bytes copied)."""
+        response: pb.CloneWindowResponse = await self._unary(
+            self._stub.CloneWindow,
+            pb.CloneWindowRequest(
+                source_name=source_name,
+                new_name=new_name,
+                description=description,
+                tags=dict(tags or {}),
+                ttl_seconds=ttl_seconds,
+            ),
+        )
+        return response.window
+
+    async def delete(self, name: str) -> pb.DeleteWindowResponse:
+        """Delete `name`; chunks no other window uses are collected."""
+        response: pb.DeleteWindowResponse = await self._unary(
+            self._stub.DeleteWindow, pb.DeleteWindowRequest(name=name)
+        )
+        return response

@@ -1,0 +1,313 @@
+"""Chunk framing: digests, sizes, splitting chunks into messages and putting them together.
+
+No torch here: KV crosses this boundary as bytes or numpy arrays in the canonical layout
+[2, num_layers, tokens, num_kv_heads * head_dim] (K then V), little-endian, C order.
+bfloat16 and float8 have no numpy dtype, so they travel as uint16 / uint8 words.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import blake3
+import numpy as np
+
+from cwm_client import pb
+from cwm_client.errors import InvalidArgument
+
+DIGEST_SIZE = 32
+DEFAULT_CHUNK_TOKENS = 256
+DEFAULT_PART_BYTES = 1 << 20
+
+DTYPE_SIZE: dict[int, int] = {
+    pb.KvDtype.KV_DTYPE_FLOAT32: 4,
+    pb.KvDtype.KV_DTYPE_FLOAT16: 2,
+    pb.KvDtype.KV_DTYPE_BFLOAT16: 2,
+    pb.KvDtype.KV_DTYPE_FLOAT8_E4M3: 1,
+    pb.KvDtype.KV_DTYPE_FLOAT8_E5M2: 1,
+}
+
+_NUMPY_WORD: dict[int, str] = {
+    pb.KvDtype.KV_DTYPE_FLOAT32: "<f4",
+    pb.KvDtype.KV_DTYPE_FLOAT16: "<f2",
+    pb.KvDtype.KV_DTYPE_BFLOAT16: "<u2",
+    pb.KvDtype.KV_DTYPE_FLOAT8_E4M3: "u1",
+    pb.KvDtype.KV_DTYPE_FLOAT8_E5M2: "u1",
+}
+
+
+def digest(data: bytes | bytearray | memoryview) -> bytes:
+    """BLAKE3-256 of the raw canonical bytes: a chunk's identity."""
+    return blake3.blake3(data).digest()
+
+
+def dtype_size(fingerprint: pb.ModelFingerprint) -> int:
+    """Bytes per KV element; raises INVALID_ARGUMENT when the dtype is not set."""
+    size = DTYPE_SIZE.get(fingerprint.kv_dtype)
+    if size is None:
+        raise InvalidArgument("fingerprint.kv_dtype must be set", field="fingerprint.kv_dtype")
+    return size
+
+
+def bytes_per_token(fingerprint: pb.ModelFingerprint) -> int:
+    """KV bytes one token occupies across all layers, K and V."""
+    return (
+        2
+        * fingerprint.num_layers
+        * fingerprint.num_kv_heads
+        * fingerprint.head_dim
+        * dtype_size(fingerprint)
+    )
+
+
+def chunk_raw_size(fingerprint: pb.ModelFingerprint, token_count: int) -> int:
+    """The exact raw size a chunk of `token_count` tokens must have."""
+    return bytes_per_token(fingerprint) * token_count
+
+
+def token_spans(total_tokens: int, chunk_tokens: int) -> list[tuple[int, int]]:
+    """(token_start, token_count) of every chunk of a window."""
+    if chunk_tokens <= 0:
+        raise InvalidArgument("chunk_tokens must be positive", field="chunk_tokens")
+    return [
+        (start, min(chunk_tokens, total_tokens - start))
+        for start in range(0, total_tokens, chunk_tokens)
+    ]
+
+
+class ChunkPayload(Protocol):
+    """What a freeze needs of a chunk: its identity up front, its bytes when sent."""
+
+    @property
+    def index(self) -> int: ...
+    @property
+    def token_start(self) -> int: ...
+    @property
+    def token_count(self) -> int: ...
+    @property
+    def digest(self) -> bytes: ...
+    @property
+    def raw_size(self) -> int: ...
+
+    def data(self) -> bytes | memoryview:
+        """The raw canonical bytes (read lazily: large windows need not sit in memory)."""
+        ...
+
+
+@dataclass(frozen=True)
+class InMemoryChunk:
+    """A chunk whose raw bytes are already in memory."""
+
+    index: int
+    token_start: int
+    token_count: int
+    raw: bytes
+    digest: bytes = field(default=b"")
+
+    def __post_init__(self) -> None:
+        if not self.digest:
+            object.__setattr__(self, "digest", digest(self.raw))
+
+    @property
+    def raw_size(self) -> int:
+        return len(self.raw)
+
+    def data(self) -> bytes:
+        return self.raw
+
+
+def chunks_from_bytes(
+    chunk_bytes: Sequence[bytes], chunk_tokens: int, total_tokens: int
+) -> list[InMemoryChunk]:
+    """Wrap already-canonical per-chunk byte strings, computing spans and digests."""
+    spans = token_spans(total_tokens, chunk_tokens)
+    if len(spans) != len(chunk_bytes):
+        raise InvalidArgument(
+            f"{total_tokens} tokens in chunks of {chunk_tokens} need {len(spans)} chunks, "
+            f"got {len(chunk_bytes)}"
+        )
+    return [
+        InMemoryChunk(index=i, token_start=start, token_count=count, raw=data)
+        for i, ((start, count), data) in enumerate(zip(spans, chunk_bytes, strict=True))
+    ]
+
+
+def chunks_from_array(kv: np.ndarray, chunk_tokens: int) -> list[InMemoryChunk]:
+    """Cut a whole window's KV array [2, L, T, H*D] into canonical chunks."""
+    if kv.ndim != 4 or kv.shape[0] != 2:
+        raise InvalidArgument(f"expected KV shape [2, L, T, H*D], got {list(kv.shape)}")
+    total = kv.shape[2]
+    little = kv.astype(kv.dtype.newbyteorder("<"), copy=False)
+    pieces = [
+        np.ascontiguousarray(little[:, :, start : start + count, :]).tobytes()
+        for start, count in token_spans(total, chunk_tokens)
+    ]
+    return chunks_from_bytes(pieces, chunk_tokens, total)
+
+
+def array_from_chunk(
+    raw: bytes | memoryview, fingerprint: pb.ModelFingerprint, token_count: int
+) -> np.ndarray:
+    """View raw chunk bytes as [2, L, tokens, H*D] (bfloat16/float8 as uint words)."""
+    word = _NUMPY_WORD[fingerprint.kv_dtype]
+    return np.frombuffer(raw, dtype=word).reshape(
+        2,
+        fingerprint.num_layers,
+        token_count,
+        fingerprint.num_kv_heads * fingerprint.head_dim,
+    )
+
+
+def iter_parts(
+    meta: pb.ChunkRef | ChunkPayload,
+    encoded: bytes | memoryview,
+    codec: int,
+    part_bytes: int = DEFAULT_PART_BYTES,
+    index: int | None = None,
+) -> Iterator[pb.Chunk]:
+    """Yield the Chunk messages that carry one chunk, `part_bytes` of data each at most.
+
+    Slices of a memoryview avoid copying the chunk before protobuf copies it into the
+    message (the one copy that cannot be avoided in Python protobuf).
+    """
+    view = memoryview(encoded)
+    total = len(view)
+    offset = 0
+    while True:
+        piece = view[offset : offset + part_bytes]
+        yield pb.Chunk(
+            index=meta.index if index is None else index,
+            token_start=meta.token_start,
+            token_count=meta.token_count,
+            digest=meta.digest,
+            codec=codec,  # type: ignore[arg-type]
+            raw_size=meta.raw_size,
+            encoded_size=total,
+            data_offset=offset,
+            data=bytes(piece) if len(piece) != total else encoded,  # type: ignore[arg-type]
+        )
+        offset += len(piece)
+        if offset >= total:
+            return
+
+
+@dataclass
+class AssembledChunk:
+    """A whole chunk put back together from its parts (still encoded with `codec`)."""
+
+    index: int
+    token_start: int
+    token_count: int
+    digest: bytes
+    codec: int
+    raw_size: int
+    data: bytes
+
+
+class ChunkAssembler:
+    """Puts chunk parts back together, refusing anything inconsistent.
+
+    Feed parts in stream order; `add` returns the finished chunk when its last part arrives.
+    Errors are INVALID_ARGUMENT naming the chunk index, since they are the sender's fault.
+    """
+
+    def __init__(self, max_encoded_size: int) -> None:
+        self._max = max_encoded_size
+        self._head: pb.Chunk | None = None
+        self._buffer: bytearray | None = None
+        self._filled = 0
+
+    @property
+    def in_progress(self) -> bool:
+        return self._head is not None
+
+    def add(self, part: pb.Chunk) -> AssembledChunk | None:
+        data = part.data
+        if self._head is None:
+            self._start(part)
+            if part.data_offset != 0:
+                raise InvalidArgument(
+                    f"chunk {part.index}: first part starts at offset {part.data_offset}, "
+                    "expected 0",
+                    field="chunk.data_offset",
+                )
+            if len(data) == part.encoded_size:
+                return self._finish(data)
+        else:
+            self._check_continuation(part)
+        assert self._buffer is not None or self._head is not None
+        if self._buffer is None:
+            self._buffer = bytearray(self._head.encoded_size)  # type: ignore[union-attr]
+        end = self._filled + len(data)
+        if end > len(self._buffer):
+            raise InvalidArgument(
+                f"chunk {part.index}: parts exceed encoded_size {len(self._buffer)}",
+                field="chunk.data",
+            )
+        self._buffer[self._filled : end] = data
+        self._filled = end
+        if end == len(self._buffer):
+            return self._finish(bytes(self._buffer))
+        return None
+
+    def _start(self, part: pb.Chunk) -> None:
+        if len(part.digest) != DIGEST_SIZE:
+            raise InvalidArgument(
+                f"chunk {part.index}: digest must be {DIGEST_SIZE} bytes of BLAKE3, "
+                f"got {len(part.digest)}",
+                field="chunk.digest",
+            )
+        if part.codec == pb.ChunkCodec.CHUNK_CODEC_UNSPECIFIED:
+            raise InvalidArgument(f"chunk {part.index}: codec must be set", field="chunk.codec")
+        if part.encoded_size == 0 or part.encoded_size > self._max:
+            raise InvalidArgument(
+                f"chunk {part.index}: encoded_size {part.encoded_size} outside 1..{self._max}",
+                field="chunk.encoded_size",
+            )
+        if part.codec == pb.ChunkCodec.CHUNK_CODEC_RAW and part.encoded_size != part.raw_size:
+            raise InvalidArgument(
+                f"chunk {part.index}: raw codec but encoded_size {part.encoded_size} != "
+                f"raw_size {part.raw_size}",
+                field="chunk.encoded_size",
+            )
+        self._head = part
+        self._buffer = None
+        self._filled = 0
+
+    def _check_continuation(self, part: pb.Chunk) -> None:
+        head = self._head
+        assert head is not None
+        if (
+            part.index != head.index
+            or part.digest != head.digest
+            or part.encoded_size != head.encoded_size
+            or part.codec != head.codec
+        ):
+            raise InvalidArgument(
+                f"chunk {part.index} started before chunk {head.index} was complete "
+                f"({self._filled} of {head.encoded_size} bytes)",
+                field="chunk.index",
+            )
+        if part.data_offset != self._filled:
+            raise InvalidArgument(
+                f"chunk {part.index}: part at offset {part.data_offset}, expected {self._filled}",
+                field="chunk.data_offset",
+            )
+
+    def _finish(self, data: bytes) -> AssembledChunk:
+        head = self._head
+        assert head is not None
+        self._head = None
+        self._buffer = None
+        self._filled = 0
+        return AssembledChunk(
+            index=head.index,
+            token_start=head.token_start,
+            token_count=head.token_count,
+            digest=head.digest,
+            codec=head.codec,
+            raw_size=head.raw_size,
+            data=data,
+        )

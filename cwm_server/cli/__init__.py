@@ -1,0 +1,1 @@
+"""The `cwm` command line. Nothing imports it; it imports everything it drives."""

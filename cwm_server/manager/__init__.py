@@ -1,0 +1,1 @@
+"""The central manager: WindowService servicer, window catalog, chunk store tiers."""

@@ -1,0 +1,86 @@
+"""The tiers behind one interface: put verifies and stores durably, get reads memory then
+disk and verifies whatever it returns. These calls block; the manager runs them on its I/O
+threads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cwm_client.chunks import digest as blake3_digest
+from cwm_client.codecs import RAW, decode, encode_if_smaller
+from cwm_client.errors import DataLoss
+from cwm_server.manager.disk_tier import ChunkFileCorrupt, ChunkFileMissing, DiskTier
+from cwm_server.manager.memory_tier import MemoryTier
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    codec: int
+    stored_size: int
+
+
+class ChunkStore:
+    def __init__(self, disk: DiskTier, memory: MemoryTier, compress: bool) -> None:
+        self.disk = disk
+        self.memory = memory
+        self._compress = compress
+
+    def put(
+        self, tenant: str, digest: bytes, raw: bytes, word_size: int, index: int
+    ) -> StoreResult:
+        """Verify raw bytes against their digest, then store them durably and in memory."""
+        if blake3_digest(raw) != digest:
+            raise DataLoss(
+                f"chunk {index}: its bytes do not match its BLAKE3 digest {digest.hex()[:16]}…; "
+                "it was corrupted on the way or the digest was computed over other bytes",
+                field="chunk.data",
+                reason="DIGEST_MISMATCH",
+            )
+        codec, encoded = encode_if_smaller(raw, word_size) if self._compress else (RAW, raw)
+        stored = self.disk.write(tenant, digest, codec, word_size, len(raw), encoded)
+        self.memory.put((tenant, digest), raw)
+        return StoreResult(codec=codec, stored_size=stored)
+
+    def get(self, tenant: str, digest: bytes, where: str) -> bytes:
+        """Raw bytes of a chunk, verified; DATA_LOSS naming `where` if they cannot be had."""
+        cached = self.memory.get((tenant, digest))
+        if cached is not None and blake3_digest(cached) == digest:
+            return cached
+        try:
+            raw = self._read_disk(tenant, digest)
+        except ChunkFileMissing:
+            raise DataLoss(
+                f"{where}: chunk file {digest.hex()} is missing from the store; "
+                "run `cwm fsck` to see what else is affected",
+                reason="CHUNK_MISSING",
+            ) from None
+        except (ChunkFileCorrupt, ValueError) as exc:
+            raise DataLoss(
+                f"{where}: chunk {digest.hex()} is corrupt on disk ({exc}); "
+                "run `cwm fsck` to see what else is affected",
+                reason="CHUNK_CORRUPT",
+            ) from None
+        if blake3_digest(raw) != digest:
+            raise DataLoss(
+                f"{where}: chunk {digest.hex()} failed verification (stored bytes do not "
+                "match the digest); refusing to serve it; run `cwm fsck`",
+                reason="CHUNK_CORRUPT",
+            )
+        self.memory.put((tenant, digest), raw)
+        return raw
+
+    def _read_disk(self, tenant: str, digest: bytes) -> bytes:
+        stored = self.disk.read(tenant, digest)
+        return decode(stored.data, stored.codec, stored.raw_size, stored.word_size)
+
+    def verify_on_disk(self, tenant: str, digest: bytes) -> bool:
+        """True if the disk holds the chunk and it decodes to bytes matching the digest."""
+        try:
+            raw = self._read_disk(tenant, digest)
+        except (ChunkFileMissing, ChunkFileCorrupt, ValueError):
+            return False
+        return blake3_digest(raw) == digest
+
+    def remove(self, tenant: str, digest: bytes) -> None:
+        self.memory.discard((tenant, digest))
+        self.disk.remove(tenant, digest)

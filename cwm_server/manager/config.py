@@ -1,0 +1,35 @@
+"""Manager configuration: every bound on memory and size lives here, not in the code."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+MiB = 1 << 20
+
+
+def default_data_dir() -> Path:
+    """Per-user data dir ($XDG_DATA_HOME/cwm, else ~/.local/share/cwm)."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "cwm"
+
+
+@dataclass(frozen=True)
+class ManagerConfig:
+    data_dir: Path
+    listen: str = "127.0.0.1:50051"
+    memory_cache_bytes: int = 256 * MiB
+    """Byte cap of the hot in-memory LRU tier (0 disables it)."""
+    stream_window_chunks: int = 4
+    """Chunks of one stream held in memory at once: staging on freeze, read-ahead on thaw."""
+    max_chunk_bytes: int = 64 * MiB
+    """Largest raw chunk accepted; larger ones are refused before any byte is stored."""
+    part_bytes: int = MiB
+    """Chunk data per Thaw message."""
+    compress: bool = True
+    """Store a chunk byte-plane+zstd compressed on disk when that saves at least 10%."""
+    fsync: bool = True
+    """fsync chunk files and their directory before a window commits (durability)."""
+    io_threads: int = 4
+    """Threads for disk reads/writes and digest checks, so the event loop never blocks."""

@@ -1,0 +1,353 @@
+"""One Freeze stream: validate the header, receive and store chunks with bounded staging,
+and commit the window atomically, or leave nothing behind.
+
+Receiving and storing overlap through a queue of at most `stream_window_chunks` chunks; when
+it is full the receiver stops reading, HTTP/2 flow control stops the sender, and the
+manager's memory stays bounded whatever the window's size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import structlog
+
+from cwm_client import pb
+from cwm_client.chunks import (
+    DIGEST_SIZE,
+    DTYPE_SIZE,
+    AssembledChunk,
+    ChunkAssembler,
+    chunk_raw_size,
+    token_spans,
+)
+from cwm_client.codecs import decode
+from cwm_client.errors import FailedPrecondition, InvalidArgument
+from cwm_client.names import check_window_name
+from cwm_server.manager.catalog import NewChunk, WindowExists, basic_view
+from cwm_server.manager.metadata import check_labels, expiry_from_ttl, now_timestamp
+from cwm_server.manager.windows import WindowManager, window_exists_error
+
+log = structlog.get_logger("cwm.freeze")
+
+MAX_TOKENS = 16_000_000
+
+
+def validate_header(header: pb.FreezeHeader, max_chunk_bytes: int) -> list[tuple[int, int]]:
+    """Check a FreezeHeader; returns the (token_start, token_count) span of each chunk."""
+    check_window_name(header.name)
+    if header.parent:
+        check_window_name(header.parent, "parent")
+    check_labels(header.tags, header.description)
+    fp = header.fingerprint
+    if not header.HasField("fingerprint"):
+        raise InvalidArgument("header.fingerprint is required", field="fingerprint")
+    if fp.kv_dtype not in DTYPE_SIZE:
+        raise InvalidArgument("fingerprint.kv_dtype must be set", field="fingerprint.kv_dtype")
+    for name in ("num_layers", "num_kv_heads", "head_dim"):
+        if getattr(fp, name) == 0:
+            raise InvalidArgument(
+                f"fingerprint.{name} must be positive", field=f"fingerprint.{name}"
+            )
+    if header.chunk_tokens == 0:
+        raise InvalidArgument("chunk_tokens must be positive", field="chunk_tokens")
+    if fp.block_size and header.chunk_tokens % fp.block_size:
+        raise InvalidArgument(
+            f"chunk_tokens {header.chunk_tokens} is not a multiple of the engine block size "
+            f"{fp.block_size}",
+            field="chunk_tokens",
+        )
+    tokens = len(header.token_ids)
+    if tokens == 0 or tokens > MAX_TOKENS:
+        raise InvalidArgument(
+            f"token_ids must hold 1..{MAX_TOKENS} tokens, got {tokens}", field="token_ids"
+        )
+    full_chunk = chunk_raw_size(fp, header.chunk_tokens)
+    if full_chunk > max_chunk_bytes:
+        raise InvalidArgument(
+            f"a chunk of {header.chunk_tokens} tokens would be {full_chunk} bytes; this "
+            f"manager accepts at most {max_chunk_bytes}: use fewer chunk_tokens",
+            field="chunk_tokens",
+        )
+    spans = token_spans(tokens, header.chunk_tokens)
+    if len(header.chunk_digests) != len(spans):
+        raise InvalidArgument(
+            f"{tokens} tokens in chunks of {header.chunk_tokens} make {len(spans)} chunks, "
+            f"but chunk_digests lists {len(header.chunk_digests)}",
+            field="chunk_digests",
+        )
+    for index, digest in enumerate(header.chunk_digests):
+        if len(digest) != DIGEST_SIZE:
+            raise InvalidArgument(
+                f"chunk_digests[{index}] is {len(digest)} bytes; BLAKE3 digests are {DIGEST_SIZE}",
+                field=f"chunk_digests[{index}]",
+            )
+    expiry_from_ttl(header.ttl_seconds)
+    return spans
+
+
+@dataclass
+class _Received:
+    chunks: dict[bytes, NewChunk] = field(default_factory=dict)
+    count: int = 0
+    encoded_bytes: int = 0
+
+
+class FreezeSession:
+    def __init__(self, manager: WindowManager, tenant: str) -> None:
+        self._manager = manager
+        self._tenant = tenant
+        self._received = _Received()
+        self._pins: list[tuple[str, bytes]] = []
+
+    async def run(self, requests: AsyncIterator[pb.FreezeRequest]) -> pb.FreezeResponse:
+        first = await anext(requests, None)
+        if first is None or first.WhichOneof("payload") != "header":
+            raise InvalidArgument(
+                "the first Freeze message must be a header (FreezeHeader)", field="header"
+            )
+        header = first.header
+        spans = validate_header(header, self._manager.config.max_chunk_bytes)
+        self._pins = self._manager.pin(self._tenant, header.chunk_digests)
+        try:
+            if not header.replace and await self._manager.db(
+                self._manager.catalog.window_exists, self._tenant, header.name
+            ):
+                raise window_exists_error(header.name)
+            await self._receive(requests, header, spans)
+            window, freed = await self._commit(header, spans)
+        except BaseException:
+            await self._discard()
+            raise
+        finally:
+            self._manager.unpin(self._pins)
+        await self._manager.collect(self._tenant, freed)
+        log.info(
+            "frozen",
+            tenant=self._tenant,
+            window=window.name,
+            chunks=window.chunk_count,
+            received=self._received.count,
+            raw_bytes=window.raw_bytes,
+        )
+        return pb.FreezeResponse(
+            window=basic_view(window),
+            chunks_received=self._received.count,
+            chunks_reused=window.chunk_count - self._received.count,
+            bytes_received=self._received.encoded_bytes,
+        )
+
+    async def _receive(
+        self,
+        requests: AsyncIterator[pb.FreezeRequest],
+        header: pb.FreezeHeader,
+        spans: list[tuple[int, int]],
+    ) -> None:
+        config = self._manager.config
+        word = DTYPE_SIZE[header.fingerprint.kv_dtype]
+        assembler = ChunkAssembler(max_encoded_size=config.max_chunk_bytes + (1 << 16))
+        queue: asyncio.Queue[AssembledChunk | None] = asyncio.Queue(config.stream_window_chunks)
+        storer = asyncio.ensure_future(self._store_all(queue, word))
+        last_index = -1
+        try:
+            async for request in requests:
+                if request.WhichOneof("payload") != "chunk":
+                    raise InvalidArgument(
+                        "a Freeze stream carries one header, then only chunks", field="header"
+                    )
+                part = request.chunk
+                if not assembler.in_progress:
+                    self._check_chunk_start(part, header, spans, last_index)
+                    last_index = part.index
+                whole = assembler.add(part)
+                if whole is not None:
+                    self._received.encoded_bytes += len(whole.data)
+                    await _put_or_fail(queue, whole, storer)
+            if assembler.in_progress:
+                raise InvalidArgument(
+                    f"the stream ended in the middle of chunk {last_index}", field="chunk.data"
+                )
+            await _put_or_fail(queue, None, storer)
+            await storer
+        finally:
+            if not storer.done():
+                storer.cancel()
+                await asyncio.gather(storer, return_exceptions=True)
+
+    def _check_chunk_start(
+        self,
+        part: pb.Chunk,
+        header: pb.FreezeHeader,
+        spans: list[tuple[int, int]],
+        last_index: int,
+    ) -> None:
+        index = part.index
+        if index >= len(spans):
+            raise InvalidArgument(
+                f"chunk index {index} is out of range: the header describes {len(spans)} chunks",
+                field="chunk.index",
+            )
+        if index <= last_index:
+            raise InvalidArgument(
+                f"chunk {index} arrived after chunk {last_index}: chunks must be sent once "
+                "each, in increasing index order",
+                field="chunk.index",
+            )
+        start, count = spans[index]
+        if part.token_start != start or part.token_count != count:
+            raise InvalidArgument(
+                f"chunk {index} claims tokens [{part.token_start}, +{part.token_count}) but "
+                f"the header puts it at [{start}, +{count})",
+                field="chunk.token_start",
+            )
+        expected = chunk_raw_size(header.fingerprint, count)
+        if part.raw_size != expected:
+            raise InvalidArgument(
+                f"chunk {index}: raw_size {part.raw_size} does not match the fingerprint "
+                f"(2 x {header.fingerprint.num_layers} layers x {count} tokens x "
+                f"{header.fingerprint.num_kv_heads} heads x {header.fingerprint.head_dim} dim "
+                f"x {DTYPE_SIZE[header.fingerprint.kv_dtype]} bytes = {expected})",
+                field="chunk.raw_size",
+            )
+        if part.digest != header.chunk_digests[index]:
+            raise InvalidArgument(
+                f"chunk {index}: its digest differs from chunk_digests[{index}] in the header",
+                field="chunk.digest",
+            )
+        if part.codec not in pb.ChunkCodec.values() or part.codec == 0:
+            raise InvalidArgument(f"chunk {index}: unknown codec {part.codec}", field="chunk.codec")
+
+    async def _store_all(self, queue: asyncio.Queue[AssembledChunk | None], word: int) -> None:
+        manager = self._manager
+        while (chunk := await queue.get()) is not None:
+            raw = await manager.io(_decode_or_fail, chunk, word)
+            result = await manager.io(
+                manager.store.put, self._tenant, chunk.digest, raw, word, chunk.index
+            )
+            self._received.chunks[chunk.digest] = NewChunk(
+                digest=chunk.digest,
+                raw_size=chunk.raw_size,
+                stored_size=result.stored_size,
+                codec=result.codec,
+            )
+            self._received.count += 1
+
+    async def _commit(
+        self, header: pb.FreezeHeader, spans: list[tuple[int, int]]
+    ) -> tuple[pb.WindowInfo, list[bytes]]:
+        manager = self._manager
+        tenant = self._tenant
+        received = dict(self._received.chunks)
+        expires = expiry_from_ttl(header.ttl_seconds)
+
+        def _commit_sync() -> tuple[pb.WindowInfo, list[bytes]]:
+            known: dict[bytes, NewChunk] = dict(received)
+            for index, digest in enumerate(header.chunk_digests):
+                if digest in known:
+                    continue
+                row = manager.catalog.chunk(tenant, digest)
+                if row is not None:
+                    known[digest] = NewChunk(digest, row.raw_size, row.stored_size, row.codec)
+                elif manager.store.verify_on_disk(tenant, digest):
+                    stored = manager.disk.read(tenant, digest)
+                    known[digest] = NewChunk(
+                        digest, stored.raw_size, len(stored.data), stored.codec
+                    )
+                else:
+                    raise FailedPrecondition(
+                        f"chunk {index} ({digest.hex()[:16]}…) was neither sent nor stored; "
+                        "ask FindMissingChunks again and send every chunk it lists",
+                        field=f"chunk_digests[{index}]",
+                        reason="CHUNK_NOT_SENT",
+                    )
+            window = _window_info(tenant, header, spans, known, expires)
+            try:
+                freed = manager.catalog.commit_window(window, known, header.replace)
+            except WindowExists:
+                raise window_exists_error(header.name) from None
+            return window, freed
+
+        return await manager.db(_commit_sync)
+
+    async def _discard(self) -> None:
+        """After a failed stream: collect the files it wrote that no window references."""
+        written = list(self._received.chunks)
+        self._manager.unpin(self._pins)
+        self._pins = []
+        try:
+            await asyncio.shield(self._manager.collect(self._tenant, written))
+        except Exception:  # noqa: BLE001 - start-up recovery collects whatever is left
+            log.warning("discard_failed", tenant=self._tenant, chunks=len(written))
+
+
+async def _put_or_fail(
+    queue: asyncio.Queue[AssembledChunk | None],
+    item: AssembledChunk | None,
+    storer: asyncio.Future[None],
+) -> None:
+    """Queue a chunk for storing, but fail at once if the storer has failed."""
+    if storer.done():
+        storer.result()
+    put = asyncio.ensure_future(queue.put(item))
+    await asyncio.wait({put, storer}, return_when=asyncio.FIRST_COMPLETED)
+    if not put.done():
+        put.cancel()
+    if storer.done():
+        storer.result()
+
+
+def _decode_or_fail(chunk: AssembledChunk, word: int) -> bytes:
+    try:
+        return decode(chunk.data, chunk.codec, chunk.raw_size, word)
+    except ValueError as exc:
+        raise InvalidArgument(
+            f"chunk {chunk.index}: data does not decode with its codec ({exc})",
+            field="chunk.data",
+        ) from None
+
+
+def _window_info(
+    tenant: str,
+    header: pb.FreezeHeader,
+    spans: list[tuple[int, int]],
+    chunks: dict[bytes, NewChunk],
+    expires: object,
+) -> pb.WindowInfo:
+    refs = []
+    for index, (digest, (start, count)) in enumerate(zip(header.chunk_digests, spans, strict=True)):
+        stored = chunks[digest]
+        refs.append(
+            pb.ChunkRef(
+                index=index,
+                token_start=start,
+                token_count=count,
+                digest=digest,
+                raw_size=stored.raw_size,
+                stored_size=stored.stored_size,
+                stored_codec=stored.codec,  # type: ignore[arg-type]
+            )
+        )
+    window = pb.WindowInfo(
+        name=header.name,
+        tenant=tenant,
+        session_id=header.session_id,
+        cache_salt=header.cache_salt,
+        fingerprint=header.fingerprint,
+        token_ids=header.token_ids,
+        token_count=len(header.token_ids),
+        chunk_tokens=header.chunk_tokens,
+        chunks=refs,
+        chunk_count=len(refs),
+        raw_bytes=sum(r.raw_size for r in refs),
+        stored_bytes=sum(r.stored_size for r in refs),
+        parent=header.parent,
+        tags=dict(header.tags),
+        description=header.description,
+        created_at=now_timestamp(),
+        pinned=header.pinned,
+    )
+    if expires is not None:
+        window.expires_at.CopyFrom(expires)  # type: ignore[arg-type]
+    return window

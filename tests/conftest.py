@@ -1,0 +1,24 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cwm_client import WindowClient
+from cwm_server.manager.config import ManagerConfig
+from tests.helpers import ThreadedManager
+
+
+@pytest.fixture
+def manager(tmp_path: Path) -> Iterator[ThreadedManager]:
+    """A real manager on an ephemeral loopback port, with a fresh data dir."""
+    running = ThreadedManager(ManagerConfig(data_dir=tmp_path / "data", listen="127.0.0.1:0"))
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def client(manager: ThreadedManager) -> Iterator[WindowClient]:
+    with WindowClient(manager.target) as window_client:
+        yield window_client
