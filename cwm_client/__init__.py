@@ -7,7 +7,7 @@ No torch and no server code is imported here.
 
 from cwm_client import pb
 from cwm_client._common import FreezeResult, ThawedChunk
-from cwm_client.async_client import AsyncThawStream, AsyncWindowClient
+from cwm_client.async_client import AsyncSessionClient, AsyncThawStream, AsyncWindowClient
 from cwm_client.chunks import (
     ChunkPayload,
     InMemoryChunk,
@@ -16,14 +16,16 @@ from cwm_client.chunks import (
     chunks_from_bytes,
     digest,
 )
-from cwm_client.sync_client import ThawStream, WindowClient
+from cwm_client.sync_client import SessionClient, ThawStream, WindowClient
 
 __all__ = [
+    "AsyncSessionClient",
     "AsyncThawStream",
     "AsyncWindowClient",
     "ChunkPayload",
     "FreezeResult",
     "InMemoryChunk",
+    "SessionClient",
     "ThawStream",
     "ThawedChunk",
     "WindowClient",

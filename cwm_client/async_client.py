@@ -278,3 +278,90 @@ class AsyncWindowClient:
             self._stub.DeleteWindow, pb.DeleteWindowRequest(name=name)
         )
         return response
+
+
+class AsyncSessionClient:
+    """asyncio SessionService client, the twin of `sync_client.SessionClient`."""
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        channel: grpc.aio.Channel | None = None,
+        timeout: float | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        self._owns_channel = channel is None
+        self._channel = channel or grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self._stub = pb.SessionServiceStub(self._channel)
+        self._timeout = timeout
+        self._metadata = tuple(metadata)
+
+    async def close(self) -> None:
+        if self._owns_channel:
+            await self._channel.close(None)
+
+    async def __aenter__(self) -> AsyncSessionClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def _unary(self, method: Any, request: Any) -> Any:
+        try:
+            return await method(request, timeout=self._timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    async def list_agents(self) -> list[pb.AgentInfo]:
+        response: pb.ListAgentsResponse = await self._unary(
+            self._stub.ListAgents, pb.ListAgentsRequest()
+        )
+        return list(response.agents)
+
+    async def list_sessions(self, agent_id: str = "") -> list[pb.SessionInfo]:
+        response: pb.ListSessionsResponse = await self._unary(
+            self._stub.ListSessions, pb.ListSessionsRequest(agent_id=agent_id)
+        )
+        return list(response.sessions)
+
+    async def freeze_session(
+        self,
+        session_id: str,
+        window_name: str,
+        *,
+        description: str = "",
+        tags: Mapping[str, str] | None = None,
+        ttl_seconds: int = 0,
+        agent_id: str = "",
+    ) -> pb.FreezeSessionResponse:
+        """Order the agent hosting `session_id` to freeze it as `window_name`."""
+        response: pb.FreezeSessionResponse = await self._unary(
+            self._stub.FreezeSession,
+            pb.FreezeSessionRequest(
+                session_id=session_id,
+                window_name=window_name,
+                description=description,
+                tags=dict(tags or {}),
+                ttl_seconds=ttl_seconds,
+                agent_id=agent_id,
+            ),
+        )
+        return response
+
+    async def thaw_window(
+        self, window_name: str, *, agent_id: str = "", new_session_id: str = ""
+    ) -> pb.ThawWindowResponse:
+        """Order an agent to load `window_name` into a new session; says how to continue."""
+        response: pb.ThawWindowResponse = await self._unary(
+            self._stub.ThawWindow,
+            pb.ThawWindowRequest(
+                window_name=window_name, agent_id=agent_id, new_session_id=new_session_id
+            ),
+        )
+        return response

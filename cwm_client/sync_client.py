@@ -263,3 +263,90 @@ class WindowClient:
             self._stub.DeleteWindow, pb.DeleteWindowRequest(name=name)
         )
         return response
+
+
+class SessionClient:
+    """Blocking SessionService client: agents, live sessions, and freeze/thaw orders."""
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        channel: grpc.Channel | None = None,
+        timeout: float | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        self._owns_channel = channel is None
+        self._channel = channel or grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self._stub = pb.SessionServiceStub(self._channel)
+        self._timeout = timeout
+        self._metadata = tuple(metadata)
+
+    def close(self) -> None:
+        if self._owns_channel:
+            self._channel.close()
+
+    def __enter__(self) -> SessionClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _unary(self, method: Any, request: Any) -> Any:
+        try:
+            return method(request, timeout=self._timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    def list_agents(self) -> list[pb.AgentInfo]:
+        response: pb.ListAgentsResponse = self._unary(
+            self._stub.ListAgents, pb.ListAgentsRequest()
+        )
+        return list(response.agents)
+
+    def list_sessions(self, agent_id: str = "") -> list[pb.SessionInfo]:
+        response: pb.ListSessionsResponse = self._unary(
+            self._stub.ListSessions, pb.ListSessionsRequest(agent_id=agent_id)
+        )
+        return list(response.sessions)
+
+    def freeze_session(
+        self,
+        session_id: str,
+        window_name: str,
+        *,
+        description: str = "",
+        tags: Mapping[str, str] | None = None,
+        ttl_seconds: int = 0,
+        agent_id: str = "",
+    ) -> pb.FreezeSessionResponse:
+        """Order the agent hosting `session_id` to freeze it as `window_name`."""
+        response: pb.FreezeSessionResponse = self._unary(
+            self._stub.FreezeSession,
+            pb.FreezeSessionRequest(
+                session_id=session_id,
+                window_name=window_name,
+                description=description,
+                tags=dict(tags or {}),
+                ttl_seconds=ttl_seconds,
+                agent_id=agent_id,
+            ),
+        )
+        return response
+
+    def thaw_window(
+        self, window_name: str, *, agent_id: str = "", new_session_id: str = ""
+    ) -> pb.ThawWindowResponse:
+        """Order an agent to load `window_name` into a new session; says how to continue."""
+        response: pb.ThawWindowResponse = self._unary(
+            self._stub.ThawWindow,
+            pb.ThawWindowRequest(
+                window_name=window_name, agent_id=agent_id, new_session_id=new_session_id
+            ),
+        )
+        return response

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
+import uuid
 from pathlib import Path
 
 import grpc.aio
@@ -11,9 +13,11 @@ import structlog
 
 from cwm_client import pb
 from cwm_client._common import MAX_MESSAGE_BYTES
+from cwm_server.manager.agents import AgentRegistry
 from cwm_server.manager.config import ManagerConfig
 from cwm_server.manager.errors_interceptor import ErrorMappingInterceptor
 from cwm_server.manager.servicer import WindowServicer
+from cwm_server.manager.session_servicer import SessionServicer
 from cwm_server.manager.windows import WindowManager
 
 log = structlog.get_logger("cwm.server")
@@ -31,6 +35,8 @@ class ManagerServer:
     def __init__(self, config: ManagerConfig) -> None:
         self.config = config
         self.manager = WindowManager(config)
+        self.agents = AgentRegistry()
+        self.manager_id = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         self.server: grpc.aio.Server | None = None
         self.port = 0
 
@@ -41,6 +47,9 @@ class ManagerServer:
             interceptors=[ErrorMappingInterceptor()], options=SERVER_OPTIONS
         )
         pb.add_WindowServiceServicer_to_server(WindowServicer(self.manager), self.server)
+        pb.add_SessionServiceServicer_to_server(
+            SessionServicer(self.manager, self.agents, self.manager_id), self.server
+        )
         self.port = self.server.add_insecure_port(self.config.listen)
         if self.port == 0:
             raise OSError(f"could not listen on {self.config.listen}")

@@ -1,0 +1,201 @@
+"""The registry of connected agents: their sessions, and the orders in flight to them.
+
+An order is a future the manager awaits; the agent's OrderResult resolves it. If the agent
+disconnects, every order it had not answered fails with UNAVAILABLE at once, so no caller
+waits for an answer that cannot come.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from dataclasses import dataclass, field
+
+import grpc
+import structlog
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from cwm_client import pb
+from cwm_client.errors import (
+    CwmError,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+    error_class,
+)
+from cwm_server.manager.fingerprints import fingerprint_differences
+from cwm_server.manager.metadata import now_timestamp
+
+log = structlog.get_logger("cwm.agents")
+
+ORDER_TIMEOUT_S = 600.0
+_CODES = {c.value[0]: c for c in grpc.StatusCode}
+
+
+@dataclass
+class AgentConnection:
+    agent_id: str
+    fingerprint: pb.ModelFingerprint
+    endpoint: str
+    connected_at: Timestamp
+    outbox: asyncio.Queue[pb.Order] = field(default_factory=asyncio.Queue)
+    sessions: dict[str, pb.SessionInfo] = field(default_factory=dict)
+    pending: dict[str, asyncio.Future[pb.OrderResult]] = field(default_factory=dict)
+
+    def info(self) -> pb.AgentInfo:
+        return pb.AgentInfo(
+            agent_id=self.agent_id,
+            fingerprint=self.fingerprint,
+            endpoint=self.endpoint,
+            connected_at=self.connected_at,
+            session_count=len(self.sessions),
+        )
+
+
+class AgentRegistry:
+    def __init__(self) -> None:
+        self._agents: dict[str, AgentConnection] = {}
+        self._order_ids = itertools.count(1)
+
+    def register(self, hello: pb.AgentHello) -> AgentConnection:
+        if not hello.agent_id or len(hello.agent_id) > 128:
+            raise InvalidArgument("agent_id must be 1-128 characters", field="hello.agent_id")
+        if not hello.HasField("fingerprint"):
+            raise InvalidArgument("hello.fingerprint is required", field="hello.fingerprint")
+        old = self._agents.get(hello.agent_id)
+        if old is not None:
+            self._fail_pending(old, f"agent {hello.agent_id!r} reconnected")
+        conn = AgentConnection(
+            agent_id=hello.agent_id,
+            fingerprint=hello.fingerprint,
+            endpoint=hello.endpoint,
+            connected_at=now_timestamp(),
+        )
+        self._agents[hello.agent_id] = conn
+        log.info("agent_connected", agent_id=hello.agent_id, endpoint=hello.endpoint)
+        return conn
+
+    def unregister(self, conn: AgentConnection) -> None:
+        if self._agents.get(conn.agent_id) is conn:
+            del self._agents[conn.agent_id]
+            log.info("agent_disconnected", agent_id=conn.agent_id)
+        self._fail_pending(conn, f"agent {conn.agent_id!r} disconnected")
+
+    def _fail_pending(self, conn: AgentConnection, why: str) -> None:
+        for future in conn.pending.values():
+            if not future.done():
+                future.set_exception(Unavailable(f"{why} before answering; try again"))
+        conn.pending.clear()
+
+    def report_sessions(self, conn: AgentConnection, report: pb.SessionReport) -> None:
+        conn.sessions = {}
+        for session in report.sessions:
+            copy = pb.SessionInfo()
+            copy.CopyFrom(session)
+            copy.agent_id = conn.agent_id
+            conn.sessions[session.session_id] = copy
+
+    def resolve(self, conn: AgentConnection, result: pb.OrderResult) -> None:
+        future = conn.pending.pop(result.order_id, None)
+        if future is not None and not future.done():
+            future.set_result(result)
+
+    # -- queries ------------------------------------------------------------------------
+
+    def agents(self) -> list[AgentConnection]:
+        return [self._agents[k] for k in sorted(self._agents)]
+
+    def sessions(self, agent_id: str = "") -> list[pb.SessionInfo]:
+        if agent_id and agent_id not in self._agents:
+            raise NotFound(f"no connected agent {agent_id!r}; `cwm agents` lists them")
+        return [
+            conn.sessions[sid]
+            for conn in self.agents()
+            if not agent_id or conn.agent_id == agent_id
+            for sid in sorted(conn.sessions)
+        ]
+
+    def agent_with_session(self, session_id: str, agent_id: str = "") -> AgentConnection:
+        hosts = [
+            c
+            for c in self.agents()
+            if session_id in c.sessions and (not agent_id or c.agent_id == agent_id)
+        ]
+        if not hosts:
+            where = f"on agent {agent_id!r}" if agent_id else "on any connected agent"
+            raise NotFound(
+                f"no live session {session_id!r} {where}; `cwm sessions` lists them",
+                reason="SESSION_NOT_FOUND",
+            )
+        if len(hosts) > 1:
+            raise FailedPrecondition(
+                f"session {session_id!r} lives on several agents "
+                f"({', '.join(c.agent_id for c in hosts)}); name one with agent_id",
+                field="agent_id",
+            )
+        return hosts[0]
+
+    def agent_for_window(self, window: pb.WindowInfo, agent_id: str = "") -> AgentConnection:
+        """The named agent if its engine can use the window, else the least busy match."""
+        if agent_id:
+            conn = self._agents.get(agent_id)
+            if conn is None:
+                raise NotFound(f"no connected agent {agent_id!r}; `cwm agents` lists them")
+            diffs = fingerprint_differences(window.fingerprint, conn.fingerprint)
+            if diffs:
+                raise FailedPrecondition(
+                    f"agent {agent_id!r} cannot load window {window.name!r}: its engine's "
+                    f"fingerprint differs ({'; '.join(diffs)})",
+                    reason="FINGERPRINT_MISMATCH",
+                )
+            return conn
+        if not self._agents:
+            raise FailedPrecondition(
+                f"no agent is connected to thaw window {window.name!r} into; start one with "
+                "`cwm agent`",
+                reason="NO_AGENT",
+            )
+        diffs = {
+            c.agent_id: fingerprint_differences(window.fingerprint, c.fingerprint)
+            for c in self.agents()
+        }
+        matching = [c for c in self.agents() if not diffs[c.agent_id]]
+        if not matching:
+            details = "; ".join(f"{agent}: {', '.join(d)}" for agent, d in diffs.items())
+            raise FailedPrecondition(
+                f"no connected agent's engine matches window {window.name!r} "
+                f"(model {window.fingerprint.model_id!r}): {details}",
+                reason="FINGERPRINT_MISMATCH",
+            )
+        return min(matching, key=lambda c: len(c.sessions))
+
+    # -- orders -------------------------------------------------------------------------
+
+    async def order(
+        self, conn: AgentConnection, order: pb.Order, timeout: float = ORDER_TIMEOUT_S
+    ) -> pb.OrderResult:
+        """Send `order` to the agent and wait for its result; agent errors are re-raised."""
+        order.order_id = f"o{next(self._order_ids)}"
+        future: asyncio.Future[pb.OrderResult] = asyncio.get_running_loop().create_future()
+        conn.pending[order.order_id] = future
+        await conn.outbox.put(order)
+        try:
+            result = await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            conn.pending.pop(order.order_id, None)
+            raise DeadlineExceeded(
+                f"agent {conn.agent_id!r} did not answer within {timeout:.0f} s"
+            ) from None
+        if result.WhichOneof("outcome") == "error":
+            raise _order_error(result.error)
+        return result
+
+
+def _order_error(error: pb.OrderError) -> CwmError:
+    code = _CODES.get(error.code, grpc.StatusCode.UNKNOWN)
+    exc = error_class(code)(error.message, reason=error.reason)
+    if type(exc) is CwmError:
+        exc.code = code
+    return exc

@@ -1,0 +1,36 @@
+"""Which fingerprint fields must agree for KV to be usable, and how to say what differs."""
+
+from __future__ import annotations
+
+from cwm_client import pb
+
+# model_id is a label (two nodes may name the same weights differently); everything that
+# changes the KV's bytes or meaning must match.
+MATCHED_FIELDS = (
+    "weights_digest",
+    "tokenizer_digest",
+    "kv_dtype",
+    "num_layers",
+    "num_kv_heads",
+    "head_dim",
+    "engine_name",
+    "engine_version",
+    "block_size",
+)
+
+
+def _shown(fp: pb.ModelFingerprint, field: str) -> str:
+    value = getattr(fp, field)
+    if field == "kv_dtype":
+        return pb.KvDtype.Name(value)
+    text = str(value)
+    return text[:16] + "…" if len(text) > 16 else text
+
+
+def fingerprint_differences(window: pb.ModelFingerprint, engine: pb.ModelFingerprint) -> list[str]:
+    """Human-readable differences, e.g. "num_layers: window 4, engine 8"; empty if usable."""
+    return [
+        f"{field}: window {_shown(window, field)}, engine {_shown(engine, field)}"
+        for field in MATCHED_FIELDS
+        if getattr(window, field) != getattr(engine, field)
+    ]
