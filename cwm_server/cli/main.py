@@ -12,7 +12,14 @@ from collections.abc import Sequence
 
 from cwm_client import WindowClient
 from cwm_client.errors import CwmError
-from cwm_server.cli import archive_cmds, demo_cmd, fsck_cmd, serve_cmd, window_cmds
+from cwm_server.cli import (
+    archive_cmds,
+    demo_cmd,
+    fsck_cmd,
+    serve_cmd,
+    session_cmds,
+    window_cmds,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     window_cmds.add_parsers(sub)
     archive_cmds.add_parsers(sub)
     fsck_cmd.add_parser(sub)
+    session_cmds.add_parsers(sub)
     demo_cmd.add_parser(sub)
     return parser
 

@@ -25,7 +25,7 @@ from cwm_client.errors import (
     Unavailable,
     error_class,
 )
-from cwm_server.manager.fingerprints import fingerprint_differences
+from cwm_client.fingerprints import fingerprint_differences
 from cwm_server.manager.metadata import now_timestamp
 
 log = structlog.get_logger("cwm.agents")

@@ -40,9 +40,12 @@ class SessionServicer(pb.SessionServiceServicer):
             yield pb.ConnectResponse(welcome=pb.Welcome(manager_id=self._manager_id))
             while True:
                 get = asyncio.ensure_future(conn.outbox.get())
-                await asyncio.wait({get, reader}, return_when=asyncio.FIRST_COMPLETED)
-                if not get.done():
-                    get.cancel()
+                try:
+                    await asyncio.wait({get, reader}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    if not get.done():
+                        get.cancel()
+                if get.cancelled():
                     break
                 yield pb.ConnectResponse(order=get.result())
             reader.result()

@@ -1,0 +1,163 @@
+"""`cwm agents`, `cwm sessions`, `cwm freeze`, `cwm thaw`: orders through the manager."""
+
+from __future__ import annotations
+
+import argparse
+from datetime import UTC, datetime
+from typing import Any
+
+from cwm_client import SessionClient, pb
+from cwm_server.cli.options import Subparsers, add_command
+from cwm_server.cli.render import human_bytes, print_json, print_table, window_dict
+
+
+def _when(stamp: Any) -> str:
+    return datetime.fromtimestamp(stamp.seconds + stamp.nanos / 1e9, UTC).isoformat()
+
+
+def agent_dict(agent: pb.AgentInfo) -> dict[str, Any]:
+    return {
+        "agent_id": agent.agent_id,
+        "endpoint": agent.endpoint,
+        "model_id": agent.fingerprint.model_id,
+        "engine": agent.fingerprint.engine_name,
+        "sessions": agent.session_count,
+        "connected_at": _when(agent.connected_at),
+    }
+
+
+def session_dict(session: pb.SessionInfo) -> dict[str, Any]:
+    return {
+        "session_id": session.session_id,
+        "agent_id": session.agent_id,
+        "tokens": session.token_count,
+        "last_active": _when(session.last_active),
+        "last_window": session.last_window,
+    }
+
+
+def cmd_agents(args: argparse.Namespace) -> int:
+    with SessionClient(args.manager) as client:
+        agents = client.list_agents()
+    if args.json:
+        print_json([agent_dict(a) for a in agents])
+    elif agents:
+        print_table(
+            ["AGENT", "ENDPOINT", "MODEL", "ENGINE", "SESSIONS"],
+            (
+                [
+                    a.agent_id,
+                    a.endpoint,
+                    a.fingerprint.model_id,
+                    a.fingerprint.engine_name,
+                    str(a.session_count),
+                ]
+                for a in agents
+            ),
+        )
+    else:
+        print("no agents connected")
+    return 0
+
+
+def cmd_sessions(args: argparse.Namespace) -> int:
+    with SessionClient(args.manager) as client:
+        sessions = client.list_sessions(args.agent or "")
+    if args.json:
+        print_json([session_dict(s) for s in sessions])
+    elif sessions:
+        print_table(
+            ["SESSION", "AGENT", "TOKENS", "LAST ACTIVE (UTC)", "LAST WINDOW"],
+            (
+                [
+                    s.session_id,
+                    s.agent_id,
+                    str(s.token_count),
+                    _when(s.last_active)[:19].replace("T", " "),
+                    s.last_window or "-",
+                ]
+                for s in sessions
+            ),
+        )
+    else:
+        print("no live sessions")
+    return 0
+
+
+def cmd_freeze(args: argparse.Namespace) -> int:
+    with SessionClient(args.manager) as client:
+        response = client.freeze_session(
+            args.session,
+            args.window,
+            description=args.description or "",
+            ttl_seconds=args.ttl or 0,
+            agent_id=args.agent or "",
+        )
+    if args.json:
+        out = window_dict(response.window)
+        out.update(
+            agent_id=response.agent_id,
+            chunks_sent=response.chunks_sent,
+            chunks_reused=response.chunks_reused,
+            bytes_sent=response.bytes_sent,
+        )
+        print_json(out)
+    else:
+        print(
+            f"froze session {args.session} on {response.agent_id} as {response.window.name}: "
+            f"{response.window.token_count} tokens, {response.chunks_sent} chunks sent "
+            f"({human_bytes(response.bytes_sent)}), {response.chunks_reused} already stored"
+        )
+    return 0
+
+
+def cmd_thaw(args: argparse.Namespace) -> int:
+    with SessionClient(args.manager) as client:
+        response = client.thaw_window(
+            args.window, agent_id=args.agent or "", new_session_id=args.session or ""
+        )
+    if args.json:
+        print_json(
+            {
+                "window": args.window,
+                "session_id": response.session_id,
+                "cache_salt": response.cache_salt,
+                "agent_id": response.agent_id,
+                "endpoint": response.endpoint,
+                "tokens": response.token_count,
+                "chunks": response.chunks,
+                "raw_bytes": response.raw_bytes,
+            }
+        )
+    else:
+        print(
+            f"thawed {args.window} into session {response.session_id} on {response.agent_id} "
+            f"({response.token_count} tokens, {response.chunks} chunks)\n"
+            f"continue with: POST {response.endpoint}/v1/completions "
+            f'{{"cache_salt": "{response.cache_salt}", "prompt": <the {response.token_count} '
+            "token ids + your new tokens>}"
+        )
+    return 0
+
+
+def add_parsers(sub: Subparsers) -> None:
+    agents = add_command(sub, "agents", help="list connected agents")
+    agents.set_defaults(handler=cmd_agents, needs_client=False)
+
+    sessions = add_command(sub, "sessions", help="list live sessions on the agents")
+    sessions.add_argument("--agent", help="only this agent's sessions")
+    sessions.set_defaults(handler=cmd_sessions, needs_client=False)
+
+    freeze = add_command(sub, "freeze", help="freeze a live session into a window")
+    freeze.add_argument("session")
+    freeze.add_argument("window")
+    freeze.add_argument("--agent", help="the hosting agent, if several report the session")
+    freeze.add_argument("--description")
+    freeze.add_argument("--ttl", type=int, metavar="SECONDS")
+    freeze.set_defaults(handler=cmd_freeze, needs_client=False)
+
+    thaw = add_command(sub, "thaw", help="load a window into a new session on an agent")
+    thaw.add_argument("window")
+    thaw.add_argument("--agent", help="agent to thaw into (default: any matching engine)")
+    thaw.add_argument("--session", help="id (cache_salt) for the new session")
+    thaw.set_defaults(handler=cmd_thaw, needs_client=False)
