@@ -67,9 +67,15 @@ def encode_if_smaller(
 ) -> tuple[int, bytes | memoryview]:
     """Compress with byte planes + zstd only when that saves at least `min_saving`.
 
-    Random or already-dense KV does not compress; storing it raw then avoids paying the
-    decode cost on every thaw for nothing.
+    A 64 KiB sample is tried first, so incompressible chunks (random or already dense KV)
+    cost a small fraction of a full compression. Storing those raw also spares every thaw
+    the decode cost.
     """
+    sample_size = 64 << 10
+    if len(raw) > 4 * sample_size:
+        sample = memoryview(raw)[: sample_size - sample_size % max(word_size, 1)]
+        if len(encode(sample, BYTEPLANE_ZSTD, word_size)) > len(sample) * (1.0 - min_saving):
+            return RAW, raw
     packed = encode(raw, BYTEPLANE_ZSTD, word_size)
     if len(packed) <= len(raw) * (1.0 - min_saving):
         return BYTEPLANE_ZSTD, packed

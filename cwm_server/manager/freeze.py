@@ -9,6 +9,7 @@ manager's memory stays bounded whatever the window's size.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -27,6 +28,7 @@ from cwm_client.codecs import decode
 from cwm_client.errors import FailedPrecondition, InvalidArgument
 from cwm_client.names import check_window_name
 from cwm_server.manager.catalog import NewChunk, WindowExists, basic_view
+from cwm_server.manager.chunk_store import StoreResult
 from cwm_server.manager.metadata import check_labels, expiry_from_ttl, now_timestamp
 from cwm_server.manager.windows import WindowManager, window_exists_error
 
@@ -93,6 +95,10 @@ class _Received:
     chunks: dict[bytes, NewChunk] = field(default_factory=dict)
     count: int = 0
     encoded_bytes: int = 0
+    started: set[bytes] = field(default_factory=set)
+    """Digests whose store began: their files may exist even if the stream fails."""
+    writes: list[concurrent.futures.Future[object]] = field(default_factory=list)
+    """Every disk write submitted, so a failed stream can wait for them before cleaning."""
 
 
 class FreezeSession:
@@ -220,19 +226,37 @@ class FreezeSession:
             raise InvalidArgument(f"chunk {index}: unknown codec {part.codec}", field="chunk.codec")
 
     async def _store_all(self, queue: asyncio.Queue[AssembledChunk | None], word: int) -> None:
+        """Verify and store queued chunks, up to `parallel` at once on the I/O threads."""
+        parallel = max(1, min(self._manager.config.io_threads, 4))
+        in_flight: set[asyncio.Future[None]] = set()
+        try:
+            while (chunk := await queue.get()) is not None:
+                while len(in_flight) >= parallel:
+                    done, in_flight = await asyncio.wait(
+                        in_flight, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    for finished in done:
+                        finished.result()
+                in_flight.add(asyncio.ensure_future(self._store_one(chunk, word)))
+            for finished in asyncio.as_completed(in_flight):
+                await finished
+        finally:
+            for task in in_flight:
+                task.cancel()
+
+    async def _store_one(self, chunk: AssembledChunk, word: int) -> None:
         manager = self._manager
-        while (chunk := await queue.get()) is not None:
-            raw = await manager.io(_decode_or_fail, chunk, word)
-            result = await manager.io(
-                manager.store.put, self._tenant, chunk.digest, raw, word, chunk.index
-            )
-            self._received.chunks[chunk.digest] = NewChunk(
-                digest=chunk.digest,
-                raw_size=chunk.raw_size,
-                stored_size=result.stored_size,
-                codec=result.codec,
-            )
-            self._received.count += 1
+        self._received.started.add(chunk.digest)
+        work = manager.submit_io(_decode_and_store, manager, self._tenant, chunk, word)
+        self._received.writes.append(work)
+        result = await asyncio.wrap_future(work)
+        self._received.chunks[chunk.digest] = NewChunk(
+            digest=chunk.digest,
+            raw_size=chunk.raw_size,
+            stored_size=result.stored_size,
+            codec=result.codec,
+        )
+        self._received.count += 1
 
     async def _commit(
         self, header: pb.FreezeHeader, spans: list[tuple[int, int]]
@@ -272,14 +296,20 @@ class FreezeSession:
         return await manager.db(_commit_sync)
 
     async def _discard(self) -> None:
-        """After a failed stream: collect the files it wrote that no window references."""
-        written = list(self._received.chunks)
+        """After a failed stream: collect the files it wrote that no window references.
+
+        Writes already running on I/O threads cannot be cancelled, so this waits for them
+        first; otherwise a file could land after the clean-up and stay until a restart.
+        """
         self._manager.unpin(self._pins)
         self._pins = []
+        writes = list(self._received.writes)
         try:
-            await asyncio.shield(self._manager.collect(self._tenant, written))
+            if writes:
+                await asyncio.shield(asyncio.to_thread(concurrent.futures.wait, writes))
+            await asyncio.shield(self._manager.collect(self._tenant, self._received.started))
         except Exception:  # noqa: BLE001 - start-up recovery collects whatever is left
-            log.warning("discard_failed", tenant=self._tenant, chunks=len(written))
+            log.warning("discard_failed", tenant=self._tenant, chunks=len(writes))
 
 
 async def _put_or_fail(
@@ -298,14 +328,18 @@ async def _put_or_fail(
         storer.result()
 
 
-def _decode_or_fail(chunk: AssembledChunk, word: int) -> bytes:
+def _decode_and_store(
+    manager: WindowManager, tenant: str, chunk: AssembledChunk, word: int
+) -> StoreResult:
+    """Decode (if the sender compressed), verify against the digest, store durably."""
     try:
-        return decode(chunk.data, chunk.codec, chunk.raw_size, word)
+        raw = decode(chunk.data, chunk.codec, chunk.raw_size, word)
     except ValueError as exc:
         raise InvalidArgument(
             f"chunk {chunk.index}: data does not decode with its codec ({exc})",
             field="chunk.data",
         ) from None
+    return manager.store.put(tenant, chunk.digest, raw, word, chunk.index)
 
 
 def _window_info(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import concurrent.futures
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -67,6 +68,11 @@ class WindowManager:
 
     async def io(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._io_executor, fn, *args)
+
+    def submit_io(self, fn: Callable[..., T], *args: object) -> concurrent.futures.Future[T]:
+        """Run blocking work on the I/O threads, returning the thread-side future (which a
+        caller can wait for even after the awaiting task was cancelled)."""
+        return self._io_executor.submit(fn, *args)
 
     def pin(self, tenant: str, digests: Iterable[bytes]) -> list[tuple[str, bytes]]:
         keys = [(tenant, d) for d in set(digests)]
