@@ -29,6 +29,7 @@ from cwm_client.errors import FailedPrecondition, InvalidArgument
 from cwm_client.names import check_window_name
 from cwm_server.manager.catalog import NewChunk, WindowExists, basic_view
 from cwm_server.manager.chunk_store import StoreResult
+from cwm_server.manager.disk_tier import HEADER_SIZE
 from cwm_server.manager.metadata import check_labels, expiry_from_ttl, now_timestamp
 from cwm_server.manager.windows import WindowManager, window_exists_error
 
@@ -277,7 +278,7 @@ class FreezeSession:
                 elif manager.store.verify_on_disk(tenant, digest):
                     stored = manager.disk.read(tenant, digest)
                     known[digest] = NewChunk(
-                        digest, stored.raw_size, len(stored.data), stored.codec
+                        digest, stored.raw_size, HEADER_SIZE + len(stored.data), stored.codec
                     )
                 else:
                     raise FailedPrecondition(
