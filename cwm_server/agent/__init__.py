@@ -1,0 +1,1 @@
+"""The host agent that sits beside an engine: control stream, session table, engine adapters."""

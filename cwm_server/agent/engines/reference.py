@@ -1,0 +1,549 @@
+"""The reference engine: HF transformers on CPU (or GPU) with per-session KV caches.
+
+It exists so cwm can be built and tested end to end without vLLM or a GPU, and so there is one
+engine whose KV handling is small enough to read in full. Sessions are keyed by `cache_salt`,
+as in vLLM: a request whose prompt extends what a session already holds reuses that KV and
+reports how many prompt tokens it served from cache (`cached_tokens`).
+
+What a session's KV covers (the invariant everything else relies on)
+--------------------------------------------------------------------
+`session.tokens` lists exactly the tokens whose K and V sit in `session.cache`, position i of
+the cache holding token i. Nothing else is kept: no logits, no pending token. So:
+
+* After a request with prompt P that generated g_1..g_n, the KV covers P + g_1..g_{n-1}: the
+  last generated token was sampled but never fed through the model, so it has no KV yet.
+  (With n == 1, or a prefill through `prefill`, the KV covers exactly P.)
+* The next request with prompt P' keeps the longest common prefix of `session.tokens` and P',
+  drops the rest of the cache, and feeds the remaining tokens of P' through the model in ONE
+  forward pass over the kept KV. At least one token is always fed (the next-token logits have
+  to come from somewhere), so a prompt equal to the covered tokens recomputes its last token.
+
+Why this makes a thaw lossless, bit for bit
+-------------------------------------------
+Frozen KV is exactly `session.tokens`' KV, copied out byte for byte. A thawed session holds
+the same bytes at the same positions, and the next request runs the same computation over
+them as the uninterrupted session would: the same new tokens, in one forward pass of the same
+shape, at the same positions. bf16 results depend on how a computation is batched (one token
+at a time rounds differently from a block), which is why the protocol fixes the batching: a
+request's uncached tokens always go in one forward pass, on both sides.
+
+Thread safety: one lock serialises every call. The HTTP server and the agent thread both call
+in; the model runs one forward at a time anyway.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers.cache_utils import DynamicLayer
+from transformers.utils import logging as hf_logging
+
+from cwm_client import pb
+from cwm_client.chunks import array_from_chunk, chunk_raw_size, chunks_from_array, token_spans
+from cwm_server.agent.engines.fingerprint import REFERENCE_BLOCK_SIZE, model_fingerprint
+
+DEFAULT_CHUNK_TOKENS = 256
+DEFAULT_MAX_SESSIONS = 256
+MAX_SALT_LENGTH = 256
+
+_TORCH_DTYPES: dict[str, torch.dtype] = {
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+}
+# The integer word each dtype travels as in canonical chunk bytes (numpy has no bfloat16).
+# (torch integer view, numpy integer view, canonical word): bits are moved through the integer
+# views, which both libraries share, and never reinterpreted as numbers.
+_WORD_DTYPES: dict[torch.dtype, tuple[torch.dtype, type[np.integer[Any]], str]] = {
+    torch.bfloat16: (torch.int16, np.int16, "<u2"),
+    torch.float16: (torch.int16, np.int16, "<f2"),
+    torch.float32: (torch.int32, np.int32, "<f4"),
+}
+
+
+class EngineInputError(ValueError):
+    """The caller's request is invalid (bad ids, lengths, salt); HTTP maps it to 400."""
+
+
+class SessionNotFound(KeyError):
+    """No live session has this cache_salt."""
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    """Next-token logits after a prompt, and how much of the prompt came from cache."""
+
+    logits: torch.Tensor  # [vocab], the model's dtype, exactly what sampling sees
+    prompt_tokens: int
+    cached_tokens: int
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """One completion: what was generated and what the session's cache did."""
+
+    token_ids: list[int]
+    text: str
+    prompt_tokens: int
+    cached_tokens: int
+    finish_reason: str  # "stop" (an EOS token was sampled) or "length"
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """What the agent reports about a live session."""
+
+    cache_salt: str
+    num_tokens: int  # tokens whose KV the session holds
+    last_active: float  # time.time() of the last request or import
+
+
+@dataclass
+class _Session:
+    cache: DynamicCache
+    tokens: list[int] = field(default_factory=list)
+    last_active: float = field(default_factory=time.time)
+
+
+def _layer_kv(layer: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """A full-attention cache layer's K and V, [batch=1, kv_heads, tokens, head_dim]."""
+    if type(layer) is not DynamicLayer or layer.keys is None or layer.values is None:
+        raise TypeError(f"unsupported KV cache layer {type(layer).__name__}")
+    return layer.keys, layer.values
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    limit = min(len(a), len(b))
+    for i in range(limit):
+        if a[i] != b[i]:
+            return i
+    return limit
+
+
+class ReferenceEngine:
+    """A causal LM from a local directory, with sessions keyed by cache_salt.
+
+    Public API: `generate`, `prefill`, `next_token_logits`, `export_chunks`, `import_chunks`,
+    `list_sessions`, `session_tokens`, `drop_session`, `tokenize`, `detokenize`, and the
+    `fingerprint`, `model_id`, `max_model_len` and `block_size` properties.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        device: str = "cpu",
+        dtype: str = "bfloat16",
+        max_sessions: int = DEFAULT_MAX_SESSIONS,
+        model_id: str | None = None,
+    ) -> None:
+        if dtype not in _TORCH_DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_TORCH_DTYPES)}, got {dtype!r}")
+        if max_sessions < 1:
+            raise ValueError("max_sessions must be at least 1")
+        self._model_dir = Path(model_dir).resolve()
+        self._device = torch.device(device)
+        self._dtype = _TORCH_DTYPES[dtype]
+        self._max_sessions = max_sessions
+        self._lock = threading.RLock()
+        # The Rust tokenizer can fail with "Already borrowed" when one instance is used from
+        # several threads at once; its own lock keeps tokenising off the model lock.
+        self._tokenizer_lock = threading.Lock()
+        self._sessions: OrderedDict[str, _Session] = OrderedDict()  # least recently used first
+
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # clutters logs
+        self._tokenizer: Any = AutoTokenizer.from_pretrained(self._model_dir)
+        # Any: transformers' typing of models is partial, and the calls below are plain torch.
+        self._model: Any = cast(
+            Any, AutoModelForCausalLM.from_pretrained(self._model_dir, dtype=self._dtype)
+        )
+        self._model.to(self._device)
+        self._model.eval()
+        config = self._model.config.get_text_config(decoder=True)
+        self._config = self._model.config
+        self._vocab_size = int(config.vocab_size)
+        self._max_model_len = int(config.max_position_embeddings)
+        self._num_layers = int(config.num_hidden_layers)
+        self._num_kv_heads = int(config.num_key_value_heads or config.num_attention_heads)
+        self._head_dim = int(
+            getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        )
+        probe = DynamicCache(config=self._config)
+        if any(type(layer) is not DynamicLayer for layer in probe.layers):
+            # Sliding-window or linear-attention layers do not keep every token's KV, so a
+            # freeze of them could not restore the session; refuse such models up front.
+            kinds = sorted({type(layer).__name__ for layer in probe.layers})
+            raise ValueError(f"only full-attention models are supported, cache layers: {kinds}")
+        eos = self._model.generation_config.eos_token_id
+        if eos is None:
+            eos = config.eos_token_id
+        self._eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
+        self._fingerprint = model_fingerprint(self._model_dir, kv_dtype=dtype, model_id=model_id)
+        if (
+            self._fingerprint.num_layers != self._num_layers
+            or self._fingerprint.num_kv_heads != self._num_kv_heads
+            or self._fingerprint.head_dim != self._head_dim
+        ):
+            raise ValueError("model config and loaded model disagree on the KV shape")
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def fingerprint(self) -> pb.ModelFingerprint:
+        """A copy of the engine's fingerprint (callers may mutate their copy)."""
+        copy = pb.ModelFingerprint()
+        copy.CopyFrom(self._fingerprint)
+        return copy
+
+    @property
+    def model_id(self) -> str:
+        return self._fingerprint.model_id
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
+    @property
+    def block_size(self) -> int:
+        return REFERENCE_BLOCK_SIZE
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return self._eos_ids
+
+    # ------------------------------------------------------------------ text
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of `text` as a prompt (with the tokenizer's BOS, like vLLM does)."""
+        with self._tokenizer_lock:
+            return list(self._tokenizer(text)["input_ids"])
+
+    def detokenize(self, token_ids: Sequence[int]) -> str:
+        with self._tokenizer_lock:
+            return str(self._tokenizer.decode(list(token_ids), skip_special_tokens=True))
+
+    # ------------------------------------------------------------------ inference
+
+    def prefill(self, cache_salt: str | None, prompt_token_ids: Sequence[int]) -> PrefillResult:
+        """Bring the session's KV to exactly `prompt_token_ids` and return next-token logits.
+
+        This is the first step of `generate`, exposed so tests (and the lossless check) can
+        compare logits. Afterwards the session covers exactly the prompt.
+        """
+        prompt = self._check_prompt(prompt_token_ids, max_tokens=0)
+        with self._lock:
+            session = self._session_for(cache_salt)
+            logits, cached = self._extend(cache_salt, session, prompt)
+            return PrefillResult(
+                logits=logits.clone(), prompt_tokens=len(prompt), cached_tokens=cached
+            )
+
+    def next_token_logits(
+        self, cache_salt: str | None, prompt_token_ids: Sequence[int]
+    ) -> torch.Tensor:
+        """The logits `generate` would sample its first token from (see `prefill`)."""
+        return self.prefill(cache_salt, prompt_token_ids).logits
+
+    def generate(
+        self,
+        prompt_token_ids: Sequence[int],
+        cache_salt: str | None,
+        max_tokens: int,
+        temperature: float = 0.0,
+        seed: int | None = None,
+    ) -> GenerationResult:
+        """Complete a prompt, reusing and then extending the session's KV.
+
+        `cache_salt=None` runs without a session (nothing reused, nothing kept). Greedy when
+        `temperature` is 0; otherwise sampled from softmax(logits / temperature) in float32
+        with a generator seeded by `seed` (fresh entropy when None).
+        """
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            raise EngineInputError("max_tokens must be an integer >= 1")
+        if not math.isfinite(temperature) or temperature < 0:
+            raise EngineInputError("temperature must be a finite number >= 0")
+        prompt = self._check_prompt(prompt_token_ids, max_tokens=max_tokens)
+        generator: torch.Generator | None = None
+        if temperature > 0:
+            generator = torch.Generator(device="cpu")
+            if seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(int(seed))
+
+        with self._lock:
+            session = self._session_for(cache_salt)
+            logits, cached = self._extend(cache_salt, session, prompt)
+            generated: list[int] = []
+            finish_reason = "length"
+            while True:
+                token = self._sample(logits, temperature, generator)
+                generated.append(token)
+                if token in self._eos_ids:
+                    finish_reason = "stop"
+                    break
+                if len(generated) >= max_tokens:
+                    break
+                # Feed the token we just sampled: its KV joins the cache, and its logits give
+                # the next token. The final sampled token is never fed (see module docstring).
+                logits = self._forward(cache_salt, session, [token])
+        text_ids = generated[:-1] if finish_reason == "stop" else generated
+        return GenerationResult(
+            token_ids=generated,
+            text=self.detokenize(text_ids),
+            prompt_tokens=len(prompt),
+            cached_tokens=cached,
+            finish_reason=finish_reason,
+        )
+
+    # ------------------------------------------------------------------ KV in and out
+
+    def export_chunks(
+        self,
+        cache_salt: str,
+        num_tokens: int | None = None,
+        chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    ) -> tuple[list[int], list[bytes]]:
+        """The session's KV for its first `num_tokens` tokens, as canonical chunk bytes.
+
+        Returns (token_ids, chunks): chunk i holds tokens [i*chunk_tokens, ...) in the layout
+        [2, num_layers, tokens, num_kv_heads*head_dim] (K then V), little-endian, C order, bf16
+        as uint16 words. `num_tokens` defaults to every token the session's KV covers.
+        """
+        self._check_chunk_tokens(chunk_tokens)
+        with self._lock:
+            session = self._require(cache_salt)
+            covered = len(session.tokens)
+            count = covered if num_tokens is None else num_tokens
+            if isinstance(count, bool) or not isinstance(count, int) or not 0 < count <= covered:
+                raise EngineInputError(
+                    f"num_tokens must be in 1..{covered} (the tokens session {cache_salt!r} "
+                    f"covers), got {num_tokens!r}"
+                )
+            token_ids = list(session.tokens[:count])
+            # [L, H, T, D] per K and V, copied so later requests cannot touch what we export.
+            layers = [_layer_kv(layer) for layer in session.cache.layers]
+            keys = torch.stack([k[0, :, :count, :] for k, _ in layers])
+            values = torch.stack([v[0, :, :count, :] for _, v in layers])
+            kv = torch.stack([keys, values]).to("cpu")  # [2, L, H, T, D]
+        # [2, L, H, T, D] -> [2, L, T, H, D] -> [2, L, T, H*D]
+        kv = kv.permute(0, 1, 3, 2, 4).reshape(
+            2, self._num_layers, count, self._num_kv_heads * self._head_dim
+        )
+        array = self._to_words(kv.contiguous())
+        return token_ids, [chunk.raw for chunk in chunks_from_array(array, chunk_tokens)]
+
+    def import_chunks(
+        self,
+        cache_salt: str,
+        token_ids: Sequence[int],
+        chunks: Sequence[bytes | bytearray | memoryview],
+        chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    ) -> SessionInfo:
+        """Make `cache_salt` a session whose KV is exactly the given chunks (a thaw).
+
+        An existing session with that salt is replaced. The next request whose prompt extends
+        `token_ids` is served with `cached_tokens == len(token_ids)`.
+        """
+        self._check_salt(cache_salt)
+        self._check_chunk_tokens(chunk_tokens)
+        tokens = self._check_token_ids(token_ids, what="token_ids")
+        if len(tokens) > self._max_model_len:
+            raise EngineInputError(
+                f"{len(tokens)} tokens exceed the model's {self._max_model_len} positions"
+            )
+        spans = token_spans(len(tokens), chunk_tokens)
+        if len(spans) != len(chunks):
+            raise EngineInputError(
+                f"{len(tokens)} tokens in chunks of {chunk_tokens} need {len(spans)} chunks, "
+                f"got {len(chunks)}"
+            )
+        fingerprint = self._fingerprint
+        arrays = []
+        for index, ((_, count), raw) in enumerate(zip(spans, chunks, strict=True)):
+            expected = chunk_raw_size(fingerprint, count)
+            if len(raw) != expected:
+                raise EngineInputError(
+                    f"chunk {index} has {len(raw)} bytes; {count} tokens need {expected}"
+                )
+            arrays.append(array_from_chunk(memoryview(raw), fingerprint, count))
+        words = np.concatenate(arrays, axis=2)  # [2, L, T, H*D], a fresh, writable copy
+        kv = self._from_words(words).reshape(
+            2, self._num_layers, len(tokens), self._num_kv_heads, self._head_dim
+        )
+        kv = kv.permute(0, 1, 3, 2, 4).unsqueeze(2)  # [2, L, batch=1, H, T, D]
+        layers = [
+            (
+                kv[0, layer].contiguous().to(self._device),
+                kv[1, layer].contiguous().to(self._device),
+            )
+            for layer in range(self._num_layers)
+        ]
+        cache = DynamicCache(ddp_cache_data=layers, config=self._config)
+        with self._lock:
+            session = _Session(cache=cache, tokens=tokens)
+            self._store(cache_salt, session)
+            return SessionInfo(cache_salt, len(tokens), session.last_active)
+
+    # ------------------------------------------------------------------ sessions
+
+    def list_sessions(self) -> list[SessionInfo]:
+        with self._lock:
+            return [
+                SessionInfo(salt, len(session.tokens), session.last_active)
+                for salt, session in self._sessions.items()
+            ]
+
+    def session_tokens(self, cache_salt: str) -> list[int]:
+        """The tokens whose KV the session holds (what a freeze of it would store)."""
+        with self._lock:
+            return list(self._require(cache_salt).tokens)
+
+    def drop_session(self, cache_salt: str) -> bool:
+        """Forget a session and free its KV; False when there was none."""
+        with self._lock:
+            return self._sessions.pop(cache_salt, None) is not None
+
+    # ------------------------------------------------------------------ internals
+
+    def _session_for(self, cache_salt: str | None) -> _Session:
+        """The salt's session, created empty on first use; a throwaway one for None."""
+        if cache_salt is None:
+            return _Session(cache=DynamicCache(config=self._config))
+        self._check_salt(cache_salt)
+        session = self._sessions.get(cache_salt)
+        if session is None:
+            session = _Session(cache=DynamicCache(config=self._config))
+            self._store(cache_salt, session)
+        else:
+            self._sessions.move_to_end(cache_salt)
+        return session
+
+    def _store(self, cache_salt: str, session: _Session) -> None:
+        self._sessions[cache_salt] = session
+        self._sessions.move_to_end(cache_salt)
+        while len(self._sessions) > self._max_sessions:
+            self._sessions.popitem(last=False)  # evict the least recently used, like an engine
+
+    def _require(self, cache_salt: str) -> _Session:
+        session = self._sessions.get(cache_salt)
+        if session is None:
+            raise SessionNotFound(cache_salt)
+        return session
+
+    def _extend(
+        self, cache_salt: str | None, session: _Session, prompt: list[int]
+    ) -> tuple[torch.Tensor, int]:
+        """Reuse the longest covered prefix of `prompt`, feed the rest in one forward pass."""
+        reuse = min(_common_prefix(session.tokens, prompt), len(prompt) - 1)
+        drop = len(session.tokens) - reuse
+        if drop > 0:
+            if reuse == 0:
+                session.cache = DynamicCache(config=self._config)
+            else:
+                session.cache.crop(-drop)  # transformers 5: a negative count of tokens to drop
+            del session.tokens[reuse:]
+        return self._forward(cache_salt, session, prompt[reuse:]), reuse
+
+    @torch.inference_mode()
+    def _forward(
+        self, cache_salt: str | None, session: _Session, new_tokens: list[int]
+    ) -> torch.Tensor:
+        """Run `new_tokens` over the session's KV in one pass; return the last logits."""
+        input_ids = torch.tensor([new_tokens], dtype=torch.long, device=self._device)
+        try:
+            # Positions default to cache length + arange(len(new_tokens)), which is exactly
+            # where these tokens sit; no attention mask is needed for one unpadded sequence.
+            output = self._model(
+                input_ids=input_ids, cache=session.cache, use_cache=True, logits_to_keep=1
+            )
+        except BaseException:
+            # Some layers may already hold the new tokens' KV: the session is no longer
+            # trustworthy, so it goes (a later request starts it afresh).
+            if cache_salt is not None and self._sessions.get(cache_salt) is session:
+                del self._sessions[cache_salt]
+            raise
+        session.tokens.extend(new_tokens)
+        session.last_active = time.time()
+        if session.cache.get_seq_length() != len(session.tokens):
+            raise RuntimeError("KV cache length and session tokens disagree")
+        logits: torch.Tensor = output.logits[0, -1]
+        return logits
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> int:
+        scores = logits.float().cpu()
+        if temperature == 0 or generator is None:
+            return int(torch.argmax(scores).item())
+        probs = torch.softmax(scores / temperature, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=generator).item())
+
+    def _to_words(self, kv: torch.Tensor) -> np.ndarray:
+        """KV tensor -> numpy array of the canonical little-endian words."""
+        torch_int, _, word = _WORD_DTYPES[self._dtype]
+        native = kv.view(torch_int).numpy().view(np.dtype(word).newbyteorder("="))
+        return native.astype(word, copy=False)  # a no-op on little-endian hosts
+
+    def _from_words(self, words: np.ndarray) -> torch.Tensor:
+        """Canonical words -> KV tensor in the model's dtype (shares `words`' memory)."""
+        _, numpy_int, word = _WORD_DTYPES[self._dtype]
+        native = words.astype(np.dtype(word).newbyteorder("="), copy=False)
+        return torch.from_numpy(np.ascontiguousarray(native).view(numpy_int)).view(self._dtype)
+
+    def _check_prompt(self, prompt_token_ids: Sequence[int], max_tokens: int) -> list[int]:
+        prompt = self._check_token_ids(prompt_token_ids, what="prompt")
+        if not prompt:
+            raise EngineInputError("prompt must contain at least one token")
+        limit = self._max_model_len
+        if len(prompt) + max_tokens > limit:
+            raise EngineInputError(
+                f"prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens}) exceeds the "
+                f"model's {limit} positions"
+            )
+        return prompt
+
+    def _check_token_ids(self, token_ids: Sequence[int], what: str) -> list[int]:
+        if isinstance(token_ids, str | bytes):
+            raise EngineInputError(f"{what} must be a sequence of token ids")
+        tokens = []
+        for index, token in enumerate(token_ids):
+            if isinstance(token, bool) or not isinstance(token, int | np.integer):
+                raise EngineInputError(f"{what}[{index}] is not an integer token id")
+            if not 0 <= token < self._vocab_size:
+                raise EngineInputError(
+                    f"{what}[{index}] = {token} is outside the vocabulary 0..{self._vocab_size - 1}"
+                )
+            tokens.append(int(token))
+        return tokens
+
+    def _check_chunk_tokens(self, chunk_tokens: int) -> None:
+        if (
+            isinstance(chunk_tokens, bool)
+            or not isinstance(chunk_tokens, int)
+            or chunk_tokens <= 0
+            or chunk_tokens % REFERENCE_BLOCK_SIZE
+        ):
+            raise EngineInputError(
+                f"chunk_tokens must be a positive multiple of the block size "
+                f"{REFERENCE_BLOCK_SIZE}, got {chunk_tokens!r}"
+            )
+
+    @staticmethod
+    def _check_salt(cache_salt: str) -> None:
+        if not isinstance(cache_salt, str) or not 0 < len(cache_salt) <= MAX_SALT_LENGTH:
+            raise EngineInputError(
+                f"cache_salt must be a non-empty string of at most {MAX_SALT_LENGTH} characters"
+            )
