@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from cwm_client import WindowClient
 from cwm_client.errors import CwmError
 from cwm_server.cli import (
+    agent_cmd,
     archive_cmds,
     demo_cmd,
     fsck_cmd,
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     archive_cmds.add_parsers(sub)
     fsck_cmd.add_parser(sub)
     session_cmds.add_parsers(sub)
+    agent_cmd.add_parser(sub)
     demo_cmd.add_parser(sub)
     return parser
 

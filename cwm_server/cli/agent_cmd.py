@@ -1,0 +1,81 @@
+"""`cwm agent`: a host agent beside an engine, dialled into the manager."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+
+from cwm_server.cli.options import Subparsers, add_command
+from cwm_server.logs import configure_logging
+from cwm_server.manager.config import default_data_dir
+
+TINY = "tiny"
+
+
+def _model_dir(value: str) -> str:
+    """A model directory, or `tiny` for the built-in random-weight Llama (built on first use)."""
+    if value != TINY:
+        return value
+    from cwm_server.agent.engines.tiny_model import ensure_tiny_model
+
+    return str(ensure_tiny_model(default_data_dir() / "models" / "tiny-llama"))
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    configure_logging("json", args.log_level)
+    from cwm_server.agent.auto_freeze import AutoFreezePolicy
+    from cwm_server.agent.engines.reference_adapter import ReferenceAdapter
+    from cwm_server.agent.host_agent import HostAgent
+
+    host, _, port = args.http.rpartition(":")
+    engine = ReferenceAdapter.from_model_dir(_model_dir(args.model), host or "127.0.0.1", int(port))
+    agent = HostAgent(
+        engine,
+        args.manager,
+        args.agent_id,
+        chunk_tokens=args.chunk_tokens,
+        policy=AutoFreezePolicy(tokens=args.auto_freeze_tokens, idle_seconds=args.auto_freeze_idle),
+    )
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await agent.run(stop)
+
+    try:
+        asyncio.run(run())
+    finally:
+        engine.close()
+    return 0
+
+
+def add_parser(sub: Subparsers) -> None:
+    agent = add_command(sub, "agent", help="run a host agent beside an engine")
+    agent.add_argument("--engine", choices=["reference"], default="reference")
+    agent.add_argument(
+        "--model", default=TINY, help="local HF model directory, or 'tiny' (built on first use)"
+    )
+    agent.add_argument("--agent-id", required=True, help="unique id of this agent")
+    agent.add_argument(
+        "--http", default="127.0.0.1:0", help="HOST:PORT of the engine's OpenAI-style API"
+    )
+    agent.add_argument("--chunk-tokens", type=int, default=256, help="tokens per chunk")
+    agent.add_argument(
+        "--auto-freeze-tokens",
+        type=int,
+        default=0,
+        metavar="N",
+        help="freeze a session each time it grew by N tokens (0: off)",
+    )
+    agent.add_argument(
+        "--auto-freeze-idle",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="freeze a session idle this long with unfrozen tokens (0: off)",
+    )
+    agent.add_argument("--log-level", default="INFO")
+    agent.set_defaults(handler=cmd_agent, needs_client=False)
