@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from cwm_client import WindowClient
+from cwm_server.agent.engines.tiny_model import ensure_tiny_model
 from cwm_server.manager.config import ManagerConfig
 from tests.helpers import ThreadedManager
 
@@ -22,3 +23,9 @@ def manager(tmp_path: Path) -> Iterator[ThreadedManager]:
 def client(manager: ThreadedManager) -> Iterator[WindowClient]:
     with WindowClient(manager.target) as window_client:
         yield window_client
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The built-in random-weight Llama, built once per test run (about 10 s)."""
+    return ensure_tiny_model(tmp_path_factory.mktemp("models") / "tiny")

@@ -171,3 +171,41 @@ def env_with_pythonpath() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     return env
+
+
+class ThreadedAgent:
+    """A HostAgent on its own event-loop thread, as it runs beside an engine."""
+
+    def __init__(self, agent: object) -> None:
+        from cwm_server.agent.host_agent import HostAgent
+
+        assert isinstance(agent, HostAgent)
+        self.agent = agent
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self._stop = asyncio.run_coroutine_threadsafe(self._make_event(), self.loop).result()
+        self._task = asyncio.run_coroutine_threadsafe(agent.run(self._stop), self.loop)
+
+    async def _make_event(self) -> asyncio.Event:
+        return asyncio.Event()
+
+    def wait_connected(self, timeout: float = 30.0) -> None:
+        async def wait() -> None:
+            await asyncio.wait_for(self.agent.connected.wait(), timeout)
+
+        asyncio.run_coroutine_threadsafe(wait(), self.loop).result(timeout + 1)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self._stop.set)
+        self._task.result(timeout=30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

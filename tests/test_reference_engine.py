@@ -38,11 +38,6 @@ CHUNK_TOKENS = 128
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return ensure_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
-
-
-@pytest.fixture(scope="session")
 def engine(tiny_model_dir: Path) -> ReferenceEngine:
     return ReferenceEngine(tiny_model_dir)
 
