@@ -57,8 +57,11 @@ test-protobuf6: $(PROTO_VENV)/.installed
 
 test: lint test-py test-protobuf6
 
+# Appends results to docs/BENCHMARKS.md and raw numbers to docs/bench/ (a few minutes).
 bench: $(VENV)/.installed
-	$(PY) tools/bench/freeze_thaw.py
+	$(PY) tools/bench/freeze_thaw.py --gib 1 --kind random
+	$(PY) tools/bench/freeze_thaw.py --gib 0.25 --kind kv
+	$(PY) tools/bench/ttft.py --tokens 4096 --repeat 3
 
 clean:
 	rm -rf $(VENV) $(PROTO_VENV) .pytest_cache .mypy_cache .ruff_cache
