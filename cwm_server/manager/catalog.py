@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,13 +156,16 @@ class Catalog:
         window: pb.WindowInfo,
         new_chunks: dict[bytes, NewChunk],
         replace: bool,
+        still_wanted: Callable[[], bool] | None = None,
     ) -> list[bytes]:
         """Insert `window` and take a reference on each of its chunks, atomically.
 
         Chunks without a row get one from `new_chunks`. With `replace`, an existing window
         of the same name is dropped in the same transaction, after the new references are
         taken (so chunks both share survive); the digests that lost their last reference
-        are returned so the caller can collect their files.
+        are returned so the caller can collect their files. If `still_wanted` says no just
+        before the transaction commits (the stream was cancelled meanwhile), it rolls back
+        and raises CommitAbandoned.
         """
         tenant = window.tenant
         with self._transaction():
@@ -182,6 +185,8 @@ class Catalog:
                     )
             freed = self._drop_window(tenant, window.name) if exists else []
             self._insert_window(window)
+            if still_wanted is not None and not still_wanted():
+                raise CommitAbandoned(window.name)
             return freed
 
     def clone_window(self, source: pb.WindowInfo, clone: pb.WindowInfo) -> None:
@@ -284,6 +289,10 @@ class _Transaction:
 
 class WindowExists(Exception):
     """A window of that name exists (and the request did not ask to replace it)."""
+
+
+class CommitAbandoned(Exception):
+    """The stream behind a commit ended (cancelled) before the transaction committed."""
 
 
 class WindowGone(Exception):

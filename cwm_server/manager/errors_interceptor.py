@@ -15,9 +15,10 @@ from typing import Any
 import grpc
 import grpc.aio
 import structlog
+from google.protobuf.message import DecodeError
 from grpc_status import rpc_status
 
-from cwm_client.errors import CwmError, Internal
+from cwm_client.errors import CwmError, Internal, InvalidArgument
 
 log = structlog.get_logger("cwm.rpc")
 
@@ -35,10 +36,39 @@ def _internal(method: str, exc: BaseException) -> Internal:
     )
 
 
-def _wrap_unary(method: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
+Parse = Callable[[Any], Any]
+
+
+def _parser(method: str, deserialize: Callable[[bytes], Any] | None) -> Parse:
+    """Parse request bytes here rather than in gRPC, so that bytes that are not a valid
+    message (corrupt wire format, a string field with bad UTF-8) are the client's
+    INVALID_ARGUMENT; parsed by gRPC they surfaced as UNKNOWN (unary) or INTERNAL (Freeze)."""
+    if deserialize is None:
+        return lambda raw: raw
+
+    def parse(raw: Any) -> Any:
+        try:
+            return deserialize(raw)
+        except DecodeError as exc:
+            raise InvalidArgument(
+                f"the request to {method} is not a valid message ({exc})",
+                reason="MALFORMED_REQUEST",
+            ) from None
+
+    return parse
+
+
+async def _parse_stream(requests: AsyncIterator[Any], parse: Parse) -> AsyncIterator[Any]:
+    async for raw in requests:
+        yield parse(raw)
+
+
+def _wrap_unary(
+    method: str, behavior: Callable[..., Awaitable[Any]], parse: Parse
+) -> Callable[..., Any]:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            return await behavior(request, context)
+            return await behavior(parse(request), context)
         except CwmError as exc:
             await _abort(context, exc)
         except grpc.aio.AbortError:
@@ -49,10 +79,12 @@ def _wrap_unary(method: str, behavior: Callable[..., Awaitable[Any]]) -> Callabl
     return handler
 
 
-def _wrap_stream(method: str, behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., Any]:
+def _wrap_stream(
+    method: str, behavior: Callable[..., AsyncIterator[Any]], parse: Parse
+) -> Callable[..., Any]:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
-            async for response in behavior(request, context):
+            async for response in behavior(parse(request), context):
                 yield response
         except CwmError as exc:
             await _abort(context, exc)
@@ -74,22 +106,27 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method = handler_call_details.method  # type: ignore[attr-defined]
+        parse = _parser(method, handler.request_deserializer)
+        # request_deserializer=None: gRPC hands the raw bytes over and `parse` maps a bad
+        # message to INVALID_ARGUMENT inside the wrappers.
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(method, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
+                _wrap_unary(method, handler.unary_unary, parse),
+                request_deserializer=None,
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(method, handler.stream_unary),
-                request_deserializer=handler.request_deserializer,
+                _wrap_unary(
+                    method, handler.stream_unary, lambda requests: _parse_stream(requests, parse)
+                ),
+                request_deserializer=None,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(method, handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
+                _wrap_stream(method, handler.unary_stream, parse),
+                request_deserializer=None,
                 response_serializer=handler.response_serializer,
             )
         return handler

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -36,6 +37,16 @@ from cwm_server.manager.windows import WindowManager, window_exists_error
 log = structlog.get_logger("cwm.freeze")
 
 MAX_TOKENS = 16_000_000
+
+CANCEL_SETTLE_S = 0.005
+"""How long a freeze waits after its request stream ends before committing.
+
+grpc.aio ends the request iterator the same way for a client's half-close (the stream is
+complete) and for a client's cancel (it is not); the cancel itself reaches the handler as a
+CancelledError a fraction of a millisecond later. Committing at once let a cancelled freeze
+become visible (2 of 12 tries when the client cancelled after its last chunk). Waiting this
+long lets the cancel land first; a cancel that arrives while the commit runs still rolls it
+back (see `FreezeSession._abandoned`)."""
 
 
 def validate_header(header: pb.FreezeHeader, max_chunk_bytes: int) -> list[tuple[int, int]]:
@@ -108,6 +119,8 @@ class FreezeSession:
         self._tenant = tenant
         self._received = _Received()
         self._pins: list[tuple[str, bytes]] = []
+        self._abandoned = threading.Event()
+        """Set when the stream fails or is cancelled; a commit still running rolls back."""
 
     async def run(self, requests: AsyncIterator[pb.FreezeRequest]) -> pb.FreezeResponse:
         first = await anext(requests, None)
@@ -124,8 +137,10 @@ class FreezeSession:
             ):
                 raise window_exists_error(header.name)
             await self._receive(requests, header, spans)
+            await asyncio.sleep(CANCEL_SETTLE_S)
             window, freed = await self._commit(header, spans)
         except BaseException:
+            self._abandoned.set()
             await self._discard()
             raise
         finally:
@@ -289,12 +304,17 @@ class FreezeSession:
                     )
             window = _window_info(tenant, header, spans, known, expires)
             try:
-                freed = manager.catalog.commit_window(window, known, header.replace)
+                freed = manager.catalog.commit_window(
+                    window, known, header.replace, still_wanted=self._still_wanted
+                )
             except WindowExists:
                 raise window_exists_error(header.name) from None
             return window, freed
 
         return await manager.db(_commit_sync)
+
+    def _still_wanted(self) -> bool:
+        return not self._abandoned.is_set()
 
     async def _discard(self) -> None:
         """After a failed stream: collect the files it wrote that no window references.

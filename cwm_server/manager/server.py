@@ -16,6 +16,7 @@ from cwm_client._common import MAX_MESSAGE_BYTES
 from cwm_server.manager.agents import AgentRegistry
 from cwm_server.manager.config import ManagerConfig
 from cwm_server.manager.errors_interceptor import ErrorMappingInterceptor
+from cwm_server.manager.malloc import use_one_malloc_arena
 from cwm_server.manager.servicer import WindowServicer
 from cwm_server.manager.session_servicer import SessionServicer
 from cwm_server.manager.windows import WindowManager
@@ -66,6 +67,7 @@ class ManagerServer:
 
 async def serve(config: ManagerConfig, port_file: Path | None = None) -> None:
     """Run until SIGINT/SIGTERM; write the bound port to `port_file` once serving."""
+    use_one_malloc_arena()
     server = ManagerServer(config)
     port = await server.start()
     if port_file is not None:
