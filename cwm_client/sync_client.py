@@ -304,9 +304,7 @@ class SessionClient:
             raise from_rpc_error(exc) from None
 
     def list_agents(self) -> list[pb.AgentInfo]:
-        response: pb.ListAgentsResponse = self._unary(
-            self._stub.ListAgents, pb.ListAgentsRequest()
-        )
+        response: pb.ListAgentsResponse = self._unary(self._stub.ListAgents, pb.ListAgentsRequest())
         return list(response.agents)
 
     def list_sessions(self, agent_id: str = "") -> list[pb.SessionInfo]:

@@ -338,3 +338,14 @@ def test_clone_of_256_mib_window_is_constant_time_and_copy_on_write(
         assert freed.chunks_freed == chunk_count
         assert names(client) == []
     assert chunk_files(data) == []
+
+
+def test_a_second_manager_on_the_same_data_dir_is_refused(tmp_path: Path) -> None:
+    first = ManagerProcess(tmp_path / "data").start()
+    try:
+        second = ManagerProcess(tmp_path / "data")
+        with pytest.raises(RuntimeError, match="another manager is using"):
+            second.start()
+    finally:
+        first.stop()
+    ManagerProcess(tmp_path / "data").start().stop()  # free again once the first stopped

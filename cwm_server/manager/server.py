@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import signal
 import socket
 import uuid
@@ -39,10 +41,12 @@ class ManagerServer:
         self.agents = AgentRegistry()
         self.manager_id = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         self.server: grpc.aio.Server | None = None
+        self._lock_fd: int | None = None
         self.port = 0
 
     async def start(self) -> int:
-        """Recover what a crash left, then bind and serve (on the running event loop)."""
+        """Lock the data dir, recover what a crash left, then bind and serve."""
+        self._lock_data_dir()
         self.manager.recover()
         self.server = grpc.aio.server(
             interceptors=[ErrorMappingInterceptor()], options=SERVER_OPTIONS
@@ -63,6 +67,24 @@ class ManagerServer:
         if self.server is not None:
             await self.server.stop(grace)
         self.manager.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing releases the flock
+            self._lock_fd = None
+
+    def _lock_data_dir(self) -> None:
+        """One manager per data dir: a second one would collect the first one's in-flight
+        chunk files as orphans at start-up. The kernel drops the lock if we are killed."""
+        path = self.config.data_dir / "manager.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OSError(
+                f"another manager is using {self.config.data_dir}; stop it or pick another "
+                "--data-dir"
+            ) from None
+        self._lock_fd = fd
 
 
 async def serve(config: ManagerConfig, port_file: Path | None = None) -> None:
