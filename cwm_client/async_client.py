@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import grpc
 import grpc.aio
@@ -79,8 +79,8 @@ class AsyncThawStream:
         self.close()
 
 
-class AsyncWindowClient:
-    """asyncio WindowService client; every failure raises a `cwm_client.errors` class."""
+class _AsyncClient:
+    """Channel ownership, context management and error mapping shared by the clients."""
 
     def __init__(
         self,
@@ -92,15 +92,18 @@ class AsyncWindowClient:
     ) -> None:
         self._owns_channel = channel is None
         self._channel = channel or grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
-        self._stub = pb.WindowServiceStub(self._channel)
         self._timeout = timeout
         self._metadata = tuple(metadata)
+        self._stub = self._new_stub()
+
+    def _new_stub(self) -> Any:
+        raise NotImplementedError
 
     async def close(self) -> None:
         if self._owns_channel:
             await self._channel.close(None)
 
-    async def __aenter__(self) -> AsyncWindowClient:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(
@@ -116,6 +119,15 @@ class AsyncWindowClient:
             return await method(request, timeout=self._timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
+
+
+class AsyncWindowClient(_AsyncClient):
+    """asyncio WindowService client; every failure raises a `cwm_client.errors` class."""
+
+    _stub: pb.WindowServiceStub
+
+    def _new_stub(self) -> pb.WindowServiceStub:
+        return pb.WindowServiceStub(self._channel)
 
     async def find_missing(self, digests: Sequence[bytes]) -> list[bytes]:
         """The digests among `digests` that the manager does not hold."""
@@ -280,43 +292,13 @@ class AsyncWindowClient:
         return response
 
 
-class AsyncSessionClient:
+class AsyncSessionClient(_AsyncClient):
     """asyncio SessionService client, the twin of `sync_client.SessionClient`."""
 
-    def __init__(
-        self,
-        target: str = DEFAULT_TARGET,
-        *,
-        channel: grpc.aio.Channel | None = None,
-        timeout: float | None = None,
-        metadata: Sequence[tuple[str, str]] = (),
-    ) -> None:
-        self._owns_channel = channel is None
-        self._channel = channel or grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
-        self._stub = pb.SessionServiceStub(self._channel)
-        self._timeout = timeout
-        self._metadata = tuple(metadata)
+    _stub: pb.SessionServiceStub
 
-    async def close(self) -> None:
-        if self._owns_channel:
-            await self._channel.close(None)
-
-    async def __aenter__(self) -> AsyncSessionClient:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
-    async def _unary(self, method: Any, request: Any) -> Any:
-        try:
-            return await method(request, timeout=self._timeout, metadata=self._metadata)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+    def _new_stub(self) -> pb.SessionServiceStub:
+        return pb.SessionServiceStub(self._channel)
 
     async def list_agents(self) -> list[pb.AgentInfo]:
         response: pb.ListAgentsResponse = await self._unary(

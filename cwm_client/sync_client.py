@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import grpc
 
@@ -69,8 +69,8 @@ class ThawStream:
         self.close()
 
 
-class WindowClient:
-    """Blocking WindowService client; every failure raises a `cwm_client.errors` class."""
+class _Client:
+    """Channel ownership, context management and error mapping shared by the clients."""
 
     def __init__(
         self,
@@ -82,15 +82,18 @@ class WindowClient:
     ) -> None:
         self._owns_channel = channel is None
         self._channel = channel or grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
-        self._stub = pb.WindowServiceStub(self._channel)
         self._timeout = timeout
         self._metadata = tuple(metadata)
+        self._stub = self._new_stub()
+
+    def _new_stub(self) -> Any:
+        raise NotImplementedError
 
     def close(self) -> None:
         if self._owns_channel:
             self._channel.close()
 
-    def __enter__(self) -> WindowClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
@@ -106,6 +109,15 @@ class WindowClient:
             return method(request, timeout=self._timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
+
+
+class WindowClient(_Client):
+    """Blocking WindowService client; every failure raises a `cwm_client.errors` class."""
+
+    _stub: pb.WindowServiceStub
+
+    def _new_stub(self) -> pb.WindowServiceStub:
+        return pb.WindowServiceStub(self._channel)
 
     def find_missing(self, digests: Sequence[bytes]) -> list[bytes]:
         """The digests among `digests` that the manager does not hold."""
@@ -265,43 +277,13 @@ class WindowClient:
         return response
 
 
-class SessionClient:
+class SessionClient(_Client):
     """Blocking SessionService client: agents, live sessions, and freeze/thaw orders."""
 
-    def __init__(
-        self,
-        target: str = DEFAULT_TARGET,
-        *,
-        channel: grpc.Channel | None = None,
-        timeout: float | None = None,
-        metadata: Sequence[tuple[str, str]] = (),
-    ) -> None:
-        self._owns_channel = channel is None
-        self._channel = channel or grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
-        self._stub = pb.SessionServiceStub(self._channel)
-        self._timeout = timeout
-        self._metadata = tuple(metadata)
+    _stub: pb.SessionServiceStub
 
-    def close(self) -> None:
-        if self._owns_channel:
-            self._channel.close()
-
-    def __enter__(self) -> SessionClient:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def _unary(self, method: Any, request: Any) -> Any:
-        try:
-            return method(request, timeout=self._timeout, metadata=self._metadata)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+    def _new_stub(self) -> pb.SessionServiceStub:
+        return pb.SessionServiceStub(self._channel)
 
     def list_agents(self) -> list[pb.AgentInfo]:
         response: pb.ListAgentsResponse = self._unary(self._stub.ListAgents, pb.ListAgentsRequest())
