@@ -196,11 +196,10 @@ class Catalog:
             if not self.window_exists(source.tenant, source.name):
                 raise WindowGone(source.name)
             counts = Counter(ref.digest for ref in source.chunks)
-            for digest, count in counts.items():
-                self._db.execute(
-                    "UPDATE chunks SET refcount = refcount + ? WHERE tenant=? AND digest=?",
-                    (count, clone.tenant, digest),
-                )
+            self._db.executemany(
+                "UPDATE chunks SET refcount = refcount + ? WHERE tenant=? AND digest=?",
+                [(count, clone.tenant, digest) for digest, count in counts.items()],
+            )
             self._insert_window(clone)
 
     def delete_window(self, tenant: str, name: str) -> list[tuple[bytes, int]] | None:
