@@ -17,6 +17,7 @@ from cwm_server.cli import (
     archive_cmds,
     demo_cmd,
     fsck_cmd,
+    mcp_cmd,
     serve_cmd,
     session_cmds,
     window_cmds,
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     session_cmds.add_parsers(sub)
     agent_cmd.add_parser(sub)
     demo_cmd.add_parser(sub)
+    mcp_cmd.add_parser(sub)
     return parser
 
 
