@@ -8,7 +8,7 @@ PROTO_PY := $(PROTO_VENV)/bin/python
 PIP_FLAGS := --quiet --disable-pip-version-check
 
 .PHONY: demo test lint proto proto-check buf-lint buf-breaking test-py test-protobuf6 bench clean \
-	test-vllm bench-vllm
+	api-docs api-docs-check test-vllm bench-vllm
 
 # The main environment: protobuf 7, grpcio 1.85, torch 2.13.0 (the CPU wheel pip finds here;
 # it must be named in the same pip command so nothing pulls a CUDA build).
@@ -37,18 +37,31 @@ proto-check: proto
 	@git diff --exit-code --stat -- cwm_client/_generated \
 		|| { echo "generated code is stale: run 'make proto' and commit"; exit 1; }
 
+# docs/API.md is generated from the proto comments; lint fails when it is stale.
+api-docs: $(PROTO_VENV)/.installed
+	$(PROTO_PY) tools/gen_api_docs.py
+
+api-docs-check: $(PROTO_VENV)/.installed
+	$(PROTO_PY) tools/gen_api_docs.py --check
+
+# The Node.js interop client (tests/interop) with its locked npm dependencies.
+INTEROP := tests/interop
+$(INTEROP)/node_modules/.installed: $(INTEROP)/package.json $(INTEROP)/package-lock.json
+	cd $(INTEROP) && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
 buf-lint: $(PROTO_VENV)/.installed
 	cd proto && ../$(PROTO_VENV)/bin/buf lint
 
 buf-breaking: $(PROTO_VENV)/.installed
 	PATH=$(CURDIR)/$(PROTO_VENV)/bin:$$PATH tools/check_breaking.sh
 
-lint: $(VENV)/.installed buf-lint buf-breaking proto-check
+lint: $(VENV)/.installed buf-lint buf-breaking proto-check api-docs-check
 	$(VENV)/bin/ruff check cwm_client cwm_server tools tests
 	$(VENV)/bin/ruff format --check cwm_client cwm_server tools tests
 	$(VENV)/bin/mypy --strict cwm_client
 
-test-py: $(VENV)/.installed
+test-py: $(VENV)/.installed $(INTEROP)/node_modules/.installed
 	$(VENV)/bin/pytest -q -p no:cacheprovider tests
 
 # The SDK and the manager on protobuf 6 (what LMCache pins), with the same generated code.

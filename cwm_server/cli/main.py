@@ -15,13 +15,16 @@ from cwm_client.errors import CwmError
 from cwm_server.cli import (
     agent_cmd,
     archive_cmds,
+    config_cmd,
     demo_cmd,
     fsck_cmd,
     mcp_cmd,
     serve_cmd,
     session_cmds,
+    status_cmd,
     window_cmds,
 )
+from cwm_server.logs import configure_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,11 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
     agent_cmd.add_parser(sub)
     demo_cmd.add_parser(sub)
     mcp_cmd.add_parser(sub)
+    status_cmd.add_parser(sub)
+    config_cmd.add_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Human-readable warnings on stderr for client commands; services (serve, agent, mcp)
+    # configure their own logging when they start.
+    configure_logging("human", "WARNING")
     try:
         if args.needs_client:
             with WindowClient(args.manager) as client:

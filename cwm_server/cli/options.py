@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 from typing import TypeAlias
 
-from cwm_client._common import DEFAULT_TARGET
+from cwm_server.config import manager_address
 
 Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
@@ -15,8 +14,11 @@ def _common() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--manager",
-        default=os.environ.get("CWM_MANAGER", DEFAULT_TARGET),
-        help="manager address HOST:PORT (env CWM_MANAGER)",
+        default="",  # a string default goes through `type`: resolved only when used
+        type=manager_address,
+        metavar="HOST:PORT",
+        help="manager address (default: $CWM_MANAGER, else client.manager in the config "
+        "file, else 127.0.0.1:50051)",
     )
     common.add_argument("--json", action="store_true", help="machine-readable output")
     return common

@@ -4,6 +4,7 @@ threads."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from cwm_client.chunks import digest as blake3_digest
@@ -19,17 +20,40 @@ class StoreResult:
     stored_size: int
 
 
+class StoreObserver:
+    """Hooks the store calls as it works; this one does nothing. The manager's metrics
+    (cwm_server.manager.metrics) plug in their own. Called from I/O threads."""
+
+    def verified(self, op: str, seconds: float) -> None:
+        """A BLAKE3 check took `seconds`; `op` is "store" or "load"."""
+
+    def stored(self, seconds: float) -> None:
+        """A chunk was compressed (maybe) and written durably in `seconds`."""
+
+    def hit(self, tier: str, seconds: float) -> None:
+        """A chunk was read from `tier` ("memory" or "disk") in `seconds`."""
+
+    def miss(self, tier: str) -> None:
+        """`tier` did not hold a chunk that was asked for."""
+
+
 class ChunkStore:
     def __init__(self, disk: DiskTier, memory: MemoryTier, compress: bool) -> None:
         self.disk = disk
         self.memory = memory
         self._compress = compress
+        self.observer = StoreObserver()
 
     def put(
         self, tenant: str, digest: bytes, raw: bytes, word_size: int, index: int
     ) -> StoreResult:
         """Verify raw bytes against their digest, then store them durably and in memory."""
-        if blake3_digest(raw) != digest:
+        observer = self.observer
+        started = time.perf_counter()
+        matches = blake3_digest(raw) == digest
+        verified = time.perf_counter()
+        observer.verified("store", verified - started)
+        if not matches:
             raise DataLoss(
                 f"chunk {index}: its bytes do not match its BLAKE3 digest {digest.hex()[:16]}…; "
                 "it was corrupted on the way or the digest was computed over other bytes",
@@ -38,17 +62,29 @@ class ChunkStore:
             )
         codec, encoded = encode_if_smaller(raw, word_size) if self._compress else (RAW, raw)
         stored = self.disk.write(tenant, digest, codec, word_size, len(raw), encoded)
+        observer.stored(time.perf_counter() - verified)
         self.memory.put((tenant, digest), raw)
         return StoreResult(codec=codec, stored_size=stored)
 
     def get(self, tenant: str, digest: bytes, where: str) -> bytes:
         """Raw bytes of a chunk, verified; DATA_LOSS naming `where` if they cannot be had."""
+        observer = self.observer
+        started = time.perf_counter()
         cached = self.memory.get((tenant, digest))
-        if cached is not None and blake3_digest(cached) == digest:
-            return cached
+        if cached is not None:
+            checked = time.perf_counter()
+            matches = blake3_digest(cached) == digest
+            done = time.perf_counter()
+            observer.verified("load", done - checked)
+            if matches:
+                observer.hit("memory", done - started)
+                return cached
+        observer.miss("memory")
+        started = time.perf_counter()
         try:
             raw = self._read_disk(tenant, digest)
         except ChunkFileMissing:
+            observer.miss("disk")
             raise DataLoss(
                 f"{where}: chunk file {digest.hex()} is missing from the store; "
                 "run `cwm fsck` to see what else is affected",
@@ -60,12 +96,17 @@ class ChunkStore:
                 "run `cwm fsck` to see what else is affected",
                 reason="CHUNK_CORRUPT",
             ) from None
-        if blake3_digest(raw) != digest:
+        checked = time.perf_counter()
+        matches = blake3_digest(raw) == digest
+        done = time.perf_counter()
+        observer.verified("load", done - checked)
+        if not matches:
             raise DataLoss(
                 f"{where}: chunk {digest.hex()} failed verification (stored bytes do not "
                 "match the digest); refusing to serve it; run `cwm fsck`",
                 reason="CHUNK_CORRUPT",
             )
+        observer.hit("disk", done - started)
         self.memory.put((tenant, digest), raw)
         return raw
 

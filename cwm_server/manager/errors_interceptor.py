@@ -1,15 +1,28 @@
-"""Maps exceptions to `google.rpc.Status` for every RPC, in one place.
+"""Every RPC passes through here: request ids, log context, metrics, and error mapping.
 
-Servicer methods stay thin and raise `cwm_client.errors` classes; this interceptor turns them
-into the status code, message and ErrorInfo/BadRequest details a client can act on. Anything
-else is a bug: it is logged with its traceback and answered INTERNAL with a request id, so a
-client's mistake can never surface as UNKNOWN.
+- **Request ids.** A client may send ``x-request-id`` in its metadata (printable ASCII
+  without spaces, at most 128 characters); otherwise the manager makes one. It is bound into
+  structlog's context variables for the whole RPC, so every log line the call causes carries
+  it, and it goes back to the client in the trailing metadata under the same key, with an
+  error too.
+- **Errors.** Servicer methods stay thin and raise `cwm_client.errors` classes; they are
+  turned into the status code, message and ``google.rpc.Status`` details (ErrorInfo, and
+  BadRequest when a field is known) a client can act on. Anything else is a bug: it is
+  logged with its traceback and answered INTERNAL naming the request id, so a client's
+  mistake can never surface as UNKNOWN.
+- **Metrics** (`cwm_server.manager.metrics`): duration and status of every call, messages
+  and bytes in and out, chunk bytes and chunks per method, streams in flight.
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+import re
+import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import grpc
@@ -18,22 +31,104 @@ import structlog
 from google.protobuf.message import DecodeError
 from grpc_status import rpc_status
 
-from cwm_client.errors import CwmError, Internal, InvalidArgument
+from cwm_client.errors import CwmError, Internal, InvalidArgument, Unimplemented
+from cwm_server.manager.metrics import CallMetrics, RpcMetrics, method_label
 
 log = structlog.get_logger("cwm.rpc")
 
+REQUEST_ID_KEY = "x-request-id"
+_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
+_QUIET_PREFIXES = ("/grpc.",)
+"""Health checks and reflection are logged at debug level only (probes are frequent)."""
 
-async def _abort(context: grpc.aio.ServicerContext, error: CwmError) -> None:
-    status = rpc_status.to_status(error.to_status())
-    await context.abort(status.code, status.details, status.trailing_metadata)
+
+def request_id_from(metadata: Sequence[tuple[str, Any]] | None) -> str:
+    """The client's x-request-id if it is usable, else a new one."""
+    for key, value in metadata or ():
+        if key == REQUEST_ID_KEY and isinstance(value, str) and _REQUEST_ID.fullmatch(value):
+            return value
+    return uuid.uuid4().hex
 
 
-def _internal(method: str, exc: BaseException) -> Internal:
-    request_id = uuid.uuid4().hex[:12]
-    log.exception("internal_error", method=method, request_id=request_id, exc_info=exc)
-    return Internal(
-        f"internal error in {method} (request id {request_id}); the manager's log has details"
-    )
+@contextmanager
+def _bound(**values: str) -> Iterator[None]:
+    tokens = structlog.contextvars.bind_contextvars(**values)
+    try:
+        yield
+    finally:
+        # ValueError: finished in another context (a generator closed by its finaliser).
+        with suppress(ValueError):
+            structlog.contextvars.reset_contextvars(**tokens)
+
+
+class _Call:
+    """One RPC as it runs: its id, timing, metrics, and how it ended."""
+
+    def __init__(
+        self,
+        method: str,
+        context: grpc.aio.ServicerContext,
+        metrics: RpcMetrics | None,
+        streaming: bool,
+    ) -> None:
+        self.method = method
+        self.context = context
+        self.request_id = request_id_from(context.invocation_metadata())
+        self.started = time.perf_counter()
+        self.metrics = CallMetrics(metrics, method_label(method)) if metrics else None
+        self.streaming = streaming
+        self.code = grpc.StatusCode.OK
+        context.set_trailing_metadata(((REQUEST_ID_KEY, self.request_id),))
+        if self.metrics is not None and streaming:
+            self.metrics.stream_opened()
+
+    async def abort(self, error: CwmError) -> None:
+        self.code = error.code
+        status = rpc_status.to_status(error.to_status())
+        trailing = (*status.trailing_metadata, (REQUEST_ID_KEY, self.request_id))
+        await self.context.abort(status.code, status.details, trailing)
+
+    def internal(self, exc: BaseException) -> Internal:
+        log.error("internal_error", exc_info=exc)
+        return Internal(
+            f"internal error in {self.method} (request id {self.request_id}); the manager's "
+            "log has details"
+        )
+
+    def aborted(self) -> None:
+        code = None
+        try:
+            code = self.context.code()
+        except Exception:  # noqa: BLE001 - older grpc: no code() on the aio context
+            code = None
+        self.code = code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+
+    def finish(self) -> None:
+        seconds = time.perf_counter() - self.started
+        if self.metrics is not None:
+            if self.streaming:
+                self.metrics.stream_closed()
+            self.metrics.finished(self.code.name, seconds)
+        quiet = self.method.startswith(_QUIET_PREFIXES) and self.code is grpc.StatusCode.OK
+        (log.debug if quiet else log.info)(
+            "rpc", code=self.code.name, duration_ms=round(seconds * 1000, 3)
+        )
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        with _bound(request_id=self.request_id, method=self.method):
+            try:
+                yield
+            finally:
+                self.finish()
+
+    def received(self, raw: Any, message: Any) -> None:
+        if self.metrics is not None:
+            self.metrics.received(len(raw) if isinstance(raw, bytes) else 0, message)
+
+    def sent(self, message: Any) -> None:
+        if self.metrics is not None:
+            self.metrics.sent(message)
 
 
 Parse = Callable[[Any], Any]
@@ -58,75 +153,156 @@ def _parser(method: str, deserialize: Callable[[bytes], Any] | None) -> Parse:
     return parse
 
 
-async def _parse_stream(requests: AsyncIterator[Any], parse: Parse) -> AsyncIterator[Any]:
+async def _parse_stream(
+    requests: AsyncIterator[Any], parse: Parse, call: _Call
+) -> AsyncIterator[Any]:
     async for raw in requests:
-        yield parse(raw)
+        message = parse(raw)
+        call.received(raw, message)
+        yield message
 
 
-def _wrap_unary(
-    method: str, behavior: Callable[..., Awaitable[Any]], parse: Parse
-) -> Callable[..., Any]:
-    async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            return await behavior(parse(request), context)
-        except CwmError as exc:
-            await _abort(context, exc)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - the one place unexpected errors land
-            await _abort(context, _internal(method, exc))
-
-    return handler
-
-
-def _wrap_stream(
-    method: str, behavior: Callable[..., AsyncIterator[Any]], parse: Parse
-) -> Callable[..., Any]:
-    async def handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        try:
-            async for response in behavior(parse(request), context):
-                yield response
-        except CwmError as exc:
-            await _abort(context, exc)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            await _abort(context, _internal(method, exc))
-
-    return handler
+def _parse_one(raw: Any, parse: Parse, call: _Call) -> Any:
+    message = parse(raw)
+    call.received(raw, message)
+    return message
 
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    """Request ids, log context, metrics and error mapping for every RPC (see above)."""
+
+    def __init__(self, metrics: RpcMetrics | None = None) -> None:
+        self._metrics = metrics
+
+    def _unary_response(
+        self,
+        method: str,
+        behavior: Callable[..., Awaitable[Any]],
+        prepare: Callable[[Any, _Call], Any],
+        streaming: bool,
+    ) -> Callable[..., Any]:
+        metrics = self._metrics
+
+        async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            call = _Call(method, context, metrics, streaming)
+            with call.running():
+                try:
+                    response = await behavior(prepare(request, call), context)
+                    if response is not None:
+                        call.sent(response)
+                    return response
+                except CwmError as exc:
+                    await call.abort(exc)
+                except grpc.aio.AbortError:
+                    call.aborted()
+                    raise
+                except asyncio.CancelledError:
+                    call.code = grpc.StatusCode.CANCELLED
+                    raise
+                except Exception as exc:  # noqa: BLE001 - the one place unexpected errors land
+                    await call.abort(call.internal(exc))
+
+        return handler
+
+    def _stream_response(
+        self,
+        method: str,
+        behavior: Callable[..., Any],
+        prepare: Callable[[Any, _Call], Any],
+    ) -> Callable[..., Any]:
+        metrics = self._metrics
+
+        async def handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            call = _Call(method, context, metrics, streaming=True)
+            with call.running():
+                try:
+                    async for response in behavior(prepare(request, call), context):
+                        call.sent(response)
+                        yield response
+                except CwmError as exc:
+                    await call.abort(exc)
+                except grpc.aio.AbortError:
+                    call.aborted()
+                    raise
+                except (asyncio.CancelledError, GeneratorExit):
+                    call.code = grpc.StatusCode.CANCELLED
+                    raise
+                except Exception as exc:  # noqa: BLE001
+                    await call.abort(call.internal(exc))
+
+        return handler
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
         method = handler_call_details.method  # type: ignore[attr-defined]
+        if handler is None:
+            return self._unknown_method(method)
         parse = _parser(method, handler.request_deserializer)
+
+        def one(raw: Any, call: _Call) -> Any:
+            return _parse_one(raw, parse, call)
+
+        def many(requests: Any, call: _Call) -> Any:
+            return _parse_stream(requests, parse, call)
+
         # request_deserializer=None: gRPC hands the raw bytes over and `parse` maps a bad
         # message to INVALID_ARGUMENT inside the wrappers.
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(method, handler.unary_unary, parse),
+                self._unary_response(method, handler.unary_unary, one, streaming=False),
                 request_deserializer=None,
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(
-                    method, handler.stream_unary, lambda requests: _parse_stream(requests, parse)
-                ),
+                self._unary_response(method, handler.stream_unary, many, streaming=True),
                 request_deserializer=None,
                 response_serializer=handler.response_serializer,
             )
+        # A streaming handler is an async generator, or a coroutine that writes with
+        # `context.write` (grpcio's health Watch); each keeps its own shape.
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(method, handler.unary_stream, parse),
+                self._streaming(method, handler.unary_stream, one),
+                request_deserializer=None,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(
+                self._streaming(method, handler.stream_stream, many),
                 request_deserializer=None,
                 response_serializer=handler.response_serializer,
             )
         return handler
+
+    def _unknown_method(self, method: str) -> grpc.RpcMethodHandler:
+        """A method this server does not have: UNIMPLEMENTED with an ErrorInfo saying so
+        (what gRPC answers on its own carries no details). A stream-stream handler on raw
+        bytes serves any call shape."""
+        metrics = self._metrics
+
+        async def handler(requests: Any, context: grpc.aio.ServicerContext) -> None:
+            call = _Call(method, context, metrics, streaming=False)
+            with call.running():
+                await call.abort(
+                    Unimplemented(
+                        f"this manager has no method {method}; it serves "
+                        "cwm.v1.WindowService, cwm.v1.SessionService, grpc.health.v1.Health "
+                        "and server reflection (an older manager than the client?)",
+                        reason="METHOD_NOT_FOUND",
+                        metadata={"method": method},
+                    )
+                )
+
+        return grpc.stream_stream_rpc_method_handler(handler)
+
+    def _streaming(
+        self, method: str, behavior: Callable[..., Any], prepare: Callable[[Any, _Call], Any]
+    ) -> Callable[..., Any]:
+        if inspect.isasyncgenfunction(behavior):
+            return self._stream_response(method, behavior, prepare)
+        return self._unary_response(method, behavior, prepare, streaming=True)

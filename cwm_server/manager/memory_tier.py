@@ -14,10 +14,19 @@ class MemoryTier:
         self._items: OrderedDict[ChunkKey, bytes] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
+        self.evictions = 0
+        """Chunks dropped to make room (a metric; see cwm_server.manager.metrics)."""
 
     @property
     def held_bytes(self) -> int:
         return self._bytes
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self._capacity
+
+    def __len__(self) -> int:
+        return len(self._items)
 
     def get(self, key: ChunkKey) -> bytes | None:
         with self._lock:
@@ -38,6 +47,7 @@ class MemoryTier:
             while self._bytes > self._capacity:
                 _, evicted = self._items.popitem(last=False)
                 self._bytes -= len(evicted)
+                self.evictions += 1
 
     def discard(self, key: ChunkKey) -> None:
         with self._lock:

@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import os
 import signal
 import socket
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc.aio
 import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from cwm_client import pb
 from cwm_client._common import MAX_MESSAGE_BYTES
+from cwm_server.manager import health
 from cwm_server.manager.agents import AgentRegistry
 from cwm_server.manager.config import ManagerConfig
 from cwm_server.manager.errors_interceptor import ErrorMappingInterceptor
 from cwm_server.manager.malloc import use_one_malloc_arena
+from cwm_server.manager.metrics import ManagerMetrics, StateCollector
 from cwm_server.manager.servicer import WindowServicer
 from cwm_server.manager.session_servicer import SessionServicer
 from cwm_server.manager.windows import WindowManager
@@ -32,40 +38,112 @@ SERVER_OPTIONS = [
 ]
 
 
+SERVICE_NAMES = (
+    pb.FreezeRequest.DESCRIPTOR.file.services_by_name["WindowService"].full_name,
+    pb.ConnectRequest.DESCRIPTOR.file.services_by_name["SessionService"].full_name,
+    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+    reflection.SERVICE_NAME,
+)
+"""What server reflection lists: cwm's two services, health, and reflection itself."""
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """How the manager reports on itself (the storage bounds live in ManagerConfig)."""
+
+    metrics_listen: str = ""
+    """HOST:PORT of the Prometheus endpoint (/metrics); empty: no endpoint."""
+    health_interval_s: float = 5.0
+    """Seconds between health checks of the tiers and the catalog."""
+    min_free_bytes: int = 1 << 30
+    """Below this much free space on the data dir's filesystem the disk tier is DEGRADED."""
+
+
 class ManagerServer:
     """A started manager: the domain object plus the gRPC server bound to a port."""
 
-    def __init__(self, config: ManagerConfig) -> None:
+    def __init__(self, config: ManagerConfig, options: ServerOptions | None = None) -> None:
         self.config = config
+        self.options = options or ServerOptions()
         self.manager = WindowManager(config)
         self.agents = AgentRegistry()
         self.manager_id = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         self.server: grpc.aio.Server | None = None
         self._lock_fd: int | None = None
         self.port = 0
+        self.metrics = ManagerMetrics()
+        self.manager.store.observer = self.metrics.store
+        self.health_servicer = health.CwmHealthServicer()
+        self.health = health.HealthBoard(
+            self.health_servicer,
+            [
+                health.DiskCheck(self.manager.disk.root, self.options.min_free_bytes, config.fsync),
+                health.CatalogCheck(self.manager),
+                health.MemoryCheck(self.manager),
+            ],
+            interval_s=self.options.health_interval_s,
+        )
+        self.metrics.add_state(
+            StateCollector(
+                config.data_dir / "catalog.sqlite",
+                self.manager.memory,
+                agent_count=lambda: len(self.agents.agents()),
+                health_levels=lambda: [
+                    (name, int(cond.level)) for name, cond in self.health.conditions.items()
+                ],
+            )
+        )
+        self._health_task: asyncio.Task[None] | None = None
+
+    @property
+    def metrics_port(self) -> int:
+        return self.metrics.port
 
     async def start(self) -> int:
         """Lock the data dir, recover what a crash left, then bind and serve."""
         self._lock_data_dir()
         self.manager.recover()
+        await self.health.refresh()
         self.server = grpc.aio.server(
-            interceptors=[ErrorMappingInterceptor()], options=SERVER_OPTIONS
+            interceptors=[ErrorMappingInterceptor(self.metrics.rpc)], options=SERVER_OPTIONS
         )
         pb.add_WindowServiceServicer_to_server(WindowServicer(self.manager), self.server)
         pb.add_SessionServiceServicer_to_server(
             SessionServicer(self.manager, self.agents, self.manager_id), self.server
         )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health_servicer, self.server)
+        reflection.enable_server_reflection(SERVICE_NAMES, self.server)
         self.port = self.server.add_insecure_port(self.config.listen)
         if self.port == 0:
             raise OSError(f"could not listen on {self.config.listen}")
+        if self.options.metrics_listen:
+            self.metrics.serve(self.options.metrics_listen)
         await self.server.start()
+        self._health_task = asyncio.ensure_future(self.health.run_forever())
         host = self.config.listen.rsplit(":", 1)[0]
-        log.info("serving", address=f"{host}:{self.port}", data_dir=str(self.config.data_dir))
+        log.info(
+            "serving",
+            address=f"{host}:{self.port}",
+            data_dir=str(self.config.data_dir),
+            metrics=(
+                f"http://{self.options.metrics_listen.rsplit(':', 1)[0]}:{self.metrics.port}"
+                "/metrics"
+                if self.options.metrics_listen
+                else None
+            ),
+        )
         return self.port
 
     async def stop(self, grace: float | None = 2.0) -> None:
+        if self._health_task is not None:
+            self._health_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health_task
+            self._health_task = None
+        await self.health.shutdown()
         if self.server is not None:
             await self.server.stop(grace)
+        self.metrics.close()
         self.manager.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # closing releases the flock
@@ -87,10 +165,12 @@ class ManagerServer:
         self._lock_fd = fd
 
 
-async def serve(config: ManagerConfig, port_file: Path | None = None) -> None:
+async def serve(
+    config: ManagerConfig, port_file: Path | None = None, options: ServerOptions | None = None
+) -> None:
     """Run until SIGINT/SIGTERM; write the bound port to `port_file` once serving."""
     use_one_malloc_arena()
-    server = ManagerServer(config)
+    server = ManagerServer(config, options)
     port = await server.start()
     if port_file is not None:
         tmp = port_file.with_suffix(".tmp")

@@ -1,0 +1,300 @@
+"""Manager health: components report conditions, the standard gRPC health service tells.
+
+Every part of the manager that can fail on its own (a storage tier, the catalog, later the
+Redis tier) is a *component* with a health name of its own, e.g. ``cwm.tier.disk``. A
+component is in one of three conditions:
+
+- ``OK``: it works;
+- ``DEGRADED``: it works with a problem an operator should look at (the disk is nearly full;
+  an optional tier such as Redis is gone and the manager serves from its local tiers);
+- ``DOWN``: it does not work.
+
+The ``grpc.health.v1.Health`` service answers for these names:
+
+================================  ===========================================================
+``""`` (the whole manager)        SERVING unless an *essential* component is DOWN or the
+``cwm.v1.WindowService``          manager is shutting down. Essential: the disk tier and the
+``cwm.v1.SessionService``         catalog (a manager without them cannot keep a window).
+``cwm.tier.disk`` and the other   SERVING only while that component is OK; NOT_SERVING when
+component names                   it is DEGRADED or DOWN.
+================================  ===========================================================
+
+So *degraded* reads as: the services SERVING, at least one component NOT_SERVING. A load
+balancer or Kubernetes probe asks ``""`` (or a service name) and keeps sending work to a
+degraded manager, which is what it should do: it still keeps and serves windows. Monitoring
+asks ``Health/List`` (or ``cwm status``) and sees which component is unwell. A Check of a
+component name also carries the reason in the trailing metadata key ``cwm-health-detail``.
+
+Checks run at start and then every ``interval`` seconds. Tiers that learn of a
+failure while working (a Redis client losing its connection) call ``HealthBoard.report``
+instead of waiting for the next check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import grpc
+import grpc.aio
+import structlog
+from grpc_health.v1 import health_pb2
+from grpc_health.v1._async import HealthServicer
+
+from cwm_client.errors import NotFound
+from cwm_server.manager.windows import WindowManager
+
+log = structlog.get_logger("cwm.health")
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+OVERALL = ""
+WINDOW_SERVICE = "cwm.v1.WindowService"
+SESSION_SERVICE = "cwm.v1.SessionService"
+SERVICES = (OVERALL, WINDOW_SERVICE, SESSION_SERVICE)
+DETAIL_KEY = "cwm-health-detail"
+PROBE_PREFIX = ".health-probe."
+PROBE_SUFFIX = ".tmp"
+CHECK_TIMEOUT_S = 10.0
+
+
+class Level(enum.IntEnum):
+    OK = 0
+    DEGRADED = 1
+    DOWN = 2
+
+
+@dataclass(frozen=True)
+class Condition:
+    level: Level
+    detail: str
+    since: float
+
+
+class Check(Protocol):
+    """One component's check."""
+
+    name: str
+    essential: bool
+
+    async def run(self) -> tuple[Level, str]: ...
+
+
+class CwmHealthServicer(HealthServicer):
+    """grpcio's asyncio health servicer, plus `List` and a reason on component checks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.details: dict[str, str] = {}
+
+    async def Check(  # noqa: N802 - gRPC method name
+        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
+    ) -> health_pb2.HealthCheckResponse:
+        detail = self.details.get(request.service)
+        if detail:
+            # Keep what the interceptor set (the request id) and add the reason.
+            kept = tuple(context.trailing_metadata() or ())
+            context.set_trailing_metadata((*kept, (DETAIL_KEY, _ascii(detail))))
+        if request.service not in self._server_status:
+            # NOT_FOUND, as the health protocol says, with cwm's ErrorInfo and BadRequest.
+            raise NotFound(
+                f"no health status for {request.service!r}; Health/List names them all",
+                reason="SERVICE_UNKNOWN",
+                field="service",
+            )
+        response: health_pb2.HealthCheckResponse = await super().Check(request, context)
+        return response
+
+    async def List(  # noqa: N802
+        self, request: Any, context: grpc.aio.ServicerContext
+    ) -> Any:
+        response = health_pb2.HealthListResponse()
+        for name, status in sorted(self._server_status.items()):
+            response.statuses[name].status = status
+        return response
+
+
+def _ascii(text: str) -> str:
+    """Metadata values must be printable ASCII."""
+    return "".join(c if " " <= c <= "~" else "?" for c in text)[:1024]
+
+
+class HealthBoard:
+    """Holds every component's condition and keeps the health servicer in step with it."""
+
+    def __init__(
+        self, servicer: CwmHealthServicer, checks: Sequence[Check], interval_s: float = 5.0
+    ) -> None:
+        self.servicer = servicer
+        self.interval_s = interval_s
+        self._checks = list(checks)
+        self._essential = {c.name for c in checks if c.essential}
+        self.conditions: dict[str, Condition] = {}
+        self._shutting_down = False
+        self.on_change: list[Callable[[str, Condition], None]] = []
+
+    @property
+    def components(self) -> list[str]:
+        return sorted({c.name for c in self._checks} | set(self.conditions))
+
+    def overall_serving(self) -> bool:
+        return not self._shutting_down and not any(
+            cond.level is Level.DOWN
+            for name, cond in self.conditions.items()
+            if name in self._essential
+        )
+
+    def degraded(self) -> bool:
+        return any(cond.level is not Level.OK for cond in self.conditions.values())
+
+    async def report(
+        self, name: str, level: Level, detail: str = "", *, essential: bool | None = None
+    ) -> None:
+        """Set a component's condition (also for components without a periodic check)."""
+        if essential is True:
+            self._essential.add(name)
+        elif essential is False:
+            self._essential.discard(name)
+        old = self.conditions.get(name)
+        if old is not None and old.level is level and old.detail == detail:
+            return
+        since = old.since if old is not None and old.level is level else time.time()
+        changed = Condition(level, detail, since)
+        self.conditions[name] = changed
+        if (old is None and level is not Level.OK) or (old is not None and old.level is not level):
+            log_fn = log.info if level is Level.OK else log.warning
+            log_fn("health_changed", component=name, condition=level.name, detail=detail)
+        for callback in self.on_change:
+            callback(name, changed)
+        await self._publish()
+
+    async def _publish(self) -> None:
+        servicer = self.servicer
+        for name, cond in self.conditions.items():
+            servicer.details[name] = cond.detail
+            await servicer.set(name, SERVING if cond.level is Level.OK else NOT_SERVING)
+        status = SERVING if self.overall_serving() else NOT_SERVING
+        down = [
+            f"{name}: {cond.detail}"
+            for name, cond in sorted(self.conditions.items())
+            if name in self._essential and cond.level is Level.DOWN
+        ]
+        for service in SERVICES:
+            servicer.details[service] = "; ".join(down)
+            await servicer.set(service, status)
+
+    async def refresh(self) -> None:
+        """Run every check once."""
+        for check in self._checks:
+            try:
+                level, detail = await asyncio.wait_for(check.run(), CHECK_TIMEOUT_S)
+            except TimeoutError:
+                level, detail = Level.DOWN, f"the check did not finish within {CHECK_TIMEOUT_S} s"
+            except Exception as exc:  # noqa: BLE001 - a failing check is a DOWN component
+                level, detail = Level.DOWN, f"the check failed: {exc}"
+            await self.report(check.name, level, detail)
+
+    async def run_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            await self.refresh()
+
+    async def shutdown(self) -> None:
+        self._shutting_down = True
+        await self.servicer.enter_graceful_shutdown()
+
+
+# -- the local components --------------------------------------------------------------
+
+
+class DiskCheck:
+    """The durable tier: its directory takes a small write (fsync'd when the manager fsyncs)
+    and the filesystem has at least `min_free_bytes` free.
+
+    A failed write is DOWN (no window can be frozen); too little free space is DEGRADED (the
+    manager serves, but the next large freeze may fail with RESOURCE_EXHAUSTED or worse)."""
+
+    name = "cwm.tier.disk"
+    essential = True
+
+    def __init__(self, root: Path, min_free_bytes: int, fsync: bool) -> None:
+        self.root = root
+        self.min_free_bytes = min_free_bytes
+        self.fsync = fsync
+        self._probe = root / f"{PROBE_PREFIX}{os.getpid()}{PROBE_SUFFIX}"
+        with contextlib.suppress(OSError):
+            for stale in root.glob(f"{PROBE_PREFIX}*{PROBE_SUFFIX}"):
+                stale.unlink(missing_ok=True)
+
+    async def run(self) -> tuple[Level, str]:
+        # A thread of its own: the manager's I/O threads may be busy with a large freeze,
+        # and a probe queued behind it would read as a dead disk.
+        return await asyncio.to_thread(self._probe_once)
+
+    def _probe_once(self) -> tuple[Level, str]:
+        try:
+            fd = os.open(self._probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, b"cwm health probe\n")
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.unlink(self._probe)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(self._probe)
+            return Level.DOWN, f"cannot write under {self.root}: {exc.strerror or exc}"
+        stat = os.statvfs(self.root)
+        free = stat.f_bavail * stat.f_frsize
+        if free < self.min_free_bytes:
+            return (
+                Level.DEGRADED,
+                f"{free >> 20} MiB free under {self.root}, below min_free_mib "
+                f"{self.min_free_bytes >> 20}",
+            )
+        return Level.OK, f"{free >> 20} MiB free"
+
+
+class CatalogCheck:
+    """The SQLite catalog answers a read on its own thread."""
+
+    name = "cwm.catalog"
+    essential = True
+
+    def __init__(self, manager: WindowManager) -> None:
+        self._manager = manager
+
+    async def run(self) -> tuple[Level, str]:
+        manager = self._manager
+        try:
+            await asyncio.wait_for(
+                manager.db(manager.catalog.window_exists, "", ""), CHECK_TIMEOUT_S / 2
+            )
+        except TimeoutError:
+            return Level.DOWN, f"the catalog did not answer within {CHECK_TIMEOUT_S / 2:.0f} s"
+        except Exception as exc:  # noqa: BLE001
+            return Level.DOWN, f"the catalog failed a read: {exc}"
+        return Level.OK, ""
+
+
+class MemoryCheck:
+    """The hot tier cannot fail; it reports what it holds (and is not essential)."""
+
+    name = "cwm.tier.memory"
+    essential = False
+
+    def __init__(self, manager: WindowManager) -> None:
+        self._manager = manager
+
+    async def run(self) -> tuple[Level, str]:
+        memory = self._manager.memory
+        return Level.OK, f"{memory.held_bytes >> 20} of {memory.capacity_bytes >> 20} MiB held"
