@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 from cwm_client import WindowClient
-from cwm_client.errors import CwmError
+from cwm_client.errors import Unavailable
 from cwm_server.manager.server import ServerOptions
 from tests.helpers import FINGERPRINT, ROOT, ManagerProcess, synthetic_chunks, token_ids
 from tests.ops_helpers import OpsManager, health_status, wait_for
@@ -137,10 +137,11 @@ def test_unwritable_disk_takes_the_services_down_and_back(fast_manager: OpsManag
             done = cwm("status", "--manager", target)
             assert done.returncode == 2, done.stdout + done.stderr
             assert "not serving" in done.stdout and "cannot write" in done.stdout
-            # Freezing now fails (the chunk cannot be stored), and nothing is committed.
+            # Freezing now fails as the server's condition (UNAVAILABLE, not INTERNAL),
+            # and nothing is committed.
             with (
                 WindowClient(target) as client,
-                pytest.raises(CwmError),
+                pytest.raises(Unavailable, match="cannot write") as refused,
             ):
                 client.freeze(
                     "while-down",
@@ -148,6 +149,7 @@ def test_unwritable_disk_takes_the_services_down_and_back(fast_manager: OpsManag
                     fingerprint=FINGERPRINT,
                     token_ids=token_ids(10),
                 )
+            assert refused.value.reason == "DISK_UNWRITABLE"
         finally:
             _repair_chunk_dir(data_dir, moved)
         assert next(watch).status == health_pb2.HealthCheckResponse.SERVING

@@ -4,12 +4,13 @@ threads."""
 
 from __future__ import annotations
 
+import errno
 import time
 from dataclasses import dataclass
 
 from cwm_client.chunks import digest as blake3_digest
 from cwm_client.codecs import RAW, decode, encode_if_smaller
-from cwm_client.errors import DataLoss
+from cwm_client.errors import CwmError, DataLoss, ResourceExhausted, Unavailable
 from cwm_server.manager.disk_tier import ChunkFileCorrupt, ChunkFileMissing, DiskTier
 from cwm_server.manager.memory_tier import MemoryTier
 
@@ -61,7 +62,10 @@ class ChunkStore:
                 reason="DIGEST_MISMATCH",
             )
         codec, encoded = encode_if_smaller(raw, word_size) if self._compress else (RAW, raw)
-        stored = self.disk.write(tenant, digest, codec, word_size, len(raw), encoded)
+        try:
+            stored = self.disk.write(tenant, digest, codec, word_size, len(raw), encoded)
+        except OSError as exc:
+            raise _write_error(index, exc) from None
         observer.stored(time.perf_counter() - verified)
         self.memory.put((tenant, digest), raw)
         return StoreResult(codec=codec, stored_size=stored)
@@ -125,3 +129,20 @@ class ChunkStore:
     def remove(self, tenant: str, digest: bytes) -> None:
         self.memory.discard((tenant, digest))
         self.disk.remove(tenant, digest)
+
+
+def _write_error(index: int, exc: OSError) -> CwmError:
+    """A disk that cannot take the chunk is the server's condition, not the client's
+    mistake: full → RESOURCE_EXHAUSTED, anything else → UNAVAILABLE (retry elsewhere/later).
+    Nothing is committed either way; the freeze's clean-up removes what was written."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ResourceExhausted(
+            f"chunk {index}: the manager's disk is full ({exc.strerror}); free space or "
+            "delete windows, then retry",
+            reason="DISK_FULL",
+        )
+    return Unavailable(
+        f"chunk {index}: the manager cannot write to its data dir ({exc.strerror}); `cwm "
+        "status` shows the disk tier's health",
+        reason="DISK_UNWRITABLE",
+    )
