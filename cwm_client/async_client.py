@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self
@@ -14,47 +15,134 @@ from cwm_client import pb
 from cwm_client._common import (
     CHANNEL_OPTIONS,
     DEFAULT_TARGET,
+    EXTRA_CHANNEL_OPTIONS,
     FreezeResult,
     Progress,
+    ProgressSum,
+    StripedThaw,
     ThawDecoder,
     ThawedChunk,
+    auto_streams,
     build_header,
     expected_chunks,
     freeze_requests,
     list_request,
+    new_upload_id,
+    stage_header,
 )
 from cwm_client.chunks import DEFAULT_CHUNK_TOKENS, DEFAULT_PART_BYTES, ChunkPayload
-from cwm_client.errors import DataLoss, from_rpc_error
+from cwm_client.codecs import RAW
+from cwm_client.errors import Cancelled, DataLoss, from_rpc_error
+
+_END = object()
+_POLL_S = 0.1
 
 
 class AsyncThawStream:
-    """A running Thaw: `await open()` reads the window, then `async for` the chunks."""
+    """A running Thaw: `await open()` reads the window, then `async for` the chunks.
 
-    def __init__(self, call: Any, first_chunk: int, chunk_count: int) -> None:
-        self._call = call
+    Over several streams (see `AsyncWindowClient.thaw`), one task per stream reads its share
+    of the chunks, assembles and verifies them (the BLAKE3 check on a worker thread, so the
+    streams' checks overlap) into a queue of at most `read_ahead` chunks, and iteration
+    takes chunk k from stream k % N: chunks still come out in order.
+    """
+
+    def __init__(
+        self,
+        call: Any,
+        first_chunk: int,
+        chunk_count: int,
+        *,
+        more_calls: Sequence[Any] = (),
+        read_ahead: int = 4,
+    ) -> None:
+        self._calls = [call, *more_calls]
         self._decoder = ThawDecoder()
+        self._decoders = [self._decoder]
         self._first_chunk = first_chunk
         self._chunk_count = chunk_count
+        self._read_ahead = max(1, read_ahead)
         self._expected = 0
+        self._queues: list[asyncio.Queue[object]] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
         self.window = pb.WindowInfo()
 
     async def open(self) -> AsyncThawStream:
         try:
-            first = await self._call.read()
+            first = await self._calls[0].read()
         except grpc.RpcError as exc:
+            self.close()
             raise from_rpc_error(exc) from None
         if first is EOF:
+            self.close()
             raise DataLoss("thaw stream ended before the window info")
         self._decoder.accept(first)
         assert self._decoder.window is not None
         self.window = self._decoder.window
         self._expected = expected_chunks(self.window, self._first_chunk, self._chunk_count)
+        stride = len(self._calls)
+        if stride > 1:
+            for i, call in enumerate(self._calls):
+                share = expected_chunks(
+                    self.window,
+                    self._first_chunk + i,
+                    0 if self._chunk_count == 0 else max(0, self._chunk_count - i),
+                    stride,
+                )
+                decoder = self._decoder if i == 0 else ThawDecoder(reference=self.window)
+                if i:
+                    self._decoders.append(decoder)
+                shared: asyncio.Queue[object] = asyncio.Queue(self._read_ahead)
+                self._queues.append(shared)
+                self._tasks.append(asyncio.ensure_future(self._read(call, decoder, share, shared)))
         return self
 
+    @property
+    def streams(self) -> int:
+        """How many streams carry this thaw."""
+        return len(self._calls)
+
+    @property
+    def encoded_bytes(self) -> int:
+        """Chunk bytes received so far, as they came over the wire (encoded)."""
+        return sum(decoder.encoded_bytes for decoder in self._decoders)
+
     async def __aiter__(self) -> AsyncIterator[ThawedChunk]:
+        if len(self._calls) == 1:
+            async for chunk in self._iter_one():
+                yield chunk
+            return
+        finished = False
+        stride = len(self._calls)
+        try:
+            for position in range(self._expected):
+                item = await self._take(self._queues[position % stride])
+                if isinstance(item, BaseException):
+                    raise item
+                if not isinstance(item, ThawedChunk):
+                    raise DataLoss(f"thaw stream {position % stride} ended early")
+                if item.index != self._first_chunk + position:
+                    raise DataLoss(
+                        f"thaw stream {position % stride} sent chunk {item.index} where chunk "
+                        f"{self._first_chunk + position} was due"
+                    )
+                yield item
+            for shared in self._queues:
+                item = await self._take(shared)
+                if isinstance(item, BaseException):
+                    raise item
+                if item is not _END:
+                    raise DataLoss("a thaw stream sent more chunks than it was asked for")
+            finished = True
+        finally:
+            if not finished:
+                self.close()
+
+    async def _iter_one(self) -> AsyncIterator[ThawedChunk]:
         try:
             while True:
-                message = await self._call.read()
+                message = await self._calls[0].read()
                 if message is EOF:
                     break
                 chunk = self._decoder.accept(message)
@@ -64,8 +152,46 @@ class AsyncThawStream:
             raise from_rpc_error(exc) from None
         self._decoder.finish(self._expected)
 
+    async def _read(
+        self, call: Any, decoder: ThawDecoder, expected: int, shared: asyncio.Queue[object]
+    ) -> None:
+        try:
+            while True:
+                message = await call.read()
+                if message is EOF:
+                    break
+                if (
+                    message.WhichOneof("payload") == "chunk"
+                    and message.chunk.encoded_size > 1 << 16
+                ):
+                    chunk = await asyncio.to_thread(decoder.accept, message)
+                else:
+                    chunk = decoder.accept(message)
+                if chunk is not None:
+                    await shared.put(chunk)
+            decoder.finish(expected)
+            await shared.put(_END)
+        except grpc.RpcError as exc:
+            await shared.put(from_rpc_error(exc))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - handed to the consuming task
+            await shared.put(exc)
+
+    async def _take(self, shared: asyncio.Queue[object]) -> object:
+        while True:
+            try:
+                return await asyncio.wait_for(shared.get(), _POLL_S)
+            except TimeoutError:
+                if self._closed:
+                    raise Cancelled("the thaw was closed while a chunk was awaited") from None
+
     def close(self) -> None:
-        self._call.cancel()
+        self._closed = True
+        for call in self._calls:
+            call.cancel()
+        for task in self._tasks:
+            task.cancel()
 
     async def __aenter__(self) -> AsyncThawStream:
         return self
@@ -91,17 +217,34 @@ class _AsyncClient:
         metadata: Sequence[tuple[str, str]] = (),
     ) -> None:
         self._owns_channel = channel is None
+        self._target = target
         self._channel = channel or grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
         self._timeout = timeout
         self._metadata = tuple(metadata)
         self._stub = self._new_stub()
+        self._extra_channels: list[grpc.aio.Channel] = []
 
     def _new_stub(self) -> Any:
         raise NotImplementedError
 
+    def _channels(self, count: int) -> list[grpc.aio.Channel]:
+        """`count` channels for the streams of one parallel transfer: this client's, then
+        extra ones to the same target, each its own TCP connection, made on first use and
+        kept until close(). A client built on a caller's channel uses only that one."""
+        if not self._owns_channel:
+            return [self._channel] * count
+        while len(self._extra_channels) < count - 1:
+            self._extra_channels.append(
+                grpc.aio.insecure_channel(self._target, options=EXTRA_CHANNEL_OPTIONS)
+            )
+        return [self._channel, *self._extra_channels[: count - 1]]
+
     async def close(self) -> None:
         if self._owns_channel:
             await self._channel.close(None)
+            for extra in self._extra_channels:
+                await extra.close(None)
+            self._extra_channels = []
 
     async def __aenter__(self) -> Self:
         return self
@@ -155,8 +298,14 @@ class AsyncWindowClient(_AsyncClient):
         skip_existing: bool = True,
         part_bytes: int = DEFAULT_PART_BYTES,
         progress: Progress | None = None,
+        streams: int | None = None,
+        wire_codec: int = RAW,
     ) -> FreezeResult:
-        """Store `chunks` as window `name`; only chunks the manager lacks are sent."""
+        """Store `chunks` as window `name`; only chunks the manager lacks are sent.
+
+        `streams` and `wire_codec` as in `WindowClient.freeze`: several streams stage shares
+        of the chunks under one upload id and a last header-only stream commits atomically.
+        """
         header = build_header(
             name,
             chunks,
@@ -178,21 +327,87 @@ class AsyncWindowClient(_AsyncClient):
             else None
         )
         to_send = [c for c in chunks if missing is None or c.digest in missing]
-        requests = freeze_requests(header, to_send, part_bytes, progress)
-        response: pb.FreezeResponse = await self._unary(self._stub.Freeze, requests)
+        count = auto_streams(sum(c.raw_size for c in to_send), len(to_send), streams)
+        if count == 1:
+            requests = freeze_requests(header, to_send, part_bytes, progress, wire_codec)
+            response: pb.FreezeResponse = await self._unary(self._stub.Freeze, requests)
+            return FreezeResult(
+                window=response.window,
+                chunks_sent=response.chunks_received,
+                chunks_reused=response.chunks_reused,
+                bytes_sent=response.bytes_received,
+            )
+        upload = new_upload_id()
+        staging = stage_header(header, upload, stage_only=True)
+        sums = ProgressSum(progress, sum(c.raw_size for c in to_send))
+        calls = [
+            pb.WindowServiceStub(channel).Freeze(
+                freeze_requests(staging, to_send[i::count], part_bytes, sums.stream(), wire_codec),
+                timeout=self._timeout,
+                metadata=self._metadata,
+            )
+            for i, channel in enumerate(self._channels(count))
+        ]
+        try:
+            staged: list[pb.FreezeResponse] = await asyncio.gather(*calls)
+        except grpc.RpcError as exc:
+            for call in calls:
+                call.cancel()
+            raise from_rpc_error(exc) from None
+        except BaseException:
+            for call in calls:
+                call.cancel()
+            raise
+        commit = [pb.FreezeRequest(header=stage_header(header, upload, stage_only=False))]
+        response = await self._unary(self._stub.Freeze, iter(commit))
         return FreezeResult(
             window=response.window,
-            chunks_sent=response.chunks_received,
+            chunks_sent=sum(r.chunks_received for r in staged),
             chunks_reused=response.chunks_reused,
-            bytes_sent=response.bytes_received,
+            bytes_sent=sum(r.bytes_received for r in staged),
+            streams=count,
         )
 
     async def thaw(
-        self, name: str, *, first_chunk: int = 0, chunk_count: int = 0
+        self,
+        name: str,
+        *,
+        first_chunk: int = 0,
+        chunk_count: int = 0,
+        streams: int | None = None,
+        accept_codecs: Sequence[int] = (),
+        read_ahead: int = 4,
     ) -> AsyncThawStream:
-        """Open a thaw of `name` (or of a range of its chunks); the window is read already."""
+        """Open a thaw of `name` (or of a range of its chunks); the window is read already.
+
+        `streams` and `accept_codecs` as in `WindowClient.thaw`."""
+        if streams != 1:
+            info = await self.get(name, view=pb.WindowView.WINDOW_VIEW_BASIC)
+            span = expected_chunks(info, first_chunk, chunk_count)
+            count = auto_streams(info.raw_bytes * span // max(1, info.chunk_count), span, streams)
+            if count > 1:
+                plan = StripedThaw.plan(name, first_chunk, chunk_count, count, accept_codecs)
+                calls = [
+                    pb.WindowServiceStub(channel).Thaw(
+                        request, timeout=self._timeout, metadata=self._metadata
+                    )
+                    for channel, request in zip(self._channels(count), plan.requests, strict=True)
+                ]
+                stream = AsyncThawStream(
+                    calls[0],
+                    first_chunk,
+                    chunk_count,
+                    more_calls=calls[1:],
+                    read_ahead=read_ahead,
+                )
+                return await stream.open()
         call = self._stub.Thaw(
-            pb.ThawRequest(name=name, first_chunk=first_chunk, chunk_count=chunk_count),
+            pb.ThawRequest(
+                name=name,
+                first_chunk=first_chunk,
+                chunk_count=chunk_count,
+                accept_codecs=accept_codecs,  # type: ignore[arg-type]
+            ),
             timeout=self._timeout,
             metadata=self._metadata,
         )

@@ -7,15 +7,17 @@ bfloat16 and float8 have no numpy dtype, so they travel as uint16 / uint8 words.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import blake3
 import numpy as np
 
 from cwm_client import pb
 from cwm_client.errors import InvalidArgument
+
+M = TypeVar("M")
 
 DIGEST_SIZE = 32
 DEFAULT_CHUNK_TOKENS = 256
@@ -160,6 +162,53 @@ def array_from_chunk(
     )
 
 
+def fill_parts(
+    new_message: Callable[[], tuple[M, pb.Chunk]],
+    meta: pb.ChunkRef | ChunkPayload,
+    encoded: bytes | memoryview,
+    codec: int,
+    part_bytes: int = DEFAULT_PART_BYTES,
+    index: int | None = None,
+) -> Iterator[M]:
+    """Yield the messages that carry one chunk, `part_bytes` of data each at most.
+
+    `new_message` returns a fresh message and the Chunk inside it to fill, so a
+    FreezeRequest or ThawResponse is built in place: the chunk bytes are copied once, into
+    the message, instead of once into a Chunk and again when the Chunk is put into its
+    envelope. A chunk that fits one part is not sliced (no copy before that one); the
+    parts of a larger one are slices of a memoryview, copied once each.
+    """
+    view = encoded if isinstance(encoded, bytes) else memoryview(encoded)
+    total = len(view)
+    offset = 0
+    position = meta.index if index is None else index
+    while True:
+        message, part = new_message()
+        part.index = position
+        part.token_start = meta.token_start
+        part.token_count = meta.token_count
+        part.digest = meta.digest
+        part.codec = codec  # type: ignore[assignment]
+        part.raw_size = meta.raw_size
+        part.encoded_size = total
+        part.data_offset = offset
+        if offset == 0 and total <= part_bytes and isinstance(view, bytes):
+            part.data = view
+            offset = total
+        else:
+            piece = memoryview(view)[offset : offset + part_bytes]
+            part.data = bytes(piece)
+            offset += len(piece)
+        yield message
+        if offset >= total:
+            return
+
+
+def _bare_chunk() -> tuple[pb.Chunk, pb.Chunk]:
+    chunk = pb.Chunk()
+    return chunk, chunk
+
+
 def iter_parts(
     meta: pb.ChunkRef | ChunkPayload,
     encoded: bytes | memoryview,
@@ -167,30 +216,9 @@ def iter_parts(
     part_bytes: int = DEFAULT_PART_BYTES,
     index: int | None = None,
 ) -> Iterator[pb.Chunk]:
-    """Yield the Chunk messages that carry one chunk, `part_bytes` of data each at most.
-
-    Slices of a memoryview avoid copying the chunk before protobuf copies it into the
-    message (the one copy that cannot be avoided in Python protobuf).
-    """
-    view = memoryview(encoded)
-    total = len(view)
-    offset = 0
-    while True:
-        piece = view[offset : offset + part_bytes]
-        yield pb.Chunk(
-            index=meta.index if index is None else index,
-            token_start=meta.token_start,
-            token_count=meta.token_count,
-            digest=meta.digest,
-            codec=codec,  # type: ignore[arg-type]
-            raw_size=meta.raw_size,
-            encoded_size=total,
-            data_offset=offset,
-            data=bytes(piece) if len(piece) != total else encoded,  # type: ignore[arg-type]
-        )
-        offset += len(piece)
-        if offset >= total:
-            return
+    """Yield the Chunk messages that carry one chunk, `part_bytes` of data each at most
+    (see `fill_parts`, which builds them inside their envelope message instead)."""
+    return fill_parts(_bare_chunk, meta, encoded, codec, part_bytes, index)
 
 
 @dataclass
@@ -206,6 +234,17 @@ class AssembledChunk:
     data: bytes
 
 
+@dataclass(frozen=True)
+class _PartHead:
+    index: int
+    token_start: int
+    token_count: int
+    digest: bytes
+    codec: int
+    raw_size: int
+    encoded_size: int
+
+
 class ChunkAssembler:
     """Puts chunk parts back together, refusing anything inconsistent.
 
@@ -215,8 +254,8 @@ class ChunkAssembler:
 
     def __init__(self, max_encoded_size: int) -> None:
         self._max = max_encoded_size
-        self._head: pb.Chunk | None = None
-        self._buffer: bytearray | None = None
+        self._head: _PartHead | None = None
+        self._parts: list[bytes] = []
         self._filled = 0
 
     @property
@@ -224,7 +263,7 @@ class ChunkAssembler:
         return self._head is not None
 
     def add(self, part: pb.Chunk) -> AssembledChunk | None:
-        data = part.data
+        data = part.data  # a bytes field is copied out of the message on every read: once
         if self._head is None:
             self._start(part)
             if part.data_offset != 0:
@@ -237,19 +276,20 @@ class ChunkAssembler:
                 return self._finish(data)
         else:
             self._check_continuation(part)
-        assert self._buffer is not None or self._head is not None
-        if self._buffer is None:
-            self._buffer = bytearray(self._head.encoded_size)  # type: ignore[union-attr]
+        head = self._head
+        assert head is not None
         end = self._filled + len(data)
-        if end > len(self._buffer):
+        if end > head.encoded_size:
             raise InvalidArgument(
-                f"chunk {part.index}: parts exceed encoded_size {len(self._buffer)}",
+                f"chunk {part.index}: parts exceed encoded_size {head.encoded_size}",
                 field="chunk.data",
             )
-        self._buffer[self._filled : end] = data
+        # Parts are kept as they came and joined once at the end: one copy of the chunk,
+        # where filling a buffer and turning it into bytes would be two.
+        self._parts.append(data)
         self._filled = end
-        if end == len(self._buffer):
-            return self._finish(bytes(self._buffer))
+        if end == head.encoded_size:
+            return self._finish(b"".join(self._parts))
         return None
 
     def _start(self, part: pb.Chunk) -> None:
@@ -272,8 +312,17 @@ class ChunkAssembler:
                 f"raw_size {part.raw_size}",
                 field="chunk.encoded_size",
             )
-        self._head = part
-        self._buffer = None
+        # The fields only: holding the message would hold its data too, a second copy.
+        self._head = _PartHead(
+            index=part.index,
+            token_start=part.token_start,
+            token_count=part.token_count,
+            digest=part.digest,
+            codec=part.codec,
+            raw_size=part.raw_size,
+            encoded_size=part.encoded_size,
+        )
+        self._parts = []
         self._filled = 0
 
     def _check_continuation(self, part: pb.Chunk) -> None:
@@ -300,7 +349,7 @@ class ChunkAssembler:
         head = self._head
         assert head is not None
         self._head = None
-        self._buffer = None
+        self._parts = []
         self._filled = 0
         return AssembledChunk(
             index=head.index,

@@ -33,3 +33,6 @@ class ManagerConfig:
     """fsync chunk files and their directory before a window commits (durability)."""
     io_threads: int = 4
     """Threads for disk reads/writes and digest checks, so the event loop never blocks."""
+    upload_ttl_s: float = 600.0
+    """How long the chunks staged by the streams of a parallel freeze are kept, after the
+    upload's last stream ended, for a commit that has not come (then they are collected)."""

@@ -25,13 +25,15 @@ from cwm_client.chunks import (
     chunk_raw_size,
     token_spans,
 )
-from cwm_client.codecs import decode
-from cwm_client.errors import FailedPrecondition, InvalidArgument
+from cwm_client.chunks import digest as blake3_digest
+from cwm_client.codecs import RAW, decode, pays
+from cwm_client.errors import DataLoss, FailedPrecondition, InvalidArgument
 from cwm_client.names import check_window_name
 from cwm_server.manager.catalog import NewChunk, WindowExists, basic_view
 from cwm_server.manager.chunk_store import StoreResult
 from cwm_server.manager.disk_tier import HEADER_SIZE
 from cwm_server.manager.metadata import check_labels, expiry_from_ttl, now_timestamp
+from cwm_server.manager.uploads import check_upload
 from cwm_server.manager.windows import WindowManager, window_exists_error
 
 log = structlog.get_logger("cwm.freeze")
@@ -99,6 +101,7 @@ def validate_header(header: pb.FreezeHeader, max_chunk_bytes: int) -> list[tuple
                 field=f"chunk_digests[{index}]",
             )
     expiry_from_ttl(header.ttl_seconds)
+    check_upload(header)
     return spans
 
 
@@ -130,7 +133,10 @@ class FreezeSession:
             )
         header = first.header
         spans = validate_header(header, self._manager.config.max_chunk_bytes)
+        uploads = self._manager.uploads
+        upload = uploads.join(self._tenant, header) if header.upload_id else None
         self._pins = self._manager.pin(self._tenant, header.chunk_digests)
+        committed = False
         try:
             if not header.replace and await self._manager.db(
                 self._manager.catalog.window_exists, self._tenant, header.name
@@ -138,13 +144,35 @@ class FreezeSession:
                 raise window_exists_error(header.name)
             await self._receive(requests, header, spans)
             await asyncio.sleep(CANCEL_SETTLE_S)
-            window, freed = await self._commit(header, spans)
+            if header.stage_only:
+                assert upload is not None
+                uploads.stage(upload, dict(self._received.chunks))
+                log.info(
+                    "staged",
+                    tenant=self._tenant,
+                    window=header.name,
+                    upload=header.upload_id,
+                    received=self._received.count,
+                )
+                return pb.FreezeResponse(
+                    chunks_received=self._received.count,
+                    bytes_received=self._received.encoded_bytes,
+                )
+            staged = dict(upload.chunks) if upload is not None else {}
+            window, freed, from_staged = await self._commit(header, spans, staged)
+            committed = True
         except BaseException:
             self._abandoned.set()
             await self._discard()
+            if upload is not None:
+                # Files this stream wrote that its upload's other streams still pin: the
+                # upload collects them when it closes.
+                uploads.add_leftovers(upload, self._received.started)
             raise
         finally:
             self._manager.unpin(self._pins)
+            if upload is not None:
+                uploads.leave(upload, close=not header.stage_only, committed=committed)
         await self._manager.collect(self._tenant, freed)
         log.info(
             "frozen",
@@ -152,13 +180,15 @@ class FreezeSession:
             window=window.name,
             chunks=window.chunk_count,
             received=self._received.count,
+            staged=from_staged,
             raw_bytes=window.raw_bytes,
         )
         return pb.FreezeResponse(
             window=basic_view(window),
             chunks_received=self._received.count,
-            chunks_reused=window.chunk_count - self._received.count,
+            chunks_reused=max(0, window.chunk_count - self._received.count - from_staged),
             bytes_received=self._received.encoded_bytes,
+            chunks_staged=from_staged,
         )
 
     async def _receive(
@@ -242,8 +272,14 @@ class FreezeSession:
             raise InvalidArgument(f"chunk {index}: unknown codec {part.codec}", field="chunk.codec")
 
     async def _store_all(self, queue: asyncio.Queue[AssembledChunk | None], word: int) -> None:
-        """Verify and store queued chunks, up to `parallel` at once on the I/O threads."""
+        """Verify and store queued chunks, up to `parallel` at once on the I/O threads.
+
+        Every chunk being stored also takes one of the manager's store slots (as many as
+        I/O threads, shared by all streams), so the chunks held by N concurrent streams --
+        the streams of one parallel freeze, say -- grow by one queue per stream, not by one
+        queue and a full set of workers each."""
         parallel = max(1, min(self._manager.config.io_threads, 4))
+        slots = self._manager.store_slots()
         in_flight: set[asyncio.Future[None]] = set()
         try:
             while (chunk := await queue.get()) is not None:
@@ -253,7 +289,15 @@ class FreezeSession:
                     )
                     for finished in done:
                         finished.result()
-                in_flight.add(asyncio.ensure_future(self._store_one(chunk, word)))
+                await slots.acquire()
+                try:
+                    task = asyncio.ensure_future(self._store_one(chunk, word))
+                except BaseException:
+                    slots.release()
+                    raise
+                task.add_done_callback(lambda _: slots.release())
+                in_flight.add(task)
+                del chunk
             for finished in asyncio.as_completed(in_flight):
                 await finished
         finally:
@@ -275,15 +319,21 @@ class FreezeSession:
         self._received.count += 1
 
     async def _commit(
-        self, header: pb.FreezeHeader, spans: list[tuple[int, int]]
-    ) -> tuple[pb.WindowInfo, list[bytes]]:
+        self,
+        header: pb.FreezeHeader,
+        spans: list[tuple[int, int]],
+        staged: dict[bytes, NewChunk],
+    ) -> tuple[pb.WindowInfo, list[bytes], int]:
+        """Commit the window; returns it, the digests a replace freed, and how many of its
+        chunks came from the upload's staging streams."""
         manager = self._manager
         tenant = self._tenant
         received = dict(self._received.chunks)
+        from_staged = {d: c for d, c in staged.items() if d not in received}
         expires = expiry_from_ttl(header.ttl_seconds)
 
-        def _commit_sync() -> tuple[pb.WindowInfo, list[bytes]]:
-            known: dict[bytes, NewChunk] = dict(received)
+        def _commit_sync() -> tuple[pb.WindowInfo, list[bytes], int]:
+            known: dict[bytes, NewChunk] = {**from_staged, **received}
             for index, digest in enumerate(header.chunk_digests):
                 if digest in known:
                     continue
@@ -296,9 +346,15 @@ class FreezeSession:
                         digest, stored.raw_size, HEADER_SIZE + len(stored.data), stored.codec
                     )
                 else:
+                    hint = (
+                        f"; upload {header.upload_id!r} did not stage it (expired, or a "
+                        "staging stream failed?)"
+                        if header.upload_id
+                        else ""
+                    )
                     raise FailedPrecondition(
-                        f"chunk {index} ({digest.hex()[:16]}…) was neither sent nor stored; "
-                        "ask FindMissingChunks again and send every chunk it lists",
+                        f"chunk {index} ({digest.hex()[:16]}…) was neither sent nor stored"
+                        f"{hint}; ask FindMissingChunks again and send every chunk it lists",
                         field=f"chunk_digests[{index}]",
                         reason="CHUNK_NOT_SENT",
                     )
@@ -309,7 +365,8 @@ class FreezeSession:
                 )
             except WindowExists:
                 raise window_exists_error(header.name) from None
-            return window, freed
+            used = set(header.chunk_digests)
+            return window, freed, sum(1 for d in from_staged if d in used)
 
         return await manager.db(_commit_sync)
 
@@ -352,7 +409,10 @@ async def _put_or_fail(
 def _decode_and_store(
     manager: WindowManager, tenant: str, chunk: AssembledChunk, word: int
 ) -> StoreResult:
-    """Decode (if the sender compressed), verify against the digest, store durably."""
+    """Decode (if the sender compressed), verify against the digest, store durably.
+
+    A chunk that came compressed enough to pay is stored as it came: the manager does not
+    spend the CPU to compress it again (the sender's codec is recorded for it)."""
     try:
         raw = decode(chunk.data, chunk.codec, chunk.raw_size, word)
     except ValueError as exc:
@@ -360,7 +420,27 @@ def _decode_and_store(
             f"chunk {chunk.index}: data does not decode with its codec ({exc})",
             field="chunk.data",
         ) from None
+    if chunk.codec != RAW and manager.config.compress and pays(len(chunk.data), chunk.raw_size):
+        return _store_as_received(manager, tenant, chunk, raw, word)
     return manager.store.put(tenant, chunk.digest, raw, word, chunk.index)
+
+
+def _store_as_received(
+    manager: WindowManager, tenant: str, chunk: AssembledChunk, raw: bytes, word: int
+) -> StoreResult:
+    """`ChunkStore.put` for bytes already encoded: verify the decoded bytes, then write the
+    encoded ones."""
+    if blake3_digest(raw) != chunk.digest:
+        raise DataLoss(
+            f"chunk {chunk.index}: its bytes do not match its BLAKE3 digest "
+            f"{chunk.digest.hex()[:16]}…; it was corrupted on the way or the digest was "
+            "computed over other bytes",
+            field="chunk.data",
+            reason="DIGEST_MISMATCH",
+        )
+    stored = manager.disk.write(tenant, chunk.digest, chunk.codec, word, len(raw), chunk.data)
+    manager.memory.put((tenant, chunk.digest), raw)
+    return StoreResult(codec=chunk.codec, stored_size=stored)
 
 
 def _window_info(

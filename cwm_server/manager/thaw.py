@@ -1,24 +1,35 @@
 """One Thaw stream: read chunks ahead of the sender, at most `stream_window_chunks` of them.
 
-The reader task fills a bounded queue; the gRPC writer drains it. A client that stops
-reading stalls the writer (HTTP/2 flow control), the queue fills, the reader waits: memory
-stays at a few chunks however large the window is and however long the client pauses.
-Every chunk is verified against its digest before its first byte is sent.
+Up to `stream_window_chunks` reads (memory tier, else disk: decode + verify) run at once on
+the I/O threads, and the writer sends them in order as they complete. A client that stops
+reading stalls the writer (HTTP/2 flow control), the reads already started finish, no new
+one starts: memory stays at a few chunks however large the window is and however long the
+client pauses. Every chunk is verified against its digest before its first byte is sent.
+
+The wire codec is negotiated per stream: raw unless the request lists codecs it accepts;
+then a chunk the disk tier holds in an accepted codec is sent as stored (verified, not
+re-encoded), and any other is encoded with the first accepted codec that pays.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import concurrent.futures
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
 
 from cwm_client import pb
-from cwm_client.chunks import iter_parts
-from cwm_client.codecs import RAW
+from cwm_client.chunks import DTYPE_SIZE, fill_parts
+from cwm_client.chunks import digest as blake3_digest
+from cwm_client.codecs import CODECS, RAW, decode, encode_for_wire
 from cwm_client.errors import InvalidArgument
 from cwm_client.names import check_window_name
+from cwm_server.manager.catalog import basic_view
+from cwm_server.manager.disk_tier import ChunkFileCorrupt, ChunkFileMissing
 from cwm_server.manager.windows import WindowManager, window_not_found
 
-_DONE = object()
+Fetched = tuple[int, bytes | memoryview]
+"""(codec, data) of one chunk as it goes on the wire."""
 
 
 class ThawPlan:
@@ -31,12 +42,18 @@ class ThawPlan:
         window: pb.WindowInfo,
         refs: list[pb.ChunkRef],
         part_bytes: int,
+        accept_codecs: tuple[int, ...] = (),
+        first_message: pb.WindowInfo | None = None,
     ) -> None:
-        self.window = window
+        self.window = window if first_message is None else first_message
+        """What the stream's first message carries (FULL view unless BASIC was asked)."""
+        self._name = window.name
         self._manager = manager
         self._tenant = tenant
         self._refs = refs
         self._part_bytes = part_bytes
+        self._accept = accept_codecs
+        self._word = DTYPE_SIZE.get(window.fingerprint.kv_dtype, 1)
         # Pinned before the first await of the stream: a delete racing this thaw must not
         # unlink files the stream is about to read.
         self._pins = manager.pin(tenant, [r.digest for r in refs])
@@ -46,31 +63,81 @@ class ThawPlan:
         self._pins = []
 
     async def chunks(self) -> AsyncIterator[pb.Chunk]:
+        """The chunk parts, in order, as bare Chunk messages."""
+        async for ref, codec, data in self._fetched():
+            for part in fill_parts(_bare_chunk, ref, data, codec, self._part_bytes):
+                yield part
+
+    async def responses(self) -> AsyncIterator[pb.ThawResponse]:
+        """The chunk parts, in order, each built in place inside its ThawResponse (one copy
+        of the bytes fewer than wrapping the Chunk messages of `chunks()`)."""
+        async for ref, codec, data in self._fetched():
+            for response in fill_parts(_thaw_response, ref, data, codec, self._part_bytes):
+                yield response
+
+    async def _fetched(self) -> AsyncIterator[tuple[pb.ChunkRef, int, bytes | memoryview]]:
         manager = self._manager
-        queue: asyncio.Queue[object] = asyncio.Queue(manager.config.stream_window_chunks)
+        window_size = max(1, manager.config.stream_window_chunks)
+        pending: deque[tuple[pb.ChunkRef, concurrent.futures.Future[Fetched]]] = deque()
+        refs: Iterator[pb.ChunkRef] = iter(self._refs)
 
-        async def read_ahead() -> None:
-            try:
-                for ref in self._refs:
-                    where = f"window {self.window.name!r} chunk {ref.index}"
-                    raw = await manager.io(manager.store.get, self._tenant, ref.digest, where)
-                    await queue.put((ref, raw))
-                await queue.put(_DONE)
-            except Exception as exc:  # noqa: BLE001 - handed to the writer, which raises it
-                await queue.put(exc)
+        def refill() -> None:
+            while len(pending) < window_size:
+                ref = next(refs, None)
+                if ref is None:
+                    return
+                pending.append((ref, manager.submit_io(self._fetch, ref)))
 
-        reader = asyncio.ensure_future(read_ahead())
+        refill()
         try:
-            while (item := await queue.get()) is not _DONE:
-                if isinstance(item, Exception):
-                    raise item
-                ref, raw = item  # type: ignore[misc]
-                for part in iter_parts(ref, raw, RAW, self._part_bytes):
-                    yield part
-                del raw, item
+            while pending:
+                ref, future = pending.popleft()
+                codec, data = await asyncio.wrap_future(future)
+                refill()  # the next read starts before this chunk goes out
+                yield ref, codec, data
+                del data
         finally:
-            reader.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
+            for _, future in pending:
+                future.cancel()
+
+    def _fetch(self, ref: pb.ChunkRef) -> Fetched:
+        """Runs on an I/O thread: the chunk's bytes, verified, in the codec to send."""
+        manager = self._manager
+        where = f"window {self._name!r} chunk {ref.index}"
+        if not self._accept:
+            return RAW, manager.store.get(self._tenant, ref.digest, where)
+        if ref.stored_codec in self._accept:
+            sent = self._stored_as_accepted(ref)
+            if sent is not None:
+                return sent
+        raw = manager.store.get(self._tenant, ref.digest, where)
+        return encode_for_wire(raw, self._accept, self._word)
+
+    def _stored_as_accepted(self, ref: pb.ChunkRef) -> Fetched | None:
+        """The stored encoding of a chunk, if it is one the client accepts and decodes to
+        the digest; None to take the ordinary path (which reports what is wrong)."""
+        manager = self._manager
+        try:
+            stored = manager.disk.read(self._tenant, ref.digest)
+            if stored.codec not in self._accept:
+                return None
+            raw = decode(stored.data, stored.codec, stored.raw_size, stored.word_size)
+        except (ChunkFileMissing, ChunkFileCorrupt, ValueError):
+            return None
+        if blake3_digest(raw) != ref.digest:
+            return None
+        manager.memory.put((self._tenant, ref.digest), raw)
+        return stored.codec, stored.data
+
+
+def _bare_chunk() -> tuple[pb.Chunk, pb.Chunk]:
+    chunk = pb.Chunk()
+    return chunk, chunk
+
+
+def _thaw_response() -> tuple[pb.ThawResponse, pb.Chunk]:
+    response = pb.ThawResponse()
+    return response, response.chunk
 
 
 async def open_thaw(manager: WindowManager, tenant: str, request: pb.ThawRequest) -> ThawPlan:
@@ -90,7 +157,14 @@ async def open_thaw(manager: WindowManager, tenant: str, request: pb.ThawRequest
         if request.chunk_count == 0
         else min(window.chunk_count, request.first_chunk + request.chunk_count)
     )
+    stride = max(1, request.chunk_stride)
     part_bytes = request.max_part_bytes or manager.config.part_bytes
     part_bytes = max(64 << 10, min(part_bytes, manager.config.part_bytes))
-    refs = list(window.chunks[request.first_chunk : end])
-    return ThawPlan(manager, tenant, window, refs, part_bytes)
+    refs = list(window.chunks[request.first_chunk : end : stride])
+    # Codecs this manager does not know are skipped, not refused: a newer client may list
+    # them first and still take what this manager can send.
+    accept = tuple(dict.fromkeys(c for c in request.accept_codecs if c in CODECS and c != RAW))
+    first_message = (
+        basic_view(window) if request.window_view == pb.WindowView.WINDOW_VIEW_BASIC else None
+    )
+    return ThawPlan(manager, tenant, window, refs, part_bytes, accept, first_message)

@@ -29,6 +29,7 @@ from cwm_server.manager.config import ManagerConfig
 from cwm_server.manager.disk_tier import DiskTier
 from cwm_server.manager.memory_tier import MemoryTier
 from cwm_server.manager.metadata import check_labels, expiry_from_ttl, now_timestamp
+from cwm_server.manager.uploads import Uploads
 
 T = TypeVar("T")
 log = structlog.get_logger("cwm.manager")
@@ -55,8 +56,18 @@ class WindowManager:
         self._db_executor = ThreadPoolExecutor(1, thread_name_prefix="cwm-catalog")
         self._io_executor = ThreadPoolExecutor(config.io_threads, thread_name_prefix="cwm-io")
         self._pins: Counter[tuple[str, bytes]] = Counter()
+        self.uploads = Uploads(config.upload_ttl_s, self.pin, self.unpin, self.collect)
+        """The open uploads of parallel freezes (see `uploads`)."""
+        self._store_slots: asyncio.Semaphore | None = None
+
+    def store_slots(self) -> asyncio.Semaphore:
+        """Chunks being verified and stored at once, across every freeze stream."""
+        if self._store_slots is None:
+            self._store_slots = asyncio.Semaphore(max(1, self.config.io_threads))
+        return self._store_slots
 
     def close(self) -> None:
+        self.uploads.close_all()
         self._io_executor.shutdown(wait=True)
         self._db_executor.shutdown(wait=True)
         self.catalog.close()

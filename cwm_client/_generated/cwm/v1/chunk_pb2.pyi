@@ -31,7 +31,18 @@ class _ChunkCodecEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ChunkCodec
     """zstd over the raw bytes."""
     CHUNK_CODEC_BYTEPLANE_ZSTD: _ChunkCodec.ValueType  # 3
     """The float words split into byte planes (all first bytes, then all second bytes, ...)
-    and then zstd; pays off on KV because exponent bytes repeat.
+    and then zstd; pays off on KV because exponent bytes repeat. The word size is the
+    fingerprint's kv_dtype size (4 for float32, 2 for float16/bfloat16); 1-byte dtypes
+    (float8) have a single plane, so this is plain zstd for them.
+    """
+    CHUNK_CODEC_LZ4: _ChunkCodec.ValueType  # 4
+    """LZ4 block format over the raw bytes, without a size prefix (raw_size is the decoded
+    size). Several times faster than zstd both ways and compresses less: the fast option,
+    e.g. for a wire that is only a little slower than the CPU.
+    """
+    CHUNK_CODEC_BYTEPLANE_LZ4: _ChunkCodec.ValueType  # 5
+    """Byte planes as in CHUNK_CODEC_BYTEPLANE_ZSTD, then the LZ4 block format as in
+    CHUNK_CODEC_LZ4.
     """
 
 class ChunkCodec(_ChunkCodec, metaclass=_ChunkCodecEnumTypeWrapper):
@@ -47,7 +58,18 @@ CHUNK_CODEC_ZSTD: ChunkCodec.ValueType  # 2
 """zstd over the raw bytes."""
 CHUNK_CODEC_BYTEPLANE_ZSTD: ChunkCodec.ValueType  # 3
 """The float words split into byte planes (all first bytes, then all second bytes, ...)
-and then zstd; pays off on KV because exponent bytes repeat.
+and then zstd; pays off on KV because exponent bytes repeat. The word size is the
+fingerprint's kv_dtype size (4 for float32, 2 for float16/bfloat16); 1-byte dtypes
+(float8) have a single plane, so this is plain zstd for them.
+"""
+CHUNK_CODEC_LZ4: ChunkCodec.ValueType  # 4
+"""LZ4 block format over the raw bytes, without a size prefix (raw_size is the decoded
+size). Several times faster than zstd both ways and compresses less: the fast option,
+e.g. for a wire that is only a little slower than the CPU.
+"""
+CHUNK_CODEC_BYTEPLANE_LZ4: ChunkCodec.ValueType  # 5
+"""Byte planes as in CHUNK_CODEC_BYTEPLANE_ZSTD, then the LZ4 block format as in
+CHUNK_CODEC_LZ4.
 """
 Global___ChunkCodec: _TypeAlias = ChunkCodec  # noqa: Y015
 

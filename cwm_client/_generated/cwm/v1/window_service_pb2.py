@@ -27,7 +27,7 @@ from cwm_client._generated.cwm.v1 import fingerprint_pb2 as cwm_dot_v1_dot_finge
 from cwm_client._generated.cwm.v1 import window_pb2 as cwm_dot_v1_dot_window__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63wm/v1/window_service.proto\x12\x06\x63wm.v1\x1a\x12\x63wm/v1/chunk.proto\x1a\x18\x63wm/v1/fingerprint.proto\x1a\x13\x63wm/v1/window.proto\"\xe9\x02\n\x0c\x46reezeHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x12\n\ncache_salt\x18\x03 \x01(\t\x12-\n\x0b\x66ingerprint\x18\x04 \x01(\x0b\x32\x18.cwm.v1.ModelFingerprint\x12\x11\n\ttoken_ids\x18\x05 \x03(\r\x12\x14\n\x0c\x63hunk_tokens\x18\x06 \x01(\r\x12\x15\n\rchunk_digests\x18\x07 \x03(\x0c\x12\x0e\n\x06parent\x18\x08 \x01(\t\x12,\n\x04tags\x18\t \x03(\x0b\x32\x1e.cwm.v1.FreezeHeader.TagsEntry\x12\x13\n\x0b\x64\x65scription\x18\n \x01(\t\x12\x13\n\x0bttl_seconds\x18\x0b \x01(\x04\x12\x0e\n\x06pinned\x18\x0c \x01(\x08\x12\x0f\n\x07replace\x18\r \x01(\x08\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"b\n\rFreezeRequest\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x14.cwm.v1.FreezeHeaderH\x00\x12\x1e\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\r.cwm.v1.ChunkH\x00\x42\t\n\x07payload\"|\n\x0e\x46reezeResponse\x12\"\n\x06window\x18\x01 \x01(\x0b\x32\x12.cwm.v1.WindowInfo\x12\x17\n\x0f\x63hunks_received\x18\x02 \x01(\r\x12\x15\n\rchunks_reused\x18\x03 \x01(\r\x12\x16\n\x0e\x62ytes_received\x18\x04 \x01(\x04\"]\n\x0bThawRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x66irst_chunk\x18\x02 \x01(\r\x12\x13\n\x0b\x63hunk_count\x18\x03 \x01(\r\x12\x16\n\x0emax_part_bytes\x18\x04 \x01(\r\"_\n\x0cThawResponse\x12$\n\x06window\x18\x01 \x01(\x0b\x32\x12.cwm.v1.WindowInfoH\x00\x12\x1e\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\r.cwm.v1.ChunkH\x00\x42\t\n\x07payload\"+\n\x18\x46indMissingChunksRequest\x12\x0f\n\x07\x64igests\x18\x01 \x03(\x0c\"4\n\x19\x46indMissingChunksResponse\x12\x17\n\x0fmissing_digests\x18\x01 \x03(\x0c\"\x89\x02\n\x12ListWindowsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x13\n\x0bname_prefix\x18\x03 \x01(\t\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x10\n\x08model_id\x18\x05 \x01(\t\x12\x32\n\x04tags\x18\x06 \x03(\x0b\x32$.cwm.v1.ListWindowsRequest.TagsEntry\x12\x0e\n\x06search\x18\x07 \x01(\t\x12 \n\x04view\x18\x08 \x01(\x0e\x32\x12.cwm.v1.WindowView\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"S\n\x13ListWindowsResponse\x12#\n\x07windows\x18\x01 \x03(\x0b\x32\x12.cwm.v1.WindowInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"B\n\x10GetWindowRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12 \n\x04view\x18\x02 \x01(\x0e\x32\x12.cwm.v1.WindowView\"7\n\x11GetWindowResponse\x12\"\n\x06window\x18\x01 \x01(\x0b\x32\x12.cwm.v1.WindowInfo\"\xc6\x01\n\x12\x43loneWindowRequest\x12\x13\n\x0bsource_name\x18\x01 \x01(\t\x12\x10\n\x08new_name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x32\n\x04tags\x18\x04 \x03(\x0b\x32$.cwm.v1.CloneWindowRequest.TagsEntry\x12\x13\n\x0bttl_seconds\x18\x05 \x01(\x04\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"9\n\x13\x43loneWindowResponse\x12\"\n\x06window\x18\x01 \x01(\x0b\x32\x12.cwm.v1.WindowInfo\"#\n\x13\x44\x65leteWindowRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"A\n\x14\x44\x65leteWindowResponse\x12\x14\n\x0c\x63hunks_freed\x18\x01 \x01(\r\x12\x13\n\x0b\x62ytes_freed\x18\x02 \x01(\x04\x32\xf6\x03\n\rWindowService\x12\x39\n\x06\x46reeze\x12\x15.cwm.v1.FreezeRequest\x1a\x16.cwm.v1.FreezeResponse(\x01\x12\x33\n\x04Thaw\x12\x13.cwm.v1.ThawRequest\x1a\x14.cwm.v1.ThawResponse0\x01\x12X\n\x11\x46indMissingChunks\x12 .cwm.v1.FindMissingChunksRequest\x1a!.cwm.v1.FindMissingChunksResponse\x12\x46\n\x0bListWindows\x12\x1a.cwm.v1.ListWindowsRequest\x1a\x1b.cwm.v1.ListWindowsResponse\x12@\n\tGetWindow\x12\x18.cwm.v1.GetWindowRequest\x1a\x19.cwm.v1.GetWindowResponse\x12\x46\n\x0b\x43loneWindow\x12\x1a.cwm.v1.CloneWindowRequest\x1a\x1b.cwm.v1.CloneWindowResponse\x12I\n\x0c\x44\x65leteWindow\x12\x1b.cwm.v1.DeleteWindowRequest\x1a\x1c.cwm.v1.DeleteWindowResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63wm/v1/window_service.proto\x12\x06\x63wm.v1\x1a\x12\x63wm/v1/chunk.proto\x1a\x18\x63wm/v1/fingerprint.proto\x1a\x13\x63wm/v1/window.proto\"\x90\x03\n\x0c\x46reezeHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x12\n\ncache_salt\x18\x03 \x01(\t\x12-\n\x0b\x66ingerprint\x18\x04 \x01(\x0b\x32\x18.cwm.v1.ModelFingerprint\x12\x11\n\ttoken_ids\x18\x05 \x03(\r\x12\x14\n\x0c\x63hunk_tokens\x18\x06 \x01(\r\x12\x15\n\rchunk_digests\x18\x07 \x03(\x0c\x12\x0e\n\x06parent\x18\x08 \x01(\t\x12,\n\x04tags\x18\t \x03(\x0b\x32\x1e.cwm.v1.FreezeHeader.TagsEntry\x12\x13\n\x0b\x64\x65scription\x18\n \x01(\t\x12\x13\n\x0bttl_seconds\x18\x0b \x01(\x04\x12\x0e\n\x06pinned\x18\x0c \x01(\x08\x12\x0f\n\x07replace\x18\r \x01(\x08\x12\x11\n\tupload_id\x18\x0e \x01(\t\x12\x12\n\nstage_only\x18\x0f \x01(\x08\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"b\n\rFreezeRequest\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x14.cwm.v1.FreezeHeaderH\x00\x12\x1e\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\r.cwm.v1.ChunkH\x00\x42\t\n\x07payload\"\x93\x01\n\x0e\x46reezeResponse\x12\"\n\x06window\x18\x01 \x01(\x0b\x32\x12.cwm.v1.WindowInfo\x12\x17\n\x0f\x63hunks_received\x18\x02 \x01(\r\x12\x15\n\rchunks_reused\x18\x03 \x01(\r\x12\x16\n\x0e\x62ytes_received\x18\x04 \x01(\x04\x12\x15\n\rchunks_staged\x18\x05 \x01(\r\"\xc7\x01\n\x0bThawRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x66irst_chunk\x18\x02 \x01(\r\x12\x13\n\x0b\x63hunk_count\x18\x03 \x01(\r\x12\x16\n\x0emax_part_bytes\x18\x04 \x01(\r\x12)\n\raccept_codecs\x18\x05 \x03(\x0e\x32\x12.cwm.v1.ChunkCodec\x12\x14\n\x0c\x63hunk_stride\x18\x06 \x01(\r\x12\'\n\x0bwindow_view\x18\x07 \x01(\x0e\x32\x12.cwm.v1.WindowView\"_\n\x0cThawResponse\x12$\n\x06window\x18\x01 \x01(\x0b\x32\x12.cwm.v1.WindowInfoH\x00\x12\x1e\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\r.cwm.v1.ChunkH\x00\x42\t\n\x07payload\"+\n\x18\x46indMissingChunksRequest\x12\x0f\n\x07\x64igests\x18\x01 \x03(\x0c\"4\n\x19\x46indMissingChunksResponse\x12\x17\n\x0fmissing_digests\x18\x01 \x03(\x0c\"\x89\x02\n\x12ListWindowsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x13\n\x0bname_prefix\x18\x03 \x01(\t\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x10\n\x08model_id\x18\x05 \x01(\t\x12\x32\n\x04tags\x18\x06 \x03(\x0b\x32$.cwm.v1.ListWindowsRequest.TagsEntry\x12\x0e\n\x06search\x18\x07 \x01(\t\x12 \n\x04view\x18\x08 \x01(\x0e\x32\x12.cwm.v1.WindowView\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"S\n\x13ListWindowsResponse\x12#\n\x07windows\x18\x01 \x03(\x0b\x32\x12.cwm.v1.WindowInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"B\n\x10GetWindowRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12 \n\x04view\x18\x02 \x01(\x0e\x32\x12.cwm.v1.WindowView\"7\n\x11GetWindowResponse\x12\"\n\x06window\x18\x01 \x01(\x0b\x32\x12.cwm.v1.WindowInfo\"\xc6\x01\n\x12\x43loneWindowRequest\x12\x13\n\x0bsource_name\x18\x01 \x01(\t\x12\x10\n\x08new_name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x32\n\x04tags\x18\x04 \x03(\x0b\x32$.cwm.v1.CloneWindowRequest.TagsEntry\x12\x13\n\x0bttl_seconds\x18\x05 \x01(\x04\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"9\n\x13\x43loneWindowResponse\x12\"\n\x06window\x18\x01 \x01(\x0b\x32\x12.cwm.v1.WindowInfo\"#\n\x13\x44\x65leteWindowRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"A\n\x14\x44\x65leteWindowResponse\x12\x14\n\x0c\x63hunks_freed\x18\x01 \x01(\r\x12\x13\n\x0b\x62ytes_freed\x18\x02 \x01(\x04\x32\xf6\x03\n\rWindowService\x12\x39\n\x06\x46reeze\x12\x15.cwm.v1.FreezeRequest\x1a\x16.cwm.v1.FreezeResponse(\x01\x12\x33\n\x04Thaw\x12\x13.cwm.v1.ThawRequest\x1a\x14.cwm.v1.ThawResponse0\x01\x12X\n\x11\x46indMissingChunks\x12 .cwm.v1.FindMissingChunksRequest\x1a!.cwm.v1.FindMissingChunksResponse\x12\x46\n\x0bListWindows\x12\x1a.cwm.v1.ListWindowsRequest\x1a\x1b.cwm.v1.ListWindowsResponse\x12@\n\tGetWindow\x12\x18.cwm.v1.GetWindowRequest\x1a\x19.cwm.v1.GetWindowResponse\x12\x46\n\x0b\x43loneWindow\x12\x1a.cwm.v1.CloneWindowRequest\x1a\x1b.cwm.v1.CloneWindowResponse\x12I\n\x0c\x44\x65leteWindow\x12\x1b.cwm.v1.DeleteWindowRequest\x1a\x1c.cwm.v1.DeleteWindowResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,41 +41,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLONEWINDOWREQUEST_TAGSENTRY']._loaded_options = None
   _globals['_CLONEWINDOWREQUEST_TAGSENTRY']._serialized_options = b'8\001'
   _globals['_FREEZEHEADER']._serialized_start=107
-  _globals['_FREEZEHEADER']._serialized_end=468
-  _globals['_FREEZEHEADER_TAGSENTRY']._serialized_start=425
-  _globals['_FREEZEHEADER_TAGSENTRY']._serialized_end=468
-  _globals['_FREEZEREQUEST']._serialized_start=470
-  _globals['_FREEZEREQUEST']._serialized_end=568
-  _globals['_FREEZERESPONSE']._serialized_start=570
-  _globals['_FREEZERESPONSE']._serialized_end=694
-  _globals['_THAWREQUEST']._serialized_start=696
-  _globals['_THAWREQUEST']._serialized_end=789
-  _globals['_THAWRESPONSE']._serialized_start=791
-  _globals['_THAWRESPONSE']._serialized_end=886
-  _globals['_FINDMISSINGCHUNKSREQUEST']._serialized_start=888
-  _globals['_FINDMISSINGCHUNKSREQUEST']._serialized_end=931
-  _globals['_FINDMISSINGCHUNKSRESPONSE']._serialized_start=933
-  _globals['_FINDMISSINGCHUNKSRESPONSE']._serialized_end=985
-  _globals['_LISTWINDOWSREQUEST']._serialized_start=988
-  _globals['_LISTWINDOWSREQUEST']._serialized_end=1253
-  _globals['_LISTWINDOWSREQUEST_TAGSENTRY']._serialized_start=425
-  _globals['_LISTWINDOWSREQUEST_TAGSENTRY']._serialized_end=468
-  _globals['_LISTWINDOWSRESPONSE']._serialized_start=1255
-  _globals['_LISTWINDOWSRESPONSE']._serialized_end=1338
-  _globals['_GETWINDOWREQUEST']._serialized_start=1340
-  _globals['_GETWINDOWREQUEST']._serialized_end=1406
-  _globals['_GETWINDOWRESPONSE']._serialized_start=1408
-  _globals['_GETWINDOWRESPONSE']._serialized_end=1463
-  _globals['_CLONEWINDOWREQUEST']._serialized_start=1466
-  _globals['_CLONEWINDOWREQUEST']._serialized_end=1664
-  _globals['_CLONEWINDOWREQUEST_TAGSENTRY']._serialized_start=425
-  _globals['_CLONEWINDOWREQUEST_TAGSENTRY']._serialized_end=468
-  _globals['_CLONEWINDOWRESPONSE']._serialized_start=1666
-  _globals['_CLONEWINDOWRESPONSE']._serialized_end=1723
-  _globals['_DELETEWINDOWREQUEST']._serialized_start=1725
-  _globals['_DELETEWINDOWREQUEST']._serialized_end=1760
-  _globals['_DELETEWINDOWRESPONSE']._serialized_start=1762
-  _globals['_DELETEWINDOWRESPONSE']._serialized_end=1827
-  _globals['_WINDOWSERVICE']._serialized_start=1830
-  _globals['_WINDOWSERVICE']._serialized_end=2332
+  _globals['_FREEZEHEADER']._serialized_end=507
+  _globals['_FREEZEHEADER_TAGSENTRY']._serialized_start=464
+  _globals['_FREEZEHEADER_TAGSENTRY']._serialized_end=507
+  _globals['_FREEZEREQUEST']._serialized_start=509
+  _globals['_FREEZEREQUEST']._serialized_end=607
+  _globals['_FREEZERESPONSE']._serialized_start=610
+  _globals['_FREEZERESPONSE']._serialized_end=757
+  _globals['_THAWREQUEST']._serialized_start=760
+  _globals['_THAWREQUEST']._serialized_end=959
+  _globals['_THAWRESPONSE']._serialized_start=961
+  _globals['_THAWRESPONSE']._serialized_end=1056
+  _globals['_FINDMISSINGCHUNKSREQUEST']._serialized_start=1058
+  _globals['_FINDMISSINGCHUNKSREQUEST']._serialized_end=1101
+  _globals['_FINDMISSINGCHUNKSRESPONSE']._serialized_start=1103
+  _globals['_FINDMISSINGCHUNKSRESPONSE']._serialized_end=1155
+  _globals['_LISTWINDOWSREQUEST']._serialized_start=1158
+  _globals['_LISTWINDOWSREQUEST']._serialized_end=1423
+  _globals['_LISTWINDOWSREQUEST_TAGSENTRY']._serialized_start=464
+  _globals['_LISTWINDOWSREQUEST_TAGSENTRY']._serialized_end=507
+  _globals['_LISTWINDOWSRESPONSE']._serialized_start=1425
+  _globals['_LISTWINDOWSRESPONSE']._serialized_end=1508
+  _globals['_GETWINDOWREQUEST']._serialized_start=1510
+  _globals['_GETWINDOWREQUEST']._serialized_end=1576
+  _globals['_GETWINDOWRESPONSE']._serialized_start=1578
+  _globals['_GETWINDOWRESPONSE']._serialized_end=1633
+  _globals['_CLONEWINDOWREQUEST']._serialized_start=1636
+  _globals['_CLONEWINDOWREQUEST']._serialized_end=1834
+  _globals['_CLONEWINDOWREQUEST_TAGSENTRY']._serialized_start=464
+  _globals['_CLONEWINDOWREQUEST_TAGSENTRY']._serialized_end=507
+  _globals['_CLONEWINDOWRESPONSE']._serialized_start=1836
+  _globals['_CLONEWINDOWRESPONSE']._serialized_end=1893
+  _globals['_DELETEWINDOWREQUEST']._serialized_start=1895
+  _globals['_DELETEWINDOWREQUEST']._serialized_end=1930
+  _globals['_DELETEWINDOWRESPONSE']._serialized_start=1932
+  _globals['_DELETEWINDOWRESPONSE']._serialized_end=1997
+  _globals['_WINDOWSERVICE']._serialized_start=2000
+  _globals['_WINDOWSERVICE']._serialized_end=2502
 # @@protoc_insertion_point(module_scope)

@@ -62,6 +62,8 @@ class FreezeHeader(_message.Message):
     TTL_SECONDS_FIELD_NUMBER: _builtins.int
     PINNED_FIELD_NUMBER: _builtins.int
     REPLACE_FIELD_NUMBER: _builtins.int
+    UPLOAD_ID_FIELD_NUMBER: _builtins.int
+    STAGE_ONLY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name of the new window, matching [A-Za-z0-9._-]{1,128}."""
     session_id: _builtins.str
@@ -80,6 +82,22 @@ class FreezeHeader(_message.Message):
     """Never expire or evict the window."""
     replace: _builtins.bool
     """Replace an existing window of the same name instead of failing with ALREADY_EXISTS."""
+    upload_id: _builtins.str
+    """Parallel freeze: the id of an upload that several Freeze streams share, so one window
+    can move over several streams (and channels) and still commit atomically. 8 to 64
+    characters of [A-Za-z0-9._-], chosen by the client, fresh for every attempt. Empty: an
+    ordinary single-stream freeze. Every stream of an upload sends the same header (only
+    stage_only differs).
+    """
+    stage_only: _builtins.bool
+    """With upload_id: this stream only stages the chunks it carries (any subset of the
+    window's chunks, in increasing index order). It commits nothing, and its response has
+    no window. A later stream with the same upload_id and stage_only unset commits the
+    window using the staged chunks as if it had sent them itself (it may carry chunks too).
+    Staged chunks are invisible; they are collected when the commit stream ends (committed
+    or not), or when no stream of the upload has been seen for the manager's upload TTL
+    (10 minutes by default), or at the manager's next start.
+    """
     @_builtins.property
     def fingerprint(self) -> _fingerprint_pb2.ModelFingerprint:
         """Model and engine that produced the KV; required, with kv_dtype, num_layers,
@@ -116,10 +134,12 @@ class FreezeHeader(_message.Message):
         ttl_seconds: _builtins.int = ...,
         pinned: _builtins.bool = ...,
         replace: _builtins.bool = ...,
+        upload_id: _builtins.str = ...,
+        stage_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["fingerprint", b"fingerprint"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_salt", b"cache_salt", "chunk_digests", b"chunk_digests", "chunk_tokens", b"chunk_tokens", "description", b"description", "fingerprint", b"fingerprint", "name", b"name", "parent", b"parent", "pinned", b"pinned", "replace", b"replace", "session_id", b"session_id", "tags", b"tags", "token_ids", b"token_ids", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_salt", b"cache_salt", "chunk_digests", b"chunk_digests", "chunk_tokens", b"chunk_tokens", "description", b"description", "fingerprint", b"fingerprint", "name", b"name", "parent", b"parent", "pinned", b"pinned", "replace", b"replace", "session_id", b"session_id", "stage_only", b"stage_only", "tags", b"tags", "token_ids", b"token_ids", "ttl_seconds", b"ttl_seconds", "upload_id", b"upload_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -167,15 +187,20 @@ class FreezeResponse(_message.Message):
     CHUNKS_RECEIVED_FIELD_NUMBER: _builtins.int
     CHUNKS_REUSED_FIELD_NUMBER: _builtins.int
     BYTES_RECEIVED_FIELD_NUMBER: _builtins.int
+    CHUNKS_STAGED_FIELD_NUMBER: _builtins.int
     chunks_received: _builtins.int
     """Chunks received on this stream."""
     chunks_reused: _builtins.int
     """Chunks the store already held and that were not sent."""
     bytes_received: _builtins.int
     """Encoded bytes received on this stream."""
+    chunks_staged: _builtins.int
+    """For the commit stream of a parallel freeze: chunks that the upload's stage_only streams
+    carried (counted here, not in chunks_reused).
+    """
     @_builtins.property
     def window(self) -> _window_pb2.WindowInfo:
-        """The committed window (BASIC view)."""
+        """The committed window (BASIC view); unset for a stage_only stream."""
 
     def __init__(
         self,
@@ -184,10 +209,11 @@ class FreezeResponse(_message.Message):
         chunks_received: _builtins.int = ...,
         chunks_reused: _builtins.int = ...,
         bytes_received: _builtins.int = ...,
+        chunks_staged: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["window", b"window"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_received", b"bytes_received", "chunks_received", b"chunks_received", "chunks_reused", b"chunks_reused", "window", b"window"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_received", b"bytes_received", "chunks_received", b"chunks_received", "chunks_reused", b"chunks_reused", "chunks_staged", b"chunks_staged", "window", b"window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -205,6 +231,9 @@ class ThawRequest(_message.Message):
     FIRST_CHUNK_FIELD_NUMBER: _builtins.int
     CHUNK_COUNT_FIELD_NUMBER: _builtins.int
     MAX_PART_BYTES_FIELD_NUMBER: _builtins.int
+    ACCEPT_CODECS_FIELD_NUMBER: _builtins.int
+    CHUNK_STRIDE_FIELD_NUMBER: _builtins.int
+    WINDOW_VIEW_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name of the window."""
     first_chunk: _builtins.int
@@ -213,6 +242,27 @@ class ThawRequest(_message.Message):
     """Number of chunks to send from first_chunk; 0 means all remaining."""
     max_part_bytes: _builtins.int
     """Maximum bytes of chunk data per message; 0 means the server default (1 MiB)."""
+    chunk_stride: _builtins.int
+    """Send every chunk_stride-th chunk of the range [first_chunk, first_chunk + chunk_count),
+    starting with first_chunk; 0 and 1 both mean every chunk. A client reading one window
+    over N streams asks stream i for first_chunk = i and chunk_stride = N: each stream then
+    carries an even share and the client can still hand chunks out in order while holding
+    only a few of them.
+    """
+    window_view: _window_pb2.WindowView.ValueType
+    """How much of the window the first message carries; WINDOW_VIEW_UNSPECIFIED means FULL.
+    The extra streams of a parallel thaw ask for BASIC: the token ids and the chunk list
+    already came on the first stream.
+    """
+    @_builtins.property
+    def accept_codecs(self) -> _containers.RepeatedScalarFieldContainer[_chunk_pb2.ChunkCodec.ValueType]:
+        """Codecs the client can decode on this stream, most preferred first. Empty (the default)
+        means raw only: the best choice on loopback and fast links, where encoding costs more
+        than it saves. When codecs are listed, each chunk is sent encoded with the first listed
+        codec that makes it at least 10% smaller, or raw; a chunk the disk tier stores with a
+        listed codec is sent as stored, without encoding it again. Raw is always accepted.
+        """
+
     def __init__(
         self,
         *,
@@ -220,10 +270,13 @@ class ThawRequest(_message.Message):
         first_chunk: _builtins.int = ...,
         chunk_count: _builtins.int = ...,
         max_part_bytes: _builtins.int = ...,
+        accept_codecs: _abc.Iterable[_chunk_pb2.ChunkCodec.ValueType] | None = ...,
+        chunk_stride: _builtins.int = ...,
+        window_view: _window_pb2.WindowView.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_count", b"chunk_count", "first_chunk", b"first_chunk", "max_part_bytes", b"max_part_bytes", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept_codecs", b"accept_codecs", "chunk_count", b"chunk_count", "chunk_stride", b"chunk_stride", "first_chunk", b"first_chunk", "max_part_bytes", b"max_part_bytes", "name", b"name", "window_view", b"window_view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -239,11 +292,15 @@ class ThawResponse(_message.Message):
     CHUNK_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def window(self) -> _window_pb2.WindowInfo:
-        """The window (FULL view); always the first message."""
+        """The window (FULL view unless ThawRequest.window_view asks for less); always the
+        first message.
+        """
 
     @_builtins.property
     def chunk(self) -> _chunk_pb2.Chunk:
-        """One part of one chunk, raw-encoded, verified against its digest before sending."""
+        """One part of one chunk, verified against its digest before sending; raw unless the
+        request's accept_codecs allowed an encoding (Chunk.codec says which).
+        """
 
     def __init__(
         self,
