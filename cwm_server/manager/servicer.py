@@ -38,8 +38,8 @@ class WindowServicer(pb.WindowServiceServicer):
         plan = await open_thaw(self._manager, self._tenant(context), request)
         try:
             yield pb.ThawResponse(window=plan.window)
-            async for chunk in plan.chunks():
-                yield pb.ThawResponse(chunk=chunk)
+            async for response in plan.responses():
+                yield response
         finally:
             plan.close()
 
