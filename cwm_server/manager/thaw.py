@@ -62,15 +62,9 @@ class ThawPlan:
         self._manager.unpin(self._pins)
         self._pins = []
 
-    async def chunks(self) -> AsyncIterator[pb.Chunk]:
-        """The chunk parts, in order, as bare Chunk messages."""
-        async for ref, codec, data in self._fetched():
-            for part in fill_parts(_bare_chunk, ref, data, codec, self._part_bytes):
-                yield part
-
     async def responses(self) -> AsyncIterator[pb.ThawResponse]:
         """The chunk parts, in order, each built in place inside its ThawResponse (one copy
-        of the bytes fewer than wrapping the Chunk messages of `chunks()`)."""
+        of the bytes fewer than building a Chunk and wrapping it)."""
         async for ref, codec, data in self._fetched():
             for response in fill_parts(_thaw_response, ref, data, codec, self._part_bytes):
                 yield response
@@ -128,11 +122,6 @@ class ThawPlan:
             return None
         manager.memory.put((self._tenant, ref.digest), raw)
         return stored.codec, stored.data
-
-
-def _bare_chunk() -> tuple[pb.Chunk, pb.Chunk]:
-    chunk = pb.Chunk()
-    return chunk, chunk
 
 
 def _thaw_response() -> tuple[pb.ThawResponse, pb.Chunk]:
