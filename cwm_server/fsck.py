@@ -24,12 +24,10 @@ from __future__ import annotations
 
 import fcntl
 import os
-import sqlite3
 import struct
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,37 +165,6 @@ def catalog_in_use(data_dir: Path) -> bool:
         os.close(fd)
 
 
-class _FsckCatalog(Catalog):
-    """The catalog, opened read-only for a check (snapshot reads) or read-write to repair."""
-
-    def __init__(self, path: Path, writable: bool) -> None:
-        if writable:
-            super().__init__(path)
-        else:
-            self._db = sqlite3.connect(
-                f"{path.resolve().as_uri()}?mode=ro",
-                uri=True,
-                isolation_level=None,
-                check_same_thread=False,
-            )
-
-    @contextmanager
-    def snapshot(self) -> Iterator[None]:
-        """One read transaction: windows and chunk rows as of a single commit."""
-        self._db.execute("BEGIN")
-        try:
-            yield
-        finally:
-            self._db.execute("COMMIT")
-
-    def insert_chunk_row(self, tenant: str, row: ChunkRow) -> None:
-        """Repair: give an intact chunk file that windows reference its missing row."""
-        self._db.execute(
-            "INSERT OR IGNORE INTO chunks VALUES (?, ?, ?, ?, ?, ?)",
-            (tenant, row.digest, row.refcount, row.raw_size, row.stored_size, row.codec),
-        )
-
-
 @dataclass(frozen=True)
 class _Reference:
     tenant: str
@@ -275,7 +242,7 @@ class _Checker:
         self.repair = repair
         self.running = running
         self.progress = progress
-        self.catalog = _FsckCatalog(data_dir / CATALOG_FILE, writable=repair)
+        self.catalog = Catalog(data_dir / CATALOG_FILE, read_only=not repair)
         self.disk = DiskTier(data_dir, fsync=True)
         self.store = ChunkStore(self.disk, MemoryTier(0), compress=False)
         self.report = FsckReport(str(data_dir), manager_running=running, repair=repair)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sqlite3
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,11 +69,29 @@ def basic_view(full: pb.WindowInfo) -> pb.WindowInfo:
 
 
 class Catalog:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, read_only: bool = False) -> None:
+        """`read_only` opens an existing catalog for checks (fsck beside a live manager)."""
+        if read_only:
+            self._db = sqlite3.connect(
+                f"{path.resolve().as_uri()}?mode=ro",
+                uri=True,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+            return
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """One read transaction: windows and chunk rows as of a single commit."""
+        self._db.execute("BEGIN")
+        try:
+            yield
+        finally:
+            self._db.execute("COMMIT")
 
     def close(self) -> None:
         self._db.close()
@@ -216,6 +235,13 @@ class Catalog:
                     sizes[ref.digest] = row.stored_size
             freed = self._drop_window(tenant, name)
             return [(d, sizes.get(d, 0)) for d in freed]
+
+    def insert_chunk_row(self, tenant: str, row: ChunkRow) -> None:
+        """fsck's repair: give an intact chunk file that windows reference its missing row."""
+        self._db.execute(
+            "INSERT OR IGNORE INTO chunks VALUES (?, ?, ?, ?, ?, ?)",
+            (tenant, row.digest, row.refcount, row.raw_size, row.stored_size, row.codec),
+        )
 
     def set_refcount(self, tenant: str, digest: bytes, refcount: int) -> None:
         """fsck's repair: make a row's count what the windows say (0 removes the row)."""
