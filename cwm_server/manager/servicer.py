@@ -9,11 +9,9 @@ import grpc.aio
 
 from cwm_client import pb
 from cwm_server.manager.freeze import FreezeSession
+from cwm_server.manager.tenancy import current_tenant
 from cwm_server.manager.thaw import open_thaw
 from cwm_server.manager.windows import WindowManager
-
-DEFAULT_TENANT = "default"
-"""Every call runs as this tenant until authentication lands (see docs/SECURITY.md)."""
 
 
 class WindowServicer(pb.WindowServiceServicer):
@@ -21,8 +19,7 @@ class WindowServicer(pb.WindowServiceServicer):
         self._manager = manager
 
     def _tenant(self, context: grpc.aio.ServicerContext) -> str:
-        del context
-        return DEFAULT_TENANT
+        return current_tenant(context)
 
     async def Freeze(  # noqa: N802 - gRPC method name
         self,

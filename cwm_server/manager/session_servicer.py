@@ -14,7 +14,7 @@ from cwm_client.errors import InvalidArgument
 from cwm_client.names import check_window_name
 from cwm_server.manager.agents import AgentConnection, AgentRegistry
 from cwm_server.manager.metadata import check_labels
-from cwm_server.manager.servicer import DEFAULT_TENANT
+from cwm_server.manager.tenancy import current_tenant
 from cwm_server.manager.windows import WindowManager
 
 log = structlog.get_logger("cwm.sessions")
@@ -109,7 +109,7 @@ class SessionServicer(pb.SessionServiceServicer):
         self, request: pb.ThawWindowRequest, context: grpc.aio.ServicerContext
     ) -> pb.ThawWindowResponse:
         window = await self._manager.get(
-            DEFAULT_TENANT, request.window_name, pb.WindowView.WINDOW_VIEW_FULL
+            current_tenant(context), request.window_name, pb.WindowView.WINDOW_VIEW_FULL
         )
         conn = self._registry.agent_for_window(window, request.agent_id)
         order = pb.Order(
