@@ -1,6 +1,6 @@
 """Manager health: components report conditions, the standard gRPC health service tells.
 
-Every part of the manager that can fail on its own (a storage tier, the catalog, later the
+Every part of the manager that can fail on its own (a storage tier, the catalog, the
 Redis tier) is a *component* with a health name of its own, e.g. ``cwm.tier.disk``. A
 component is in one of three conditions:
 
@@ -298,3 +298,79 @@ class MemoryCheck:
     async def run(self) -> tuple[Level, str]:
         memory = self._manager.memory
         return Level.OK, f"{memory.held_bytes >> 20} of {memory.capacity_bytes >> 20} MiB held"
+
+
+# -- Redis (cwm_server.manager.redis_tier, redis_catalog) -----------------------------------
+
+REDIS_COMPONENT = "cwm.tier.redis"
+SWEEP_EVERY_S = 10.0
+
+
+class RedisCheck:
+    """The Redis tier (and, in fleet mode, the shared catalog): a PING past the link's
+    breaker. Not essential: a manager whose Redis is gone is DEGRADED, serves what its
+    memory and disk hold, answers what needs Redis with UNAVAILABLE at once, and is OK
+    again by itself at the first check that reaches Redis."""
+
+    name = REDIS_COMPONENT
+    essential = False
+
+    def __init__(self, manager: WindowManager) -> None:
+        self._manager = manager
+        self._last_sweep = 0.0
+
+    async def run(self) -> tuple[Level, str]:
+        manager = self._manager
+        link = manager.redis
+        assert link is not None
+        ok, detail = await asyncio.to_thread(link.ping)
+        shared = manager.config.redis_catalog
+        if not ok:
+            needs = "the shared catalog and " if shared else ""
+            return (
+                Level.DEGRADED,
+                f"Redis ({link.where}) is unreachable ({detail}); serving what the local tiers "
+                f"hold, {needs}chunks only in Redis answer UNAVAILABLE",
+            )
+        if shared and time.monotonic() - self._last_sweep > SWEEP_EVERY_S:
+            self._last_sweep = time.monotonic()
+            try:
+                await manager.db(manager.sweep_stale_claims)
+            except Exception as exc:  # noqa: BLE001 - the next check tries again
+                log.warning("redis_sweep_failed", detail=str(exc))
+        mode = "shared catalog, " if shared else ""
+        return Level.OK, f"{link.where} ({mode}{manager.config.redis_policy})"
+
+
+def catalog_checks(manager: WindowManager) -> list[Check]:
+    """The catalog's check and, with a Redis tier, Redis's. With the catalog in Redis the
+    local SQLite check has nothing to check: Redis's check stands for both."""
+    checks: list[Check] = []
+    if not manager.config.redis_catalog:
+        checks.append(CatalogCheck(manager))
+    if manager.redis is not None:
+        checks.append(RedisCheck(manager))
+    return checks
+
+
+def watch_redis(board: HealthBoard, manager: WindowManager) -> None:
+    """Report Redis's condition the moment a call finds it gone or back, not only at the
+    next periodic check (the link calls this from I/O threads)."""
+    link = manager.redis
+    if link is None:
+        return
+    loop = asyncio.get_running_loop()
+    pending: set[asyncio.Future[None]] = set()
+
+    def changed(up: bool, detail: str) -> None:
+        level = Level.OK if up else Level.DEGRADED
+        text = "reachable again" if up else f"Redis ({link.where}) is unreachable ({detail})"
+
+        def report() -> None:
+            task = asyncio.ensure_future(board.report(REDIS_COMPONENT, level, text))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+
+        loop.call_soon_threadsafe(report)
+
+    link.listeners.append(changed)
