@@ -16,6 +16,7 @@ from cwm_client._common import (
     CHANNEL_OPTIONS,
     DEFAULT_TARGET,
     EXTRA_CHANNEL_OPTIONS,
+    Credentials,
     FreezeResult,
     Progress,
     ProgressSum,
@@ -28,6 +29,7 @@ from cwm_client._common import (
     freeze_requests,
     list_request,
     new_upload_id,
+    resolve_credentials,
     stage_header,
 )
 from cwm_client.chunks import DEFAULT_CHUNK_TOKENS, DEFAULT_PART_BYTES, ChunkPayload
@@ -215,12 +217,24 @@ class _AsyncClient:
         channel: grpc.aio.Channel | None = None,
         timeout: float | None = None,
         metadata: Sequence[tuple[str, str]] = (),
+        token: str | None = None,
+        root_certificates: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        private_key: bytes | None = None,
+        credentials: Credentials | None = None,
     ) -> None:
+        """`token` is sent as ``authorization: Bearer`` on every call; `root_certificates`
+        (the CA of the manager's certificate), `certificate_chain` and `private_key` (a
+        client certificate, for mutual TLS) make the channel TLS. `credentials` bundles
+        the same (the keyword options win)."""
+        self._credentials = resolve_credentials(
+            credentials, token, root_certificates, certificate_chain, private_key
+        )
         self._owns_channel = channel is None
         self._target = target
-        self._channel = channel or grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self._channel = channel or self._credentials.aio_channel(target, CHANNEL_OPTIONS)
         self._timeout = timeout
-        self._metadata = tuple(metadata)
+        self._metadata = (*self._credentials.metadata(), *metadata)
         self._stub = self._new_stub()
         self._extra_channels: list[grpc.aio.Channel] = []
 
@@ -235,7 +249,7 @@ class _AsyncClient:
             return [self._channel] * count
         while len(self._extra_channels) < count - 1:
             self._extra_channels.append(
-                grpc.aio.insecure_channel(self._target, options=EXTRA_CHANNEL_OPTIONS)
+                self._credentials.aio_channel(self._target, EXTRA_CHANNEL_OPTIONS)
             )
         return [self._channel, *self._extra_channels[: count - 1]]
 

@@ -21,7 +21,7 @@ import grpc.aio
 import structlog
 
 from cwm_client import AsyncWindowClient, chunks_from_bytes, pb
-from cwm_client._common import CHANNEL_OPTIONS
+from cwm_client._common import CHANNEL_OPTIONS, Credentials
 from cwm_client.errors import (
     AlreadyExists,
     CwmError,
@@ -50,6 +50,7 @@ class HostAgent:
         policy: AutoFreezePolicy | None = None,
         report_interval: float = 0.25,
         backoff: tuple[float, float] = (0.2, 5.0),
+        credentials: Credentials | None = None,
     ) -> None:
         self.engine = engine
         self.manager_target = manager_target
@@ -58,6 +59,9 @@ class HostAgent:
         self.policy = policy or AutoFreezePolicy()
         self.report_interval = report_interval
         self.backoff = backoff
+        self.credentials = credentials or Credentials()
+        """The agent authenticates like any client (token, TLS); it acts as the token's
+        tenant, and its sessions are visible to that tenant only."""
         self.connected = asyncio.Event()
         self.connections = 0
         self._frozen_tokens: dict[str, int] = {}
@@ -69,7 +73,7 @@ class HostAgent:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set."""
-        self._windows = AsyncWindowClient(self.manager_target)
+        self._windows = AsyncWindowClient(self.manager_target, credentials=self.credentials)
         tasks = [asyncio.ensure_future(self._connection_loop(stop))]
         if self.policy.enabled:
             tasks.append(asyncio.ensure_future(self._auto_freeze_loop(stop)))
@@ -106,7 +110,7 @@ class HostAgent:
 
     async def _connected(self, stop: asyncio.Event) -> None:
         """One Connect stream, from hello until the manager or the network ends it."""
-        async with grpc.aio.insecure_channel(self.manager_target, options=CHANNEL_OPTIONS) as ch:
+        async with self.credentials.aio_channel(self.manager_target, CHANNEL_OPTIONS) as ch:
             outbox: asyncio.Queue[Any] = asyncio.Queue()
             await outbox.put(
                 pb.ConnectRequest(
@@ -122,7 +126,9 @@ class HostAgent:
                 while (message := await outbox.get()) is not _STOP:
                     yield message
 
-            call = pb.SessionServiceStub(ch).Connect(requests())
+            call = pb.SessionServiceStub(ch).Connect(
+                requests(), metadata=self.credentials.metadata()
+            )
             first = await call.read()
             if first is grpc.aio.EOF or first.WhichOneof("payload") != "welcome":  # type: ignore[attr-defined]
                 raise FailedPrecondition("the manager did not welcome this agent")
@@ -265,7 +271,8 @@ class HostAgent:
     async def thaw(self, window_name: str, new_session_id: str = "") -> pb.ThawOrderResult:
         """Pull a window (verified chunk by chunk) and load it into a new engine session."""
         assert self._windows is not None
-        session_id = new_session_id or secrets.token_urlsafe(32)
+        # A new session's id is its cache_salt: 256 random bits, shown only to the tenant.
+        session_id = new_session_id or secrets.token_hex(32)
         if not SESSION_ID_RE.match(session_id):
             raise InvalidArgument(
                 f"session id {session_id[:40]!r} must be 1-128 characters from A-Z a-z 0-9 . _ -",

@@ -7,7 +7,7 @@ import asyncio
 import signal
 from typing import TYPE_CHECKING
 
-from cwm_server.cli.options import Subparsers, add_command
+from cwm_server.cli.options import Subparsers, add_command, client_credentials
 from cwm_server.logs import configure_logging
 from cwm_server.manager.config import default_data_dir
 
@@ -56,6 +56,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         args.agent_id,
         chunk_tokens=args.chunk_tokens,
         policy=AutoFreezePolicy(tokens=args.auto_freeze_tokens, idle_seconds=args.auto_freeze_idle),
+        credentials=client_credentials(args),
     )
 
     async def run() -> None:

@@ -188,7 +188,7 @@ def run_engine_demo(model: str, context_tokens: int) -> dict[str, Any]:
         endpoints = _wait_agents(target, agents, timeout=300)
         node_a, node_b = endpoints["node-a"], endpoints["node-b"]
 
-        salt = secrets.token_urlsafe(32)
+        salt = secrets.token_hex(32)
         context = _conversation(node_a, salt, context_tokens)
         next_turn = context + _user_tokens(node_a, USER_TURNS[0])[1:33]
         with SessionClient(target) as sessions:
@@ -208,7 +208,7 @@ def run_engine_demo(model: str, context_tokens: int) -> dict[str, Any]:
         _, ttft_recompute = _complete(
             node_b,
             prompt=next_turn,
-            cache_salt=secrets.token_urlsafe(16),
+            cache_salt=secrets.token_hex(32),
             max_tokens=1,
             temperature=0,
         )

@@ -52,7 +52,9 @@ def _print_report(report: FsckReport) -> None:
 def cmd_fsck(args: argparse.Namespace) -> int:
     bar = ProgressBar("fsck", enabled=not args.no_progress)
     try:
-        report = run_fsck(Path(args.data_dir), repair=args.repair, progress=bar)
+        report = run_fsck(
+            Path(args.data_dir), repair=args.repair, progress=bar, key_file=args.key_file
+        )
     except (FsckError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -73,6 +75,12 @@ def add_parser(sub: Subparsers) -> None:
         action="store_true",
         help="delete orphan and temp files and fix refcounts (manager must be stopped); "
         "never deletes windows",
+    )
+    fsck.add_argument(
+        "--key-file",
+        metavar="FILE",
+        help="the manager's --key-file: verify encrypted chunks too (without it they are "
+        "reported as unverifiable warnings)",
     )
     fsck.add_argument("--no-progress", action="store_true", help="no progress bar")
     fsck.set_defaults(handler=cmd_fsck, needs_client=False)

@@ -15,6 +15,7 @@ from cwm_client.errors import CwmError
 from cwm_server.cli import (
     agent_cmd,
     archive_cmds,
+    auth_cmd,
     config_cmd,
     demo_cmd,
     fsck_cmd,
@@ -24,6 +25,7 @@ from cwm_server.cli import (
     status_cmd,
     window_cmds,
 )
+from cwm_server.cli.options import client_credentials
 from cwm_server.logs import configure_logging
 
 
@@ -42,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     mcp_cmd.add_parser(sub)
     status_cmd.add_parser(sub)
     config_cmd.add_parser(sub)
+    auth_cmd.add_parser(sub)
     return parser
 
 
@@ -52,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging("human", "WARNING")
     try:
         if args.needs_client:
-            with WindowClient(args.manager) as client:
+            with WindowClient(args.manager, credentials=client_credentials(args)) as client:
                 return int(args.handler(args, client))
         return int(args.handler(args))
     except CwmError as exc:

@@ -10,7 +10,7 @@ import os
 import sys
 
 from cwm_client._common import DEFAULT_TARGET
-from cwm_server.cli.options import Subparsers
+from cwm_server.cli.options import Subparsers, add_auth_options, client_credentials
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -37,8 +37,11 @@ def cmd_mcp(args: argparse.Namespace) -> int:
     from cwm_server.logs import configure_logging
 
     configure_logging("human", args.log_level)
+    credentials = client_credentials(args)
     if args.http is None:
-        anyio.run(lambda: serve_stdio(args.manager, log_level=args.log_level))
+        anyio.run(
+            lambda: serve_stdio(args.manager, log_level=args.log_level, credentials=credentials)
+        )
         return 0
     host, port = args.http
     print(
@@ -46,7 +49,11 @@ def cmd_mcp(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
-    anyio.run(lambda: serve_http(args.manager, host, port, log_level=args.log_level))
+    anyio.run(
+        lambda: serve_http(
+            args.manager, host, port, log_level=args.log_level, credentials=credentials
+        )
+    )
     return 0
 
 
@@ -69,6 +76,7 @@ def add_parser(sub: Subparsers) -> None:
         help="serve streamable HTTP at http://HOST:PORT/mcp instead of stdio "
         "(no authentication: keep it on loopback)",
     )
+    add_auth_options(mcp)
     mcp.add_argument(
         "--log-level",
         default="WARNING",

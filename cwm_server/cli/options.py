@@ -1,16 +1,23 @@
-"""Options every subcommand takes after its name (`cwm ls --json --manager H:P`)."""
+"""Options every subcommand takes after its name (`cwm ls --json --manager H:P`).
+
+Client commands also take how to authenticate: `--token` (else `$CWM_TOKEN`, else
+client.token in the config file) and `--tls-ca/--tls-cert/--tls-key` (TLS and a client
+certificate; else `$CWM_TLS_CA`, `$CWM_TLS_CLIENT_CERT`, `$CWM_TLS_CLIENT_KEY`).
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import TypeAlias
 
-from cwm_server.config import manager_address
+from cwm_client import Credentials
+from cwm_server.config import client_setting, manager_address
 
 Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
-def _common() -> argparse.ArgumentParser:
+def _common(client: bool) -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--manager",
@@ -21,8 +28,60 @@ def _common() -> argparse.ArgumentParser:
         "file, else 127.0.0.1:50051)",
     )
     common.add_argument("--json", action="store_true", help="machine-readable output")
+    if client:
+        add_auth_options(common)
     return common
 
 
-def add_command(sub: Subparsers, name: str, help: str) -> argparse.ArgumentParser:
-    return sub.add_parser(name, help=help, parents=[_common()])
+def add_auth_options(parser: argparse.ArgumentParser) -> None:
+    """--token and --tls-ca/--tls-cert/--tls-key (None: from the environment or file)."""
+    parser.add_argument(
+        "--token",
+        default=None,
+        help="bearer token (default: $CWM_TOKEN, else client.token in the config file)",
+    )
+    parser.add_argument(
+        "--tls-ca",
+        default=None,
+        metavar="PEM",
+        help="CA of the manager's certificate; given, the connection uses TLS ($CWM_TLS_CA)",
+    )
+    parser.add_argument(
+        "--tls-cert",
+        default=None,
+        metavar="PEM",
+        help="client certificate for mutual TLS ($CWM_TLS_CLIENT_CERT)",
+    )
+    parser.add_argument(
+        "--tls-key",
+        default=None,
+        metavar="PEM",
+        help="key of the client certificate ($CWM_TLS_CLIENT_KEY)",
+    )
+
+
+def client_credentials(args: argparse.Namespace) -> Credentials:
+    """The credentials a client command connects with (flags, else env, else file)."""
+
+    def pick(dest: str, key: str) -> str:
+        given = getattr(args, dest, None)
+        return str(given) if given is not None else client_setting(key)
+
+    try:
+        return Credentials.from_files(
+            token=pick("token", "client.token"),
+            ca_file=pick("tls_ca", "client.tls_ca"),
+            cert_file=pick("tls_cert", "client.tls_client_cert"),
+            key_file=pick("tls_key", "client.tls_client_key"),
+        )
+    except OSError as exc:
+        print(f"error: cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def add_command(
+    sub: Subparsers, name: str, help: str, *, client: bool = True
+) -> argparse.ArgumentParser:
+    """A subcommand with the common options; `client=False` (the manager itself) leaves the
+    client's authentication options out."""
+    return sub.add_parser(name, help=help, parents=[_common(client)])

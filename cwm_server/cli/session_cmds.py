@@ -7,8 +7,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from cwm_client import SessionClient, pb
-from cwm_server.cli.options import Subparsers, add_command
+from cwm_server.cli.options import Subparsers, add_command, client_credentials
 from cwm_server.cli.render import human_bytes, print_json, print_table, window_dict
+from cwm_server.cli.window_cmds import ttl_arg
 
 
 def _when(stamp: Any) -> str:
@@ -37,7 +38,7 @@ def session_dict(session: pb.SessionInfo) -> dict[str, Any]:
 
 
 def cmd_agents(args: argparse.Namespace) -> int:
-    with SessionClient(args.manager) as client:
+    with SessionClient(args.manager, credentials=client_credentials(args)) as client:
         agents = client.list_agents()
     if args.json:
         print_json([agent_dict(a) for a in agents])
@@ -61,7 +62,7 @@ def cmd_agents(args: argparse.Namespace) -> int:
 
 
 def cmd_sessions(args: argparse.Namespace) -> int:
-    with SessionClient(args.manager) as client:
+    with SessionClient(args.manager, credentials=client_credentials(args)) as client:
         sessions = client.list_sessions(args.agent or "")
     if args.json:
         print_json([session_dict(s) for s in sessions])
@@ -85,7 +86,7 @@ def cmd_sessions(args: argparse.Namespace) -> int:
 
 
 def cmd_freeze(args: argparse.Namespace) -> int:
-    with SessionClient(args.manager) as client:
+    with SessionClient(args.manager, credentials=client_credentials(args)) as client:
         response = client.freeze_session(
             args.session,
             args.window,
@@ -112,7 +113,7 @@ def cmd_freeze(args: argparse.Namespace) -> int:
 
 
 def cmd_thaw(args: argparse.Namespace) -> int:
-    with SessionClient(args.manager) as client:
+    with SessionClient(args.manager, credentials=client_credentials(args)) as client:
         response = client.thaw_window(
             args.window, agent_id=args.agent or "", new_session_id=args.session or ""
         )
@@ -153,7 +154,12 @@ def add_parsers(sub: Subparsers) -> None:
     freeze.add_argument("window")
     freeze.add_argument("--agent", help="the hosting agent, if several report the session")
     freeze.add_argument("--description")
-    freeze.add_argument("--ttl", type=int, metavar="SECONDS")
+    freeze.add_argument(
+        "--ttl",
+        type=ttl_arg,
+        metavar="TTL",
+        help="window lifetime: 5m, 1h, 24h, 7d, <n>s/m/h/d or seconds; never/pinned: no expiry",
+    )
     freeze.set_defaults(handler=cmd_freeze, needs_client=False)
 
     thaw = add_command(sub, "thaw", help="load a window into a new session on an agent")

@@ -14,9 +14,9 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cwm_client import SessionClient
+from cwm_client import Credentials, SessionClient
 from cwm_client.errors import CwmError
-from cwm_server.cli.options import Subparsers, add_command
+from cwm_server.cli.options import Subparsers, add_command, client_credentials
 from cwm_server.cli.render import print_json
 
 SERVICES = ("", "cwm.v1.WindowService", "cwm.v1.SessionService")
@@ -45,8 +45,11 @@ def _check(stub: Any, name: str, timeout: float) -> tuple[str, str] | None:
     return _status_name(response.status), detail
 
 
-def read_health(target: str, timeout: float) -> dict[str, Any]:
-    with grpc.insecure_channel(target) as channel:
+def read_health(
+    target: str, timeout: float, credentials: Credentials | None = None
+) -> dict[str, Any]:
+    """Health is open to anyone who reaches the port; `credentials` only for TLS."""
+    with (credentials or Credentials()).channel(target, ()) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         names = [*SERVICES, *KNOWN_COMPONENTS]
         list_rpc = getattr(stub, "List", None)
@@ -78,7 +81,8 @@ def read_health(target: str, timeout: float) -> dict[str, Any]:
 
 def cmd_status(args: argparse.Namespace) -> int:
     try:
-        report = read_health(args.manager, args.timeout)
+        credentials = client_credentials(args)
+        report = read_health(args.manager, args.timeout, credentials)
     except grpc.RpcError as exc:
         print(
             f"error: manager {args.manager} did not answer ({exc.code().name}: {exc.details()})",
@@ -87,7 +91,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 1
     if report["state"] != "not serving":
         try:
-            with SessionClient(args.manager) as sessions:
+            with SessionClient(args.manager, credentials=credentials) as sessions:
                 report["agents"] = [a.agent_id for a in sessions.list_agents()]
         except CwmError:
             report["agents"] = None

@@ -3,6 +3,10 @@
 An order is a future the manager awaits; the agent's OrderResult resolves it. If the agent
 disconnects, every order it had not answered fails with UNAVAILABLE at once, so no caller
 waits for an answer that cannot come.
+
+Every agent belongs to the tenant it authenticated as, and every query names a tenant: an
+agent id is unique within its tenant only, and another tenant's agents and sessions are
+looked up exactly like absent ones (the same lookups, the same errors).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ _CODES = {c.value[0]: c for c in grpc.StatusCode}
 
 @dataclass
 class AgentConnection:
+    tenant: str
     agent_id: str
     fingerprint: pb.ModelFingerprint
     endpoint: str
@@ -56,30 +61,33 @@ class AgentConnection:
 
 class AgentRegistry:
     def __init__(self) -> None:
-        self._agents: dict[str, AgentConnection] = {}
+        self._agents: dict[tuple[str, str], AgentConnection] = {}
         self._order_ids = itertools.count(1)
 
-    def register(self, hello: pb.AgentHello) -> AgentConnection:
+    def register(self, tenant: str, hello: pb.AgentHello) -> AgentConnection:
         if not hello.agent_id or len(hello.agent_id) > 128:
             raise InvalidArgument("agent_id must be 1-128 characters", field="hello.agent_id")
         if not hello.HasField("fingerprint"):
             raise InvalidArgument("hello.fingerprint is required", field="hello.fingerprint")
-        old = self._agents.get(hello.agent_id)
+        key = (tenant, hello.agent_id)
+        old = self._agents.get(key)
         if old is not None:
             self._fail_pending(old, f"agent {hello.agent_id!r} reconnected")
         conn = AgentConnection(
+            tenant=tenant,
             agent_id=hello.agent_id,
             fingerprint=hello.fingerprint,
             endpoint=hello.endpoint,
             connected_at=now_timestamp(),
         )
-        self._agents[hello.agent_id] = conn
-        log.info("agent_connected", agent_id=hello.agent_id, endpoint=hello.endpoint)
+        self._agents[key] = conn
+        log.info("agent_connected", agent_id=hello.agent_id, tenant=tenant, endpoint=hello.endpoint)
         return conn
 
     def unregister(self, conn: AgentConnection) -> None:
-        if self._agents.get(conn.agent_id) is conn:
-            del self._agents[conn.agent_id]
+        key = (conn.tenant, conn.agent_id)
+        if self._agents.get(key) is conn:
+            del self._agents[key]
             log.info("agent_disconnected", agent_id=conn.agent_id)
         self._fail_pending(conn, f"agent {conn.agent_id!r} disconnected")
 
@@ -104,23 +112,36 @@ class AgentRegistry:
 
     # -- queries ------------------------------------------------------------------------
 
-    def agents(self) -> list[AgentConnection]:
-        return [self._agents[k] for k in sorted(self._agents)]
+    def count(self) -> int:
+        """Connected agents of every tenant (for metrics)."""
+        return len(self._agents)
 
-    def sessions(self, agent_id: str = "") -> list[pb.SessionInfo]:
-        if agent_id and agent_id not in self._agents:
+    def agents(self, tenant: str) -> list[AgentConnection]:
+        """The tenant's connected agents, by id."""
+        return [self._agents[k] for k in sorted(self._agents) if k[0] == tenant]
+
+    def _agent(self, tenant: str, agent_id: str) -> AgentConnection:
+        conn = self._agents.get((tenant, agent_id))
+        if conn is None:
             raise NotFound(f"no connected agent {agent_id!r}; `cwm agents` lists them")
+        return conn
+
+    def sessions(self, tenant: str, agent_id: str = "") -> list[pb.SessionInfo]:
+        if agent_id:
+            self._agent(tenant, agent_id)
         return [
             conn.sessions[sid]
-            for conn in self.agents()
+            for conn in self.agents(tenant)
             if not agent_id or conn.agent_id == agent_id
             for sid in sorted(conn.sessions)
         ]
 
-    def agent_with_session(self, session_id: str, agent_id: str = "") -> AgentConnection:
+    def agent_with_session(
+        self, tenant: str, session_id: str, agent_id: str = ""
+    ) -> AgentConnection:
         hosts = [
             c
-            for c in self.agents()
+            for c in self.agents(tenant)
             if session_id in c.sessions and (not agent_id or c.agent_id == agent_id)
         ]
         if not hosts:
@@ -137,12 +158,14 @@ class AgentRegistry:
             )
         return hosts[0]
 
-    def agent_for_window(self, window: pb.WindowInfo, agent_id: str = "") -> AgentConnection:
-        """The named agent if its engine can use the window, else the least busy match."""
+    def agent_for_window(
+        self, tenant: str, window: pb.WindowInfo, agent_id: str = ""
+    ) -> AgentConnection:
+        """The tenant's named agent if its engine can use the window, else its least busy
+        matching one."""
+        agents = self.agents(tenant)
         if agent_id:
-            conn = self._agents.get(agent_id)
-            if conn is None:
-                raise NotFound(f"no connected agent {agent_id!r}; `cwm agents` lists them")
+            conn = self._agent(tenant, agent_id)
             diffs = fingerprint_differences(window.fingerprint, conn.fingerprint)
             if diffs:
                 raise FailedPrecondition(
@@ -151,17 +174,16 @@ class AgentRegistry:
                     reason="FINGERPRINT_MISMATCH",
                 )
             return conn
-        if not self._agents:
+        if not agents:
             raise FailedPrecondition(
                 f"no agent is connected to thaw window {window.name!r} into; start one with "
                 "`cwm agent`",
                 reason="NO_AGENT",
             )
         diffs = {
-            c.agent_id: fingerprint_differences(window.fingerprint, c.fingerprint)
-            for c in self.agents()
+            c.agent_id: fingerprint_differences(window.fingerprint, c.fingerprint) for c in agents
         }
-        matching = [c for c in self.agents() if not diffs[c.agent_id]]
+        matching = [c for c in agents if not diffs[c.agent_id]]
         if not matching:
             details = "; ".join(f"{agent}: {', '.join(d)}" for agent, d in diffs.items())
             raise FailedPrecondition(

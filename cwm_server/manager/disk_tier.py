@@ -2,8 +2,10 @@
 
 Files are written tmp -> fsync -> rename -> fsync(dir), so a file under its final name is
 always complete. Each starts with a 16-byte header (magic, version, codec, word size, raw
-size) so a file decodes, and fsck checks it, without the catalog. Nothing here trusts what
-it reads: callers verify the decoded bytes against the digest.
+size) so a file decodes, and fsck checks it, without the catalog. A codec with its high bit
+set (encryption.SEALED) marks a payload sealed in an encryption envelope; this tier stores
+it like any other bytes. Nothing here trusts what it reads: callers verify the decoded
+bytes against the digest.
 """
 
 from __future__ import annotations

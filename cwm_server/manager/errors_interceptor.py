@@ -12,6 +12,11 @@
   mistake can never surface as UNKNOWN.
 - **Metrics** (`cwm_server.manager.metrics`): duration and status of every call, messages
   and bytes in and out, chunk bytes and chunks per method, streams in flight.
+- **Authentication** (`cwm_server.manager.auth`, when an `Authenticator` is given): the
+  caller is resolved from the metadata and TLS peer before the request is even parsed, so
+  an unauthenticated peer learns nothing from its bytes, and set for the call
+  (`tenancy.current_tenant`); its tenant is bound into the log context. Health checks and
+  reflection stay open.
 """
 
 from __future__ import annotations
@@ -32,7 +37,9 @@ from google.protobuf.message import DecodeError
 from grpc_status import rpc_status
 
 from cwm_client.errors import CwmError, Internal, InvalidArgument, Unimplemented
+from cwm_server.manager.auth import Authenticator, authorize, is_open
 from cwm_server.manager.metrics import CallMetrics, RpcMetrics, method_label
+from cwm_server.manager.tenancy import reset_caller, set_caller
 
 log = structlog.get_logger("cwm.rpc")
 
@@ -70,8 +77,12 @@ class _Call:
         context: grpc.aio.ServicerContext,
         metrics: RpcMetrics | None,
         streaming: bool,
+        auth: Authenticator | None = None,
     ) -> None:
         self.method = method
+        self.auth = auth
+        self.tenant = ""
+        """The authenticated caller's tenant ("" when auth is off or the call is open)."""
         self.context = context
         self.request_id = request_id_from(context.invocation_metadata())
         self.started = time.perf_counter()
@@ -110,8 +121,9 @@ class _Call:
                 self.metrics.stream_closed()
             self.metrics.finished(self.code.name, seconds)
         quiet = self.method.startswith(_QUIET_PREFIXES) and self.code is grpc.StatusCode.OK
+        extra = {"tenant": self.tenant} if self.tenant else {}
         (log.debug if quiet else log.info)(
-            "rpc", code=self.code.name, duration_ms=round(seconds * 1000, 3)
+            "rpc", code=self.code.name, duration_ms=round(seconds * 1000, 3), **extra
         )
 
     @contextmanager
@@ -121,6 +133,23 @@ class _Call:
                 yield
             finally:
                 self.finish()
+
+    @contextmanager
+    def authenticated(self) -> Iterator[None]:
+        """Resolve the caller (raising Unauthenticated or PermissionDenied) and make it the
+        call's caller until the block ends."""
+        if self.auth is None or is_open(self.method):
+            yield
+            return
+        caller = self.auth.identify(self.context)
+        self.tenant = caller.tenant
+        authorize(caller, self.method)
+        token = set_caller(caller)
+        try:
+            with _bound(tenant=caller.tenant, role=caller.role):
+                yield
+        finally:
+            reset_caller(token)
 
     def received(self, raw: Any, message: Any) -> None:
         if self.metrics is not None:
@@ -171,8 +200,11 @@ def _parse_one(raw: Any, parse: Parse, call: _Call) -> Any:
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
     """Request ids, log context, metrics and error mapping for every RPC (see above)."""
 
-    def __init__(self, metrics: RpcMetrics | None = None) -> None:
+    def __init__(
+        self, metrics: RpcMetrics | None = None, auth: Authenticator | None = None
+    ) -> None:
         self._metrics = metrics
+        self._auth = auth
 
     def _unary_response(
         self,
@@ -181,13 +213,14 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         prepare: Callable[[Any, _Call], Any],
         streaming: bool,
     ) -> Callable[..., Any]:
-        metrics = self._metrics
+        metrics, auth = self._metrics, self._auth
 
         async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            call = _Call(method, context, metrics, streaming)
+            call = _Call(method, context, metrics, streaming, auth)
             with call.running():
                 try:
-                    response = await behavior(prepare(request, call), context)
+                    with call.authenticated():
+                        response = await behavior(prepare(request, call), context)
                     if response is not None:
                         call.sent(response)
                     return response
@@ -210,15 +243,16 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         behavior: Callable[..., Any],
         prepare: Callable[[Any, _Call], Any],
     ) -> Callable[..., Any]:
-        metrics = self._metrics
+        metrics, auth = self._metrics, self._auth
 
         async def handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            call = _Call(method, context, metrics, streaming=True)
+            call = _Call(method, context, metrics, streaming=True, auth=auth)
             with call.running():
                 try:
-                    async for response in behavior(prepare(request, call), context):
-                        call.sent(response)
-                        yield response
+                    with call.authenticated():
+                        async for response in behavior(prepare(request, call), context):
+                            call.sent(response)
+                            yield response
                 except CwmError as exc:
                     await call.abort(exc)
                 except grpc.aio.AbortError:
@@ -283,11 +317,16 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         """A method this server does not have: UNIMPLEMENTED with an ErrorInfo saying so
         (what gRPC answers on its own carries no details). A stream-stream handler on raw
         bytes serves any call shape."""
-        metrics = self._metrics
+        metrics, auth = self._metrics, self._auth
 
         async def handler(requests: Any, context: grpc.aio.ServicerContext) -> None:
-            call = _Call(method, context, metrics, streaming=False)
+            call = _Call(method, context, metrics, streaming=False, auth=auth)
             with call.running():
+                if auth is not None and not is_open(method):
+                    try:
+                        auth.identify(context)
+                    except CwmError as exc:
+                        await call.abort(exc)
                 await call.abort(
                     Unimplemented(
                         f"this manager has no method {method}; it serves "

@@ -34,7 +34,7 @@ class SessionServicer(pb.SessionServiceServicer):
         first = await anext(aiter(request_iterator), None)
         if first is None or first.WhichOneof("payload") != "hello":
             raise InvalidArgument("the first Connect message must be an AgentHello", field="hello")
-        conn = self._registry.register(first.hello)
+        conn = self._registry.register(current_tenant(context), first.hello)
         reader = asyncio.ensure_future(self._read(conn, request_iterator))
         try:
             yield pb.ConnectResponse(welcome=pb.Welcome(manager_id=self._manager_id))
@@ -45,7 +45,9 @@ class SessionServicer(pb.SessionServiceServicer):
                 finally:
                     if not get.done():
                         get.cancel()
-                if get.cancelled():
+                # Not done: the reader ended first and `get` was just asked to cancel (it is
+                # only "cancelling" until the loop runs it; its result() would raise).
+                if not get.done() or get.cancelled():
                     break
                 yield pb.ConnectResponse(order=get.result())
             reader.result()
@@ -72,12 +74,14 @@ class SessionServicer(pb.SessionServiceServicer):
     async def ListAgents(  # noqa: N802
         self, request: pb.ListAgentsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListAgentsResponse:
-        return pb.ListAgentsResponse(agents=[c.info() for c in self._registry.agents()])
+        tenant = current_tenant(context)
+        return pb.ListAgentsResponse(agents=[c.info() for c in self._registry.agents(tenant)])
 
     async def ListSessions(  # noqa: N802
         self, request: pb.ListSessionsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListSessionsResponse:
-        return pb.ListSessionsResponse(sessions=self._registry.sessions(request.agent_id))
+        sessions = self._registry.sessions(current_tenant(context), request.agent_id)
+        return pb.ListSessionsResponse(sessions=sessions)
 
     async def FreezeSession(  # noqa: N802
         self, request: pb.FreezeSessionRequest, context: grpc.aio.ServicerContext
@@ -86,7 +90,9 @@ class SessionServicer(pb.SessionServiceServicer):
         check_labels(request.tags, request.description)
         if not request.session_id:
             raise InvalidArgument("session_id is required", field="session_id")
-        conn = self._registry.agent_with_session(request.session_id, request.agent_id)
+        conn = self._registry.agent_with_session(
+            current_tenant(context), request.session_id, request.agent_id
+        )
         order = pb.Order(
             freeze=pb.FreezeOrder(
                 session_id=request.session_id,
@@ -108,10 +114,11 @@ class SessionServicer(pb.SessionServiceServicer):
     async def ThawWindow(  # noqa: N802
         self, request: pb.ThawWindowRequest, context: grpc.aio.ServicerContext
     ) -> pb.ThawWindowResponse:
+        tenant = current_tenant(context)
         window = await self._manager.get(
-            current_tenant(context), request.window_name, pb.WindowView.WINDOW_VIEW_FULL
+            tenant, request.window_name, pb.WindowView.WINDOW_VIEW_FULL
         )
-        conn = self._registry.agent_for_window(window, request.agent_id)
+        conn = self._registry.agent_for_window(tenant, window, request.agent_id)
         order = pb.Order(
             thaw=pb.ThawOrder(window_name=window.name, new_session_id=request.new_session_id)
         )

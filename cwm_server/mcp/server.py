@@ -11,6 +11,7 @@ from typing import Any
 from mcp.server import MCPServer
 from mcp.types import ToolAnnotations
 
+from cwm_client import Credentials
 from cwm_server.mcp.tools import Bridge
 
 INSTRUCTIONS = """\
@@ -144,9 +145,12 @@ def _version() -> str:
         return "0"
 
 
-def build_server(manager: str, *, log_level: str = "WARNING") -> MCPServer[Bridge]:
-    """An MCPServer whose tools call the cwm manager at `manager` (HOST:PORT)."""
-    bridge = Bridge(manager)
+def build_server(
+    manager: str, *, log_level: str = "WARNING", credentials: Credentials | None = None
+) -> MCPServer[Bridge]:
+    """An MCPServer whose tools call the cwm manager at `manager` (HOST:PORT), as the
+    tenant of `credentials`' token."""
+    bridge = Bridge(manager, credentials)
 
     @asynccontextmanager
     async def lifespan(_: MCPServer[Bridge]) -> AsyncIterator[Bridge]:
@@ -174,15 +178,22 @@ def build_server(manager: str, *, log_level: str = "WARNING") -> MCPServer[Bridg
     return server
 
 
-async def serve_stdio(manager: str, *, log_level: str = "WARNING") -> None:
+async def serve_stdio(
+    manager: str, *, log_level: str = "WARNING", credentials: Credentials | None = None
+) -> None:
     """Serve MCP on stdin/stdout until the client closes stdin."""
-    await build_server(manager, log_level=log_level).run_stdio_async()
+    await build_server(manager, log_level=log_level, credentials=credentials).run_stdio_async()
 
 
 async def serve_http(
-    manager: str, host: str, port: int, *, path: str = "/mcp", log_level: str = "WARNING"
+    manager: str,
+    host: str,
+    port: int,
+    *,
+    path: str = "/mcp",
+    log_level: str = "WARNING",
+    credentials: Credentials | None = None,
 ) -> None:
     """Serve MCP over streamable HTTP at http://HOST:PORT/mcp until interrupted."""
-    await build_server(manager, log_level=log_level).run_streamable_http_async(
-        host=host, port=port, streamable_http_path=path
-    )
+    server = build_server(manager, log_level=log_level, credentials=credentials)
+    await server.run_streamable_http_async(host=host, port=port, streamable_http_path=path)

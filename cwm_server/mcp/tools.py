@@ -18,7 +18,7 @@ from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import Field
 
-from cwm_client import AsyncSessionClient, AsyncWindowClient, pb
+from cwm_client import AsyncSessionClient, AsyncWindowClient, Credentials, pb
 from cwm_client.errors import CwmError, NotFound
 from cwm_server.mcp.errors import describe, invalid_argument, tool_errors
 from cwm_server.mcp.models import (
@@ -55,16 +55,18 @@ Tags = Annotated[
 class Bridge:
     """The MCP tools over one manager. Enter `connected()` (the server's lifespan) first."""
 
-    def __init__(self, manager: str) -> None:
+    def __init__(self, manager: str, credentials: Credentials | None = None) -> None:
         self.manager = manager
+        self.credentials = credentials or Credentials()
+        """The token (and TLS) the bridge calls the manager with: it acts as that tenant."""
         self._windows: AsyncWindowClient | None = None
         self._sessions: AsyncSessionClient | None = None
 
     @asynccontextmanager
     async def connected(self) -> AsyncIterator[Bridge]:
         """Open the gRPC channels on the running loop; close them when the server stops."""
-        self._windows = AsyncWindowClient(self.manager)
-        self._sessions = AsyncSessionClient(self.manager)
+        self._windows = AsyncWindowClient(self.manager, credentials=self.credentials)
+        self._sessions = AsyncSessionClient(self.manager, credentials=self.credentials)
         try:
             yield self
         finally:
