@@ -6,7 +6,7 @@ No torch and no server code is imported here.
 """
 
 from cwm_client import pb
-from cwm_client._common import FreezeResult, ThawedChunk
+from cwm_client._common import Credentials, FreezeResult, ThawedChunk
 from cwm_client.async_client import AsyncSessionClient, AsyncThawStream, AsyncWindowClient
 from cwm_client.chunks import (
     ChunkPayload,
@@ -16,15 +16,20 @@ from cwm_client.chunks import (
     chunks_from_bytes,
     digest,
 )
+from cwm_client.keyed import AsyncKeyedChunkClient, KeyedChunkClient, KeyedValue
 from cwm_client.sync_client import SessionClient, ThawStream, WindowClient
 
 __all__ = [
+    "AsyncKeyedChunkClient",
     "AsyncSessionClient",
     "AsyncThawStream",
     "AsyncWindowClient",
     "ChunkPayload",
+    "Credentials",
     "FreezeResult",
     "InMemoryChunk",
+    "KeyedChunkClient",
+    "KeyedValue",
     "SessionClient",
     "ThawStream",
     "ThawedChunk",

@@ -64,6 +64,26 @@ def _host_port_or_empty(value: str) -> str:
     return value if value == "" else _host_port(value)
 
 
+def _redis_urls(value: str) -> str:
+    if value:
+        from cwm_server.manager.redis_tier import parse_urls
+
+        parse_urls(value)
+    return value
+
+
+def _redis_policy(value: str) -> str:
+    if value not in ("write-through", "redis-only"):
+        raise ValueError(f"expected write-through or redis-only, got {value!r}")
+    return value
+
+
+def _redis_prefix(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", value):
+        raise ValueError(f"expected 1 to 64 characters of [A-Za-z0-9._-], got {value!r}")
+    return value
+
+
 def _log_level(value: str) -> str:
     upper = value.upper()
     if upper not in LOG_LEVELS:
@@ -126,6 +146,34 @@ SETTINGS: tuple[Setting, ...] = (
         "manager address for client commands (cwm ls, freeze, status, ...)",
         "--manager",
         _host_port,
+    ),
+    Setting(
+        "client.token",
+        str,
+        lambda: "",
+        "bearer token client commands, agents and the MCP bridge send (`cwm auth token`)",
+        "--token",
+    ),
+    Setting(
+        "client.tls_ca",
+        str,
+        lambda: "",
+        "PEM CA bundle of the manager's TLS certificate; set: client commands use TLS",
+        "--tls-ca",
+    ),
+    Setting(
+        "client.tls_client_cert",
+        str,
+        lambda: "",
+        "PEM client certificate for a manager that requires one (mutual TLS)",
+        "--tls-cert",
+    ),
+    Setting(
+        "client.tls_client_key",
+        str,
+        lambda: "",
+        "PEM key of the client certificate",
+        "--tls-key",
     ),
     Setting(
         "serve.data_dir",
@@ -215,12 +263,110 @@ SETTINGS: tuple[Setting, ...] = (
         _non_negative_int,
     ),
     Setting(
+        "serve.quota_file",
+        str,
+        lambda: "",
+        "TOML file of per-tenant quotas (max_bytes, max_windows); empty: no quotas",
+        "--quota-file",
+    ),
+    Setting(
+        "serve.key_file",
+        str,
+        lambda: "",
+        "TOML file of per-tenant AES-256 keys: chunks of those tenants are encrypted at rest",
+        "--key-file",
+    ),
+    Setting(
+        "serve.ttl_interval_seconds",
+        float,
+        lambda: 30.0,
+        "seconds between sweeps of the TTL collector that deletes expired windows",
+        "--ttl-interval",
+        _positive_float,
+    ),
+    Setting(
+        "serve.redis_url",
+        str,
+        lambda: "",
+        "Redis tier URL: redis://, rediss:// or unix:// (a cluster: seeds, comma-separated)",
+        "--redis-url",
+        _redis_urls,
+    ),
+    Setting(
+        "serve.redis_cluster",
+        bool,
+        lambda: False,
+        "the Redis URLs are seed nodes of a Redis Cluster",
+        "--redis-cluster",
+        _parse_bool,
+    ),
+    Setting(
+        "serve.redis_catalog",
+        bool,
+        lambda: False,
+        "keep the window catalog in Redis, shared by every manager on it (needs redis_url)",
+        "--redis-catalog",
+        _parse_bool,
+    ),
+    Setting(
+        "serve.redis_policy",
+        str,
+        lambda: "write-through",
+        "write-through (disk and Redis) or redis-only (Redis is the durable tier, no chunk files)",
+        "--redis-policy",
+        _redis_policy,
+    ),
+    Setting(
+        "serve.redis_timeout_seconds",
+        float,
+        lambda: 0.5,
+        "Redis connect/read timeout; after a failure Redis calls fail at once until it is back",
+        "--redis-timeout",
+        _positive_float,
+    ),
+    Setting(
+        "serve.redis_prefix",
+        str,
+        lambda: "cwm",
+        "first part of every Redis key (fleets sharing one Redis use different prefixes)",
+        "--redis-prefix",
+        _redis_prefix,
+    ),
+    Setting(
         "serve.log_level",
         str,
         lambda: "INFO",
         "log level of the manager's JSON log on stderr",
         "--log-level",
         _log_level,
+    ),
+    Setting(
+        "serve.auth_file",
+        str,
+        lambda: "",
+        "TOML/JSON file of token hashes -> tenant and role; empty: no authentication",
+        "--auth-file",
+    ),
+    Setting(
+        "serve.tls_cert",
+        str,
+        lambda: "",
+        "PEM certificate chain of the manager; with serve.tls_key the port speaks TLS",
+        "--tls-cert",
+    ),
+    Setting(
+        "serve.tls_key",
+        str,
+        lambda: "",
+        "PEM private key of the manager's certificate",
+        "--tls-key",
+    ),
+    Setting(
+        "serve.tls_client_ca",
+        str,
+        lambda: "",
+        "PEM CA of client certificates; set: mutual TLS, cwm://TENANT/ROLE certs authenticate",
+        "--tls-client-ca",
     ),
 )
 BY_KEY = {s.key: s for s in SETTINGS}
@@ -405,7 +551,20 @@ def manager_config(effective: Effective) -> ManagerConfig:
         compress=effective["serve.compress"],
         fsync=effective["serve.fsync"],
         io_threads=effective["serve.io_threads"],
+        quota_file=_optional_path(effective["serve.quota_file"]),
+        key_file=_optional_path(effective["serve.key_file"]),
+        ttl_interval_s=effective["serve.ttl_interval_seconds"],
+        redis_url=effective["serve.redis_url"],
+        redis_cluster=effective["serve.redis_cluster"],
+        redis_catalog=effective["serve.redis_catalog"],
+        redis_policy=effective["serve.redis_policy"],
+        redis_timeout_s=effective["serve.redis_timeout_seconds"],
+        redis_prefix=effective["serve.redis_prefix"],
     )
+
+
+def _optional_path(value: str) -> Path | None:
+    return Path(value).expanduser() if value else None
 
 
 def default_manager_address() -> str:
@@ -419,6 +578,20 @@ def default_manager_address() -> str:
     except ConfigError as exc:
         print(f"warning: ignoring the config file: {exc}", file=sys.stderr)
         return DEFAULT_TARGET
+    return value
+
+
+def client_setting(key: str) -> str:
+    """A client.* setting for client commands: its environment variable, else the config
+    file, else the default (a broken file is reported and skipped, as for --manager)."""
+    setting = BY_KEY[key]
+    if setting.env in os.environ:
+        return os.environ[setting.env]
+    try:
+        value: str = load()[key]
+    except ConfigError as exc:
+        print(f"warning: ignoring the config file: {exc}", file=sys.stderr)
+        return str(setting.default())
     return value
 
 

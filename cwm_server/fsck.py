@@ -36,7 +36,7 @@ from cwm_client import pb
 from cwm_client.chunks import DTYPE_SIZE, chunk_raw_size, token_spans
 from cwm_client.chunks import digest as blake3_digest
 from cwm_client.codecs import decode
-from cwm_server.manager.catalog import Catalog, ChunkRow
+from cwm_server.manager.catalog import Catalog, ChunkRow, KeyedCatalog
 from cwm_server.manager.chunk_store import ChunkStore
 from cwm_server.manager.disk_tier import (
     HEADER_SIZE,
@@ -44,6 +44,16 @@ from cwm_server.manager.disk_tier import (
     ChunkFileCorrupt,
     ChunkFileMissing,
     DiskTier,
+    StoredChunk,
+)
+from cwm_server.manager.encryption import (
+    KeyFileError,
+    Keyring,
+    KeyUnavailable,
+    SealBroken,
+    is_sealed,
+    parse_envelope,
+    plain_codec,
 )
 from cwm_server.manager.memory_tier import MemoryTier
 
@@ -68,6 +78,8 @@ BAD_WINDOW = "bad_window"
 ORPHAN_FILE = "orphan_file"
 TEMP_FILE = "temp_file"
 STRAY_FILE = "stray_file"
+UNVERIFIABLE = "unverifiable"
+"""A warning: a chunk sealed with a key fsck was not given (encryption at rest)."""
 
 
 class FsckError(Exception):
@@ -177,12 +189,22 @@ def _short(digest: bytes) -> str:
     return digest.hex()[:12] + "…"
 
 
+KEY_REF = "\x00key:"
+"""Marks a reference held by a key (KeyedChunkService) rather than a window."""
+
+
 def _window_label(tenant: str, name: str) -> str:
+    if name.startswith(KEY_REF):
+        key = name[len(KEY_REF) :][:80]
+        return f"key {key!r}" if tenant == "default" else f"tenant {tenant!r} key {key!r}"
     return f"window {name!r}" if tenant == "default" else f"tenant {tenant!r} window {name!r}"
 
 
-def _check_file(disk: DiskTier, tenant: str, digest: bytes, raw_size: int) -> str | None:
-    """Why the chunk's file is unusable ("missing", "corrupt (...)"), or None if it is sound."""
+def _check_file(
+    disk: DiskTier, tenant: str, digest: bytes, raw_size: int, keyring: Keyring | None = None
+) -> str | None:
+    """Why the chunk's file is unusable ("missing", "corrupt (...)", or UNVERIFIABLE when
+    it is sealed with a key fsck was not given), or None if it is sound."""
     try:
         stored = disk.read(tenant, digest)
     except ChunkFileMissing:
@@ -192,6 +214,19 @@ def _check_file(disk: DiskTier, tenant: str, digest: bytes, raw_size: int) -> st
         return f"corrupt ({why})"
     except OSError as exc:
         return f"corrupt (unreadable: {exc.strerror or exc})"
+    if is_sealed(stored.codec):
+        codec = plain_codec(stored.codec)
+        try:
+            if keyring is None:
+                raise KeyUnavailable(tenant, parse_envelope(stored.data)[0])
+            data = keyring.open(
+                tenant, digest, codec, stored.word_size, stored.raw_size, stored.data
+            )
+        except KeyUnavailable as exc:
+            return f"{UNVERIFIABLE}: encrypted with key {exc.key_id!r}, which fsck was not given"
+        except SealBroken as exc:
+            return f"corrupt ({exc})"
+        stored = StoredChunk(codec, stored.word_size, stored.raw_size, data)
     try:
         raw = decode(stored.data, stored.codec, stored.raw_size, stored.word_size)
     except Exception as exc:  # noqa: BLE001 - any decoder failure means the bytes are bad
@@ -236,8 +271,14 @@ def _window_problems(window: pb.WindowInfo) -> list[str]:
 
 class _Checker:
     def __init__(
-        self, data_dir: Path, repair: bool, running: bool, progress: Progress | None
+        self,
+        data_dir: Path,
+        repair: bool,
+        running: bool,
+        progress: Progress | None,
+        keyring: Keyring | None = None,
     ) -> None:
+        self.keyring = keyring
         self.data_dir = data_dir
         self.repair = repair
         self.running = running
@@ -294,6 +335,9 @@ class _Checker:
                     refs[(window.tenant, ref.digest)].append(
                         _Reference(window.tenant, window.name, ref.index, ref.raw_size)
                     )
+            # Keys of KeyedChunkService hold references like windows do (catalog.KeyedCatalog).
+            for tenant, key, digest, raw_size in KeyedCatalog(self.catalog).iter_refs():
+                refs[(tenant, digest)].append(_Reference(tenant, KEY_REF + key, 0, raw_size))
             for tenant, row in self.catalog.iter_chunks():
                 rows[(tenant, row.digest)] = row
         self.report.chunk_rows = len(rows)
@@ -301,7 +345,12 @@ class _Checker:
 
     def _still_there(self, reference: _Reference) -> bool:
         """With a manager running, a window may have been deleted since the snapshot."""
-        return not self.running or self.catalog.window_exists(reference.tenant, reference.window)
+        if not self.running:
+            return True
+        if reference.window.startswith(KEY_REF):
+            keyed = KeyedCatalog(self.catalog)
+            return keyed.key_exists(reference.tenant, reference.window[len(KEY_REF) :])
+        return self.catalog.window_exists(reference.tenant, reference.window, include_expired=True)
 
     def _check_referenced(
         self,
@@ -313,8 +362,22 @@ class _Checker:
             if self.progress is not None:
                 self.progress(done, total)
             row = rows.get((tenant, digest))
-            why = _check_file(self.disk, tenant, digest, users[0].raw_size)
-            self.report.chunks_verified += 1
+            why = _check_file(self.disk, tenant, digest, users[0].raw_size, self.keyring)
+            if why is not None and why.startswith(UNVERIFIABLE):
+                self.report.warnings.append(
+                    Problem(
+                        UNVERIFIABLE,
+                        f"chunk {_short(digest)} of tenant {tenant!r} is {why}; pass "
+                        "`--key-file` to verify it (without its key it cannot be read: "
+                        "crypto-shredded if the key was deleted)",
+                        tenant=tenant,
+                        digest=digest.hex(),
+                        path=str(self.disk.path_for(tenant, digest)),
+                    )
+                )
+                why = None
+            else:
+                self.report.chunks_verified += 1
             if why is not None:
                 self._report_bad_chunk(tenant, digest, users, why, row is None)
             elif row is None:
@@ -385,7 +448,7 @@ class _Checker:
                     refcount=len(users),
                     raw_size=stored.raw_size,
                     stored_size=HEADER_SIZE + len(stored.data),
-                    codec=stored.codec,
+                    codec=plain_codec(stored.codec),
                 ),
             )
             problem.repaired = True
@@ -483,9 +546,17 @@ def _digest_of(name: str) -> bytes | None:
 
 
 def run_fsck(
-    data_dir: str | os.PathLike[str], *, repair: bool = False, progress: Progress | None = None
+    data_dir: str | os.PathLike[str],
+    *,
+    repair: bool = False,
+    progress: Progress | None = None,
+    key_file: str | os.PathLike[str] | None = None,
 ) -> FsckReport:
     """Check the manager data dir `data_dir`; with `repair`, fix what can be fixed.
+
+    `key_file`: the manager's --key-file, so chunks sealed with its keys are decrypted and
+    verified; without it (or without a chunk's key) such chunks are reported as warnings
+    (unverifiable), not as corrupt. A key file that cannot be read raises FsckError.
 
     Raises FsckError if there is nothing to check, or if `repair` is asked while a manager
     has the catalog open. Call it from a process that does not itself have this data dir's
@@ -502,7 +573,13 @@ def run_fsck(
             f"a manager has {root / CATALOG_FILE} open; stop it before `cwm fsck --repair` "
             "(checking without --repair is safe while it runs)"
         )
-    checker = _Checker(root, repair=repair, running=running, progress=progress)
+    keyring = None
+    if key_file is not None:
+        try:
+            keyring = Keyring.load(Path(key_file).expanduser())
+        except KeyFileError as exc:
+            raise FsckError(str(exc)) from None
+    checker = _Checker(root, repair=repair, running=running, progress=progress, keyring=keyring)
     try:
         return checker.run()
     finally:
@@ -520,6 +597,7 @@ __all__ = [
     "STRAY_FILE",
     "TEMP_FILE",
     "UNREFERENCED_ROW",
+    "UNVERIFIABLE",
     "FsckError",
     "FsckReport",
     "Problem",

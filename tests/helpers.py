@@ -17,7 +17,7 @@ import numpy as np
 from cwm_client import InMemoryChunk, chunks_from_bytes, pb
 from cwm_client.chunks import bytes_per_token
 from cwm_server.manager.config import ManagerConfig
-from cwm_server.manager.server import ManagerServer
+from cwm_server.manager.server import ManagerServer, ServerOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,12 +71,12 @@ class ThreadedManager:
     """An in-process manager on 127.0.0.1:<ephemeral> with its own event loop thread, so
     tests can use the blocking client directly."""
 
-    def __init__(self, config: ManagerConfig) -> None:
+    def __init__(self, config: ManagerConfig, options: ServerOptions | None = None) -> None:
         self.config = config
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.server = ManagerServer(config)
+        self.server = ManagerServer(config, options)
         self.port = self._run(self.server.start())
         self.target = f"127.0.0.1:{self.port}"
 

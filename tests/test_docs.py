@@ -52,6 +52,7 @@ EXERCISED_ELSEWHERE = {
     "export": "tests/test_archive.py",
     "import": "tests/test_archive.py",
     "fsck": "tests/test_fsck.py",
+    "auth": "tests/test_auth.py",
 }
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from cwm_server import config as cwm_config
 from cwm_server.cli.options import Subparsers, add_command
 from cwm_server.logs import configure_logging
+from cwm_server.manager.config import ManagerConfig
 
 MiB = 1 << 20
 
@@ -32,6 +33,19 @@ FLAG_KEYS = {
     "health_interval": "serve.health_interval_seconds",
     "min_free_mib": "serve.min_free_mib",
     "log_level": "serve.log_level",
+    "auth_file": "serve.auth_file",
+    "tls_cert": "serve.tls_cert",
+    "tls_key": "serve.tls_key",
+    "tls_client_ca": "serve.tls_client_ca",
+    "quota_file": "serve.quota_file",
+    "key_file": "serve.key_file",
+    "ttl_interval": "serve.ttl_interval_seconds",
+    "redis_url": "serve.redis_url",
+    "redis_cluster": "serve.redis_cluster",
+    "redis_catalog": "serve.redis_catalog",
+    "redis_policy": "serve.redis_policy",
+    "redis_timeout": "serve.redis_timeout_seconds",
+    "redis_prefix": "serve.redis_prefix",
 }
 
 
@@ -45,17 +59,48 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except cwm_config.ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from cwm_server.manager.server import ServerOptions, serve
+    from cwm_server.manager.server import ServerOptions, check_server_options, serve
 
     configure_logging("json", effective["serve.log_level"])
     options = ServerOptions(
         metrics_listen=effective["serve.metrics"],
         health_interval_s=effective["serve.health_interval_seconds"],
         min_free_bytes=effective["serve.min_free_mib"] * MiB,
+        **auth_options(effective),
     )
+    try:
+        check_server_options(options)
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    manager_config = cwm_config.manager_config(effective)
+    if problem := _check_policy_files(manager_config):
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     port_file = Path(args.port_file) if args.port_file else None
-    asyncio.run(serve(cwm_config.manager_config(effective), port_file, options))
+    asyncio.run(serve(manager_config, port_file, options))
     return 0
+
+
+def _check_policy_files(config: ManagerConfig) -> str:
+    """Why the quota or key file cannot be used (empty if they can), before serving."""
+    from cwm_server.manager.encryption import KeyFileError, Keyring
+    from cwm_server.manager.quotas import QuotaFileError, QuotaPolicy
+
+    try:
+        if config.quota_file is not None:
+            QuotaPolicy.load(config.quota_file)
+        if config.key_file is not None:
+            Keyring.load(config.key_file)
+    except (QuotaFileError, KeyFileError) as exc:
+        return str(exc)
+    return ""
+
+
+def auth_options(effective: cwm_config.Effective) -> dict[str, Path | None]:
+    """The ServerOptions fields of authentication and TLS (empty setting: None)."""
+    keys = ("auth_file", "tls_cert", "tls_key", "tls_client_ca")
+    return {k: Path(v).expanduser() if (v := effective[f"serve.{k}"]) else None for k in keys}
 
 
 def _host_port(value: str) -> str:
@@ -66,7 +111,7 @@ def _host_port(value: str) -> str:
 
 
 def add_parser(sub: Subparsers) -> None:
-    serve_p = add_command(sub, "serve", help="run the manager (gRPC WindowService)")
+    serve_p = add_command(sub, "serve", help="run the manager (gRPC WindowService)", client=False)
     serve_p.add_argument(
         "--config",
         metavar="FILE",
@@ -120,5 +165,67 @@ def add_parser(sub: Subparsers) -> None:
     )
     serve_p.add_argument(
         "--log-level", type=str.upper, choices=cwm_config.LOG_LEVELS, help="default INFO"
+    )
+    redis = serve_p.add_argument_group("Redis (shared tier and fleet catalog; docs/OPERATIONS.md)")
+    redis.add_argument(
+        "--redis-url",
+        metavar="URL",
+        help="Redis tier: redis://HOST:PORT, rediss://HOST:PORT or unix:///PATH; with "
+        "--redis-cluster one or more seed URLs separated by commas",
+    )
+    redis.add_argument(
+        "--redis-cluster",
+        action="store_const",
+        const=True,
+        help="the --redis-url seeds are nodes of a Redis Cluster",
+    )
+    redis.add_argument(
+        "--redis-catalog",
+        action="store_const",
+        const=True,
+        help="keep the window catalog in Redis, shared by every manager on it (fleet mode)",
+    )
+    redis.add_argument(
+        "--redis-policy",
+        choices=("write-through", "redis-only"),
+        help="write-through: chunks to disk and Redis (default); redis-only: Redis is the "
+        "durable tier, no chunk files",
+    )
+    redis.add_argument(
+        "--redis-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="Redis connect/read timeout (default 0.5)",
+    )
+    redis.add_argument("--redis-prefix", help="first part of every Redis key (default cwm)")
+    serve_p.add_argument(
+        "--quota-file",
+        metavar="FILE",
+        help="TOML per-tenant quotas ([default] and [tenants.NAME]: max_bytes, max_windows)",
+    )
+    serve_p.add_argument(
+        "--key-file",
+        metavar="FILE",
+        help="TOML per-tenant AES-256-GCM keys: those tenants' chunks are encrypted at rest",
+    )
+    serve_p.add_argument(
+        "--ttl-interval",
+        type=float,
+        metavar="SECONDS",
+        help="seconds between sweeps deleting expired windows (default 30)",
+    )
+    serve_p.add_argument(
+        "--auth-file",
+        metavar="FILE",
+        help="TOML/JSON token hashes -> tenant and role (`cwm auth token`); without it (and "
+        "without --tls-client-ca) every call is tenant 'default' as admin",
+    )
+    serve_p.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate")
+    serve_p.add_argument("--tls-key", metavar="PEM", help="the key of --tls-cert")
+    serve_p.add_argument(
+        "--tls-client-ca",
+        metavar="PEM",
+        help="require client certificates signed by this CA (mutual TLS); a certificate "
+        "with SAN URI cwm://TENANT/ROLE authenticates as that tenant and role",
     )
     serve_p.set_defaults(handler=cmd_serve, needs_client=False)

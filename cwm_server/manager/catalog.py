@@ -8,6 +8,7 @@ what makes a commit atomic and a clone O(1) in bytes. Only one thread uses the c
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cwm_client import pb
+from cwm_server.manager.quotas import Usage
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS windows (
@@ -83,6 +85,9 @@ class Catalog:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        self._db.executescript(KEYED_SCHEMA)
+        self._db.executescript(TTL_SCHEMA)
+        self._unexpire_pinned()
 
     @contextmanager
     def snapshot(self) -> Iterator[None]:
@@ -101,14 +106,23 @@ class Catalog:
     def get_window(self, tenant: str, name: str, full: bool = True) -> pb.WindowInfo | None:
         column = "full" if full else "basic"
         row = self._db.execute(
-            f"SELECT {column} FROM windows WHERE tenant=? AND name=?", (tenant, name)
+            f"SELECT {column} FROM windows WHERE tenant=? AND name=? AND {LIVE}",
+            (tenant, name, time.time()),
         ).fetchone()
         return None if row is None else pb.WindowInfo.FromString(row[0])
 
-    def window_exists(self, tenant: str, name: str) -> bool:
-        row = self._db.execute(
-            "SELECT 1 FROM windows WHERE tenant=? AND name=?", (tenant, name)
-        ).fetchone()
+    def window_exists(self, tenant: str, name: str, include_expired: bool = False) -> bool:
+        """True if the window exists and has not expired (or, with `include_expired`, if
+        its row exists at all: an expired window the collector has not deleted yet)."""
+        if include_expired:
+            row = self._db.execute(
+                "SELECT 1 FROM windows WHERE tenant=? AND name=?", (tenant, name)
+            ).fetchone()
+        else:
+            row = self._db.execute(
+                f"SELECT 1 FROM windows WHERE tenant=? AND name=? AND {LIVE}",
+                (tenant, name, time.time()),
+            ).fetchone()
         return row is not None
 
     def chunk(self, tenant: str, digest: bytes) -> ChunkRow | None:
@@ -136,8 +150,8 @@ class Catalog:
     ) -> list[pb.WindowInfo]:
         """Windows ordered by name after `after`, filtered by everything SQL can filter."""
         column = "full" if full else "basic"
-        sql = [f"SELECT {column} FROM windows WHERE tenant=? AND name>?"]
-        args: list[object] = [tenant, after]
+        sql = [f"SELECT {column} FROM windows WHERE tenant=? AND name>? AND {LIVE}"]
+        args: list[object] = [tenant, after, time.time()]
         if name_prefix:
             sql.append("AND substr(name, 1, ?) = ?")
             args += [len(name_prefix), name_prefix]
@@ -191,6 +205,7 @@ class Catalog:
             exists = self.window_exists(tenant, window.name)
             if exists and not replace:
                 raise WindowExists(window.name)
+            exists = exists or self.window_exists(tenant, window.name, include_expired=True)
             for digest, count in Counter(ref.digest for ref in window.chunks).items():
                 updated = self._db.execute(
                     "UPDATE chunks SET refcount = refcount + ? WHERE tenant=? AND digest=?",
@@ -208,7 +223,9 @@ class Catalog:
                 raise CommitAbandoned(window.name)
             return freed
 
-    def clone_window(self, source: pb.WindowInfo, clone: pb.WindowInfo) -> None:
+    def clone_window(self, source: pb.WindowInfo, clone: pb.WindowInfo) -> list[bytes]:
+        """Insert `clone`, sharing every chunk of `source`; returns the digests freed by
+        dropping an expired window of the clone's name (for the caller to collect)."""
         with self._transaction():
             if self.window_exists(clone.tenant, clone.name):
                 raise WindowExists(clone.name)
@@ -219,7 +236,11 @@ class Catalog:
                 "UPDATE chunks SET refcount = refcount + ? WHERE tenant=? AND digest=?",
                 [(count, clone.tenant, digest) for digest, count in counts.items()],
             )
+            freed = []
+            if self.window_exists(clone.tenant, clone.name, include_expired=True):
+                freed = self._drop_window(clone.tenant, clone.name)
             self._insert_window(clone)
+            return freed
 
     def delete_window(self, tenant: str, name: str) -> list[tuple[bytes, int]] | None:
         """Drop a window; returns (digest, stored_size) of chunks it freed, None if absent."""
@@ -254,11 +275,90 @@ class Catalog:
                     (refcount, tenant, digest),
                 )
 
+    # == TTLs and quotas (ttl_collector.py, quotas.py) ====================================
+    # A window whose `expires_at` column is in the past is invisible (get, list, exists,
+    # delete, clone and a thaw answer as if it were absent) until the collector deletes it;
+    # a pinned window's column is NULL, so it never expires. A Redis catalog implements
+    # the same three methods with the same meaning.
+
+    def expired_windows(self, now: float, limit: int = 100) -> list[tuple[str, str]]:
+        """(tenant, name) of up to `limit` windows that expired at or before `now`,
+        soonest-expired first."""
+        rows = self._db.execute(
+            "SELECT tenant, name FROM windows WHERE expires_at IS NOT NULL AND expires_at <= ? "
+            "ORDER BY expires_at LIMIT ?",
+            (now, limit),
+        ).fetchall()
+        return [(tenant, name) for tenant, name in rows]
+
+    def tenant_usage(self, tenant: str) -> Usage:
+        """What `tenant` holds: windows (expired ones not yet collected included), distinct
+        chunks and their raw and stored bytes (each chunk once, however many windows or
+        keys share it)."""
+        (windows,) = self._db.execute(
+            "SELECT count(*) FROM windows WHERE tenant=?", (tenant,)
+        ).fetchone()
+        chunks, raw, stored = self._db.execute(
+            "SELECT count(*), coalesce(sum(raw_size), 0), coalesce(sum(stored_size), 0) "
+            "FROM chunks WHERE tenant=?",
+            (tenant,),
+        ).fetchone()
+        return Usage(windows=windows, chunks=chunks, raw_bytes=raw, stored_bytes=stored)
+
+    def delete_expired_window(
+        self, tenant: str, name: str, now: float
+    ) -> list[tuple[bytes, int]] | None:
+        """`delete_window` for the collector: drops the window only if it is still expired
+        at `now` (a fresh window of the same name may have replaced it meanwhile); returns
+        (digest, stored_size) of the chunks freed, None if there was nothing to drop."""
+        with self._transaction():
+            row = self._db.execute(
+                "SELECT 1 FROM windows WHERE tenant=? AND name=? AND expires_at IS NOT NULL "
+                "AND expires_at <= ?",
+                (tenant, name, now),
+            ).fetchone()
+            if row is None:
+                return None
+            window = self._any_window(tenant, name)
+            assert window is not None
+            sizes = {}
+            for ref in window.chunks:
+                chunk = self.chunk(tenant, ref.digest)
+                if chunk is not None:
+                    sizes[ref.digest] = chunk.stored_size
+            freed = self._drop_window(tenant, name)
+            return [(d, sizes.get(d, 0)) for d in freed]
+
+    def _unexpire_pinned(self) -> None:
+        """Catalogs written before TTLs were enforced kept an expiry for pinned windows
+        too; a pinned window never expires, so clear it (once: later inserts store none)."""
+        rows = self._db.execute(
+            "SELECT tenant, name, basic FROM windows WHERE expires_at IS NOT NULL"
+        ).fetchall()
+        pinned = [(t, n) for t, n, blob in rows if pb.WindowInfo.FromString(blob).pinned]
+        if pinned:
+            with self._transaction():
+                self._db.executemany(
+                    "UPDATE windows SET expires_at = NULL WHERE tenant=? AND name=?", pinned
+                )
+
+    def _any_window(self, tenant: str, name: str) -> pb.WindowInfo | None:
+        """The window's row whether or not it has expired."""
+        row = self._db.execute(
+            "SELECT full FROM windows WHERE tenant=? AND name=?", (tenant, name)
+        ).fetchone()
+        return None if row is None else pb.WindowInfo.FromString(row[0])
+
+    # == end of TTLs and quotas ===========================================================
+
     # -- internals ----------------------------------------------------------------------
 
     def _insert_window(self, window: pb.WindowInfo) -> None:
+        # The column holds when the window stops being visible: never for a pinned one.
         expires = (
-            window.expires_at.ToDatetime().timestamp() if window.HasField("expires_at") else None
+            window.expires_at.seconds + window.expires_at.nanos / 1e9
+            if window.HasField("expires_at") and not window.pinned
+            else None
         )
         self._db.execute(
             "INSERT INTO windows VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -276,7 +376,7 @@ class Catalog:
         )
 
     def _drop_window(self, tenant: str, name: str) -> list[bytes]:
-        window = self.get_window(tenant, name)
+        window = self._any_window(tenant, name)
         assert window is not None
         self._db.execute("DELETE FROM windows WHERE tenant=? AND name=?", (tenant, name))
         freed = []
@@ -322,3 +422,190 @@ class CommitAbandoned(Exception):
 
 class WindowGone(Exception):
     """The window disappeared between reading it and changing the catalog."""
+
+
+# == Keyed chunks (KeyedChunkService, cwm_server/manager/keyed.py) ==========================
+# A key row names one chunk by an opaque key (LMCache's CacheEngineKey string) and holds one
+# reference on that chunk's row in `chunks`, exactly as each use by a window does: a chunk
+# that keys and windows share is collected only when the last of them is gone.
+
+KEYED_SCHEMA = """
+CREATE TABLE IF NOT EXISTS keyed_chunks (
+    tenant TEXT NOT NULL,
+    key TEXT NOT NULL,
+    digest BLOB NOT NULL,
+    raw_size INTEGER NOT NULL,
+    metadata BLOB NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (tenant, key)
+) WITHOUT ROWID;
+"""
+
+
+@dataclass(frozen=True)
+class KeyRow:
+    key: str
+    digest: bytes
+    raw_size: int
+    metadata: bytes
+    created_at: float
+    stored_size: int = 0
+
+
+@dataclass(frozen=True)
+class NewKey:
+    """A key a put stores, with the chunk holding its value."""
+
+    key: str
+    digest: bytes
+    raw_size: int
+    metadata: bytes
+
+
+def _keyed_has_table(db: sqlite3.Connection) -> bool:
+    row = db.execute(
+        "SELECT 1 FROM sqlite_master WHERE type='table' AND name='keyed_chunks'"
+    ).fetchone()
+    return row is not None
+
+
+_KEY_COLUMNS = (
+    "SELECT k.key, k.digest, k.raw_size, k.metadata, k.created_at, "
+    "coalesce(c.stored_size, 0) FROM keyed_chunks k LEFT JOIN chunks c "
+    "ON c.tenant = k.tenant AND c.digest = k.digest"
+)
+
+
+class KeyedCatalog:
+    """The key rows, on the same connection and transactions as the `Catalog` they extend
+    (so a key and a window change chunk references in one transaction when they must)."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+        self._db = catalog._db
+
+    def get_keys(self, tenant: str, keys: Iterable[str]) -> dict[str, KeyRow]:
+        found: dict[str, KeyRow] = {}
+        for key in keys:
+            row = self._db.execute(
+                f"{_KEY_COLUMNS} WHERE k.tenant=? AND k.key=?", (tenant, key)
+            ).fetchone()
+            if row is not None:
+                found[key] = KeyRow(*row)
+        return found
+
+    def contains_prefix(self, tenant: str, keys: Iterable[str]) -> int:
+        present = 0
+        for key in keys:
+            if not self.key_exists(tenant, key):
+                break
+            present += 1
+        return present
+
+    def key_exists(self, tenant: str, key: str) -> bool:
+        row = self._db.execute(
+            "SELECT 1 FROM keyed_chunks WHERE tenant=? AND key=?", (tenant, key)
+        ).fetchone()
+        return row is not None
+
+    def list_keys(self, tenant: str, *, after: str, key_prefix: str, limit: int) -> list[KeyRow]:
+        sql = [f"{_KEY_COLUMNS} WHERE k.tenant=? AND k.key>?"]
+        args: list[object] = [tenant, after]
+        if key_prefix:
+            sql.append("AND substr(k.key, 1, ?) = ?")
+            args += [len(key_prefix), key_prefix]
+        sql.append("ORDER BY k.key LIMIT ?")
+        args.append(limit)
+        return [KeyRow(*row) for row in self._db.execute(" ".join(sql), args).fetchall()]
+
+    def put_keys(
+        self,
+        tenant: str,
+        entries: list[NewKey],
+        new_chunks: dict[bytes, NewChunk],
+        created_at: float,
+    ) -> list[bytes]:
+        """Store key rows (overwriting), each taking a reference on its chunk, atomically.
+
+        A chunk without a row gets one from `new_chunks` (KeyError if absent: the caller
+        makes sure every value's chunk is stored). Returns the digests of chunks that lost
+        their last reference through an overwrite, for the caller to collect."""
+        freed: list[bytes] = []
+        with self.catalog._transaction():
+            for entry in entries:
+                updated = self._db.execute(
+                    "UPDATE chunks SET refcount = refcount + 1 WHERE tenant=? AND digest=?",
+                    (tenant, entry.digest),
+                ).rowcount
+                if not updated:
+                    new = new_chunks[entry.digest]
+                    self._db.execute(
+                        "INSERT INTO chunks VALUES (?, ?, ?, ?, ?, ?)",
+                        (tenant, entry.digest, 1, new.raw_size, new.stored_size, new.codec),
+                    )
+                old = self._db.execute(
+                    "SELECT digest FROM keyed_chunks WHERE tenant=? AND key=?",
+                    (tenant, entry.key),
+                ).fetchone()
+                if old is not None and _release_chunk(self._db, tenant, old[0], 1):
+                    freed.append(old[0])
+                self._db.execute(
+                    "INSERT OR REPLACE INTO keyed_chunks VALUES (?, ?, ?, ?, ?, ?)",
+                    (tenant, entry.key, entry.digest, entry.raw_size, entry.metadata, created_at),
+                )
+        return freed
+
+    def delete_keys(self, tenant: str, keys: Iterable[str]) -> tuple[int, list[tuple[bytes, int]]]:
+        """Drop key rows; returns how many existed and (digest, stored_size) of chunks
+        freed."""
+        deleted = 0
+        freed: list[tuple[bytes, int]] = []
+        with self.catalog._transaction():
+            for key in dict.fromkeys(keys):
+                row = self._db.execute(
+                    "SELECT digest FROM keyed_chunks WHERE tenant=? AND key=?", (tenant, key)
+                ).fetchone()
+                if row is None:
+                    continue
+                digest = row[0]
+                chunk = self.catalog.chunk(tenant, digest)
+                self._db.execute("DELETE FROM keyed_chunks WHERE tenant=? AND key=?", (tenant, key))
+                deleted += 1
+                if _release_chunk(self._db, tenant, digest, 1):
+                    freed.append((digest, chunk.stored_size if chunk is not None else 0))
+        return deleted, freed
+
+    def iter_refs(self) -> Iterator[tuple[str, str, bytes, int]]:
+        """(tenant, key, digest, raw_size) of every key row: fsck counts them as
+        references (a catalog opened read-only before the table existed has none)."""
+        if not _keyed_has_table(self._db):
+            return
+        yield from self._db.execute(
+            "SELECT tenant, key, digest, raw_size FROM keyed_chunks ORDER BY tenant, key"
+        ).fetchall()
+
+
+def _release_chunk(db: sqlite3.Connection, tenant: str, digest: bytes, count: int) -> bool:
+    """Drop `count` references on a chunk row; True if that was its last (row deleted)."""
+    gone = db.execute(
+        "DELETE FROM chunks WHERE tenant=? AND digest=? AND refcount <= ?",
+        (tenant, digest, count),
+    ).rowcount
+    if gone:
+        return True
+    db.execute(
+        "UPDATE chunks SET refcount = refcount - ? WHERE tenant=? AND digest=?",
+        (count, tenant, digest),
+    )
+    return False
+
+
+# == TTLs and quotas: schema and the "not expired" condition ================================
+
+TTL_SCHEMA = """
+CREATE INDEX IF NOT EXISTS windows_by_expiry ON windows (expires_at)
+    WHERE expires_at IS NOT NULL;
+"""
+
+LIVE = "(expires_at IS NULL OR expires_at > ?)"
+"""SQL condition on `windows`: not expired at the time bound to its one parameter."""

@@ -36,3 +36,27 @@ class ManagerConfig:
     upload_ttl_s: float = 600.0
     """How long the chunks staged by the streams of a parallel freeze are kept, after the
     upload's last stream ended, for a commit that has not come (then they are collected)."""
+    quota_file: Path | None = None
+    """Per-tenant quotas (TOML, see cwm_server/manager/quotas.py); None: no limits."""
+    key_file: Path | None = None
+    """Per-tenant encryption keys (TOML, see cwm_server/manager/encryption.py); None: chunks
+    are stored unencrypted (and encrypted ones cannot be read)."""
+    ttl_interval_s: float = 30.0
+    """Seconds between sweeps of the TTL collector, which deletes expired windows (they are
+    invisible from the moment they expire; the sweep frees their space)."""
+    redis_url: str = ""
+    """Redis tier: one URL (redis://, rediss://, unix://) or, with `redis_cluster`, one or
+    more cluster seed URLs separated by commas; empty: no Redis tier."""
+    redis_cluster: bool = False
+    """The Redis URLs are seeds of a Redis Cluster."""
+    redis_catalog: bool = False
+    """Keep the window catalog (and chunk refcounts) in Redis, shared by every manager that
+    points at the same Redis: the fleet mode. Needs `redis_url`."""
+    redis_policy: str = "write-through"
+    """`write-through`: chunks go to the disk and Redis before a window commits.
+    `redis-only`: Redis is the durable tier, no chunk files (stateless managers)."""
+    redis_timeout_s: float = 0.5
+    """Socket connect/read timeout for Redis; after a failure Redis calls fail at once
+    (UNAVAILABLE) until the health check, or this long, finds it back."""
+    redis_prefix: str = "cwm"
+    """First part of every Redis key (several fleets can share one Redis)."""

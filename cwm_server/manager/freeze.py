@@ -27,12 +27,14 @@ from cwm_client.chunks import (
 )
 from cwm_client.chunks import digest as blake3_digest
 from cwm_client.codecs import RAW, decode, pays
-from cwm_client.errors import DataLoss, FailedPrecondition, InvalidArgument
+from cwm_client.errors import DataLoss, FailedPrecondition, InvalidArgument, ResourceExhausted
 from cwm_client.names import check_window_name
 from cwm_server.manager.catalog import NewChunk, WindowExists, basic_view
 from cwm_server.manager.chunk_store import StoreResult
 from cwm_server.manager.disk_tier import HEADER_SIZE
+from cwm_server.manager.encryption import plain_codec
 from cwm_server.manager.metadata import check_labels, expiry_from_ttl, now_timestamp
+from cwm_server.manager.quotas import Reservation, declared_chunks
 from cwm_server.manager.uploads import check_upload
 from cwm_server.manager.windows import WindowManager, window_exists_error
 
@@ -124,6 +126,8 @@ class FreezeSession:
         self._pins: list[tuple[str, bytes]] = []
         self._abandoned = threading.Event()
         """Set when the stream fails or is cancelled; a commit still running rolls back."""
+        self._reservation = Reservation(None, (tenant, ""))
+        """What this freeze holds of its tenant's quota until it commits or fails."""
 
     async def run(self, requests: AsyncIterator[pb.FreezeRequest]) -> pb.FreezeResponse:
         first = await anext(requests, None)
@@ -142,6 +146,7 @@ class FreezeSession:
                 self._manager.catalog.window_exists, self._tenant, header.name
             ):
                 raise window_exists_error(header.name)
+            self._reservation = await self._reserve_quota(header, spans)
             await self._receive(requests, header, spans)
             await asyncio.sleep(CANCEL_SETTLE_S)
             if header.stage_only:
@@ -170,6 +175,7 @@ class FreezeSession:
                 uploads.add_leftovers(upload, self._received.started)
             raise
         finally:
+            self._reservation.release()
             self._manager.unpin(self._pins)
             if upload is not None:
                 uploads.leave(upload, close=not header.stage_only, committed=committed)
@@ -190,6 +196,40 @@ class FreezeSession:
             bytes_received=self._received.encoded_bytes,
             chunks_staged=from_staged,
         )
+
+    async def _reserve_quota(
+        self, header: pb.FreezeHeader, spans: list[tuple[int, int]]
+    ) -> Reservation:
+        """Reserve the chunks the header declares that the tenant does not store yet, and
+        one window unless it replaces one, against the tenant's quota: RESOURCE_EXHAUSTED
+        (QUOTA_EXCEEDED) before any byte is received if they do not fit. Runs on the
+        catalog thread, so no commit lands between reading the usage and reserving."""
+        manager = self._manager
+        tenant = self._tenant
+        if not manager.quotas.limited(tenant):
+            return Reservation(None, (tenant, ""))
+        sizes = [chunk_raw_size(header.fingerprint, count) for _, count in spans]
+        key = f"upload:{header.upload_id}" if header.upload_id else f"stream:{id(self):x}"
+        catalog = manager.catalog
+
+        def _reserve() -> Reservation:
+            replaces = header.replace and catalog.window_exists(tenant, header.name)
+            return manager.quotas.reserve(
+                tenant,
+                key,
+                usage=lambda: catalog.tenant_usage(tenant),
+                new_chunks=lambda: declared_chunks(
+                    header.chunk_digests, sizes, lambda ds: catalog.has_chunk_rows(tenant, ds)
+                ),
+                new_windows=0 if replaces else 1,
+            )
+
+        try:
+            return await manager.db(_reserve)
+        except ResourceExhausted:
+            if not await manager.collect_expired(tenant):
+                raise
+            return await manager.db(_reserve)
 
     async def _receive(
         self,
@@ -343,7 +383,10 @@ class FreezeSession:
                 elif manager.store.verify_on_disk(tenant, digest):
                     stored = manager.disk.read(tenant, digest)
                     known[digest] = NewChunk(
-                        digest, stored.raw_size, HEADER_SIZE + len(stored.data), stored.codec
+                        digest,
+                        stored.raw_size,
+                        HEADER_SIZE + len(stored.data),
+                        plain_codec(stored.codec),
                     )
                 else:
                     hint = (
@@ -438,7 +481,9 @@ def _store_as_received(
             field="chunk.data",
             reason="DIGEST_MISMATCH",
         )
-    stored = manager.disk.write(tenant, chunk.digest, chunk.codec, word, len(raw), chunk.data)
+    stored = manager.store.write_encoded(
+        tenant, chunk.digest, chunk.codec, word, len(raw), chunk.data, chunk.index
+    )
     manager.memory.put((tenant, chunk.digest), raw)
     return StoreResult(codec=chunk.codec, stored_size=stored)
 

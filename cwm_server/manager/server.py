@@ -8,6 +8,7 @@ import fcntl
 import os
 import signal
 import socket
+import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +22,15 @@ from cwm_client import pb
 from cwm_client._common import MAX_MESSAGE_BYTES
 from cwm_server.manager import health
 from cwm_server.manager.agents import AgentRegistry
+from cwm_server.manager.auth import Authenticator
 from cwm_server.manager.config import ManagerConfig
 from cwm_server.manager.errors_interceptor import ErrorMappingInterceptor
+from cwm_server.manager.keyed_servicer import KeyedChunkServicer
 from cwm_server.manager.malloc import use_one_malloc_arena
 from cwm_server.manager.metrics import ManagerMetrics, StateCollector
 from cwm_server.manager.servicer import WindowServicer
 from cwm_server.manager.session_servicer import SessionServicer
+from cwm_server.manager.ttl_collector import TtlCollector
 from cwm_server.manager.windows import WindowManager
 
 log = structlog.get_logger("cwm.server")
@@ -41,10 +45,11 @@ SERVER_OPTIONS = [
 SERVICE_NAMES = (
     pb.FreezeRequest.DESCRIPTOR.file.services_by_name["WindowService"].full_name,
     pb.ConnectRequest.DESCRIPTOR.file.services_by_name["SessionService"].full_name,
+    pb.PutKeyedChunksRequest.DESCRIPTOR.file.services_by_name["KeyedChunkService"].full_name,
     health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
     reflection.SERVICE_NAME,
 )
-"""What server reflection lists: cwm's two services, health, and reflection itself."""
+"""What server reflection lists: cwm's three services, health, and reflection itself."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,18 @@ class ServerOptions:
     """Seconds between health checks of the tiers and the catalog."""
     min_free_bytes: int = 1 << 30
     """Below this much free space on the data dir's filesystem the disk tier is DEGRADED."""
+    auth_file: Path | None = None
+    """Token hashes -> tenant and role (auth.py); None with no client CA: auth is off."""
+    tls_cert: Path | None = None
+    """PEM certificate chain of the server; with tls_key, the port speaks TLS."""
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    """PEM CA bundle for client certificates: set, every client must present one (mTLS),
+    and one with a SAN URI cwm://TENANT/ROLE acts as that tenant and role."""
+
+    @property
+    def auth_enabled(self) -> bool:
+        return self.auth_file is not None or self.tls_client_ca is not None
 
 
 class ManagerServer:
@@ -78,7 +95,7 @@ class ManagerServer:
             self.health_servicer,
             [
                 health.DiskCheck(self.manager.disk.root, self.options.min_free_bytes, config.fsync),
-                health.CatalogCheck(self.manager),
+                *health.catalog_checks(self.manager),
                 health.MemoryCheck(self.manager),
             ],
             interval_s=self.options.health_interval_s,
@@ -87,13 +104,15 @@ class ManagerServer:
             StateCollector(
                 config.data_dir / "catalog.sqlite",
                 self.manager.memory,
-                agent_count=lambda: len(self.agents.agents()),
+                agent_count=self.agents.count,
                 health_levels=lambda: [
                     (name, int(cond.level)) for name, cond in self.health.conditions.items()
                 ],
             )
         )
         self._health_task: asyncio.Task[None] | None = None
+        self.ttl_collector = TtlCollector(self.manager, config.ttl_interval_s)
+        """Deletes expired windows every `config.ttl_interval_s` seconds."""
 
     @property
     def metrics_port(self) -> int:
@@ -104,23 +123,38 @@ class ManagerServer:
         self._lock_data_dir()
         self.manager.recover()
         await self.health.refresh()
+        health.watch_redis(self.health, self.manager)
+        auth = (
+            Authenticator.from_file(
+                self.options.auth_file, certificates=self.options.tls_client_ca is not None
+            )
+            if self.options.auth_enabled
+            else None
+        )
         self.server = grpc.aio.server(
-            interceptors=[ErrorMappingInterceptor(self.metrics.rpc)], options=SERVER_OPTIONS
+            interceptors=[ErrorMappingInterceptor(self.metrics.rpc, auth)], options=SERVER_OPTIONS
         )
         pb.add_WindowServiceServicer_to_server(WindowServicer(self.manager), self.server)
         pb.add_SessionServiceServicer_to_server(
             SessionServicer(self.manager, self.agents, self.manager_id), self.server
         )
+        pb.add_KeyedChunkServiceServicer_to_server(KeyedChunkServicer(self.manager), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health_servicer, self.server)
         reflection.enable_server_reflection(SERVICE_NAMES, self.server)
-        self.port = self.server.add_insecure_port(self.config.listen)
+        credentials = _server_credentials(self.options)
+        if credentials is None:
+            self.port = self.server.add_insecure_port(self.config.listen)
+        else:
+            self.port = self.server.add_secure_port(self.config.listen, credentials)
         if self.port == 0:
             raise OSError(f"could not listen on {self.config.listen}")
         if self.options.metrics_listen:
             self.metrics.serve(self.options.metrics_listen)
         await self.server.start()
         self._health_task = asyncio.ensure_future(self.health.run_forever())
+        self.ttl_collector.start()
         host = self.config.listen.rsplit(":", 1)[0]
+        _warn_if_exposed(host, self.options, credentials is not None)
         log.info(
             "serving",
             address=f"{host}:{self.port}",
@@ -135,6 +169,7 @@ class ManagerServer:
         return self.port
 
     async def stop(self, grace: float | None = 2.0) -> None:
+        await self.ttl_collector.stop()
         if self._health_task is not None:
             self._health_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -163,6 +198,58 @@ class ManagerServer:
                 "--data-dir"
             ) from None
         self._lock_fd = fd
+
+
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
+
+
+def is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
+
+
+def _warn_if_exposed(host: str, options: ServerOptions, tls: bool) -> None:
+    """Loudly (log and stderr): a manager off loopback without authentication, or sending
+    tokens in the clear."""
+    if is_loopback(host):
+        return
+    if not options.auth_enabled:
+        why = (
+            f"the manager listens on {host} with NO AUTHENTICATION: anyone who reaches the "
+            "port can read, write and delete every window; pass --auth-file (and TLS), or "
+            "listen on 127.0.0.1"
+        )
+    elif not tls:
+        why = (
+            f"the manager listens on {host} without TLS: bearer tokens and KV bytes cross "
+            "the network in the clear; pass --tls-cert and --tls-key"
+        )
+    else:
+        return
+    log.warning("insecure_listen", address=host, detail=why)
+    print(f"WARNING: {why}", file=sys.stderr, flush=True)
+
+
+def check_server_options(options: ServerOptions) -> None:
+    """Fail early, with a message naming the flag, on auth and TLS files that cannot work."""
+    _server_credentials(options)
+    if options.auth_file is not None:
+        Authenticator.from_file(options.auth_file)
+
+
+def _server_credentials(options: ServerOptions) -> grpc.ServerCredentials | None:
+    if options.tls_cert is None and options.tls_key is None:
+        if options.tls_client_ca is not None:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if options.tls_cert is None or options.tls_key is None:
+        raise ValueError("TLS needs both --tls-cert and --tls-key")
+    client_ca = options.tls_client_ca.read_bytes() if options.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(options.tls_key.read_bytes(), options.tls_cert.read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
 
 
 async def serve(

@@ -112,7 +112,7 @@ class ThawPlan:
         the digest; None to take the ordinary path (which reports what is wrong)."""
         manager = self._manager
         try:
-            stored = manager.disk.read(self._tenant, ref.digest)
+            stored = manager.store.read_stored(self._tenant, ref.digest)  # unsealed
             if stored.codec not in self._accept:
                 return None
             raw = decode(stored.data, stored.codec, stored.raw_size, stored.word_size)

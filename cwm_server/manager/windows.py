@@ -11,6 +11,7 @@ import asyncio
 import base64
 import binascii
 import concurrent.futures
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -21,14 +22,23 @@ import structlog
 
 from cwm_client import pb
 from cwm_client.chunks import DIGEST_SIZE
-from cwm_client.errors import AlreadyExists, InvalidArgument, NotFound
+from cwm_client.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from cwm_client.names import check_window_name
 from cwm_server.manager.catalog import Catalog, WindowExists, WindowGone, basic_view
 from cwm_server.manager.chunk_store import ChunkStore
 from cwm_server.manager.config import ManagerConfig
 from cwm_server.manager.disk_tier import DiskTier
+from cwm_server.manager.encryption import Keyring
 from cwm_server.manager.memory_tier import MemoryTier
 from cwm_server.manager.metadata import check_labels, expiry_from_ttl, now_timestamp
+from cwm_server.manager.quotas import QuotaLedger, QuotaPolicy
+from cwm_server.manager.redis_catalog import RedisCatalog, open_redis
 from cwm_server.manager.uploads import Uploads
 
 T = TypeVar("T")
@@ -49,16 +59,39 @@ class WindowManager:
     def __init__(self, config: ManagerConfig) -> None:
         self.config = config
         config.data_dir.mkdir(parents=True, exist_ok=True)
-        self.catalog = Catalog(config.data_dir / "catalog.sqlite")
+        self.redis, redis_tier, shared = open_redis(config)
+        """The link to Redis (None without a Redis tier); `shared`: the fleet's catalog."""
+        self.catalog: Catalog | RedisCatalog = (
+            shared if shared is not None else Catalog(config.data_dir / "catalog.sqlite")
+        )
         self.disk = DiskTier(config.data_dir, fsync=config.fsync)
         self.memory = MemoryTier(config.memory_cache_bytes)
-        self.store = ChunkStore(self.disk, self.memory, compress=config.compress)
+        self.store = ChunkStore(
+            self.disk,
+            self.memory,
+            compress=config.compress,
+            redis=redis_tier,
+            disk_enabled=config.redis_policy != "redis-only",
+            redis_required=shared is not None,
+        )
+        if shared is not None:
+            shared.bytes_present = self.store.ensure_in_redis
         self._db_executor = ThreadPoolExecutor(1, thread_name_prefix="cwm-catalog")
         self._io_executor = ThreadPoolExecutor(config.io_threads, thread_name_prefix="cwm-io")
         self._pins: Counter[tuple[str, bytes]] = Counter()
+        self._deferred: set[tuple[str, bytes]] = set()
+        """Shared catalog: chunks a collection skipped because a local stream pinned them,
+        collected when the last pin goes (Redis has no restart that would sweep them)."""
+        self._deferred_tasks: set[asyncio.Future[int]] = set()
         self.uploads = Uploads(config.upload_ttl_s, self.pin, self.unpin, self.collect)
         """The open uploads of parallel freezes (see `uploads`)."""
         self._store_slots: asyncio.Semaphore | None = None
+        self.quotas = QuotaLedger(
+            QuotaPolicy.load(config.quota_file) if config.quota_file is not None else None
+        )
+        """Per-tenant limits and the reservations of freezes in flight (quotas.py)."""
+        if config.key_file is not None:
+            self.store.keyring = Keyring.load(config.key_file)
 
     def store_slots(self) -> asyncio.Semaphore:
         """Chunks being verified and stored at once, across every freeze stream."""
@@ -71,6 +104,8 @@ class WindowManager:
         self._io_executor.shutdown(wait=True)
         self._db_executor.shutdown(wait=True)
         self.catalog.close()
+        if self.redis is not None:
+            self.redis.close()
 
     # -- executors and pins -------------------------------------------------------------
 
@@ -95,15 +130,26 @@ class WindowManager:
             self._pins[key] -= 1
             if self._pins[key] <= 0:
                 del self._pins[key]
+                if key in self._deferred:
+                    self._deferred.discard(key)
+                    task = asyncio.ensure_future(self.collect(key[0], [key[1]]))
+                    self._deferred_tasks.add(task)
+                    task.add_done_callback(self._deferred_tasks.discard)
 
     def is_pinned(self, tenant: str, digest: bytes) -> bool:
         return self._pins.get((tenant, digest), 0) > 0
 
     async def collect(self, tenant: str, digests: Iterable[bytes]) -> int:
         """Unlink files of chunks with no catalog row, unless a live stream pins them."""
+        digests = list(digests)
         candidates = [d for d in digests if not self.is_pinned(tenant, d)]
+        catalog = self.catalog
+        if isinstance(catalog, RedisCatalog):
+            self._deferred.update((tenant, d) for d in digests if self.is_pinned(tenant, d))
         if not candidates:
             return 0
+        if isinstance(catalog, RedisCatalog):
+            return await self.db(self._collect_shared, catalog, tenant, candidates)
 
         def _collect() -> int:
             removed = 0
@@ -115,6 +161,34 @@ class WindowManager:
 
         return await self.db(_collect)
 
+    def _collect_shared(self, catalog: RedisCatalog, tenant: str, digests: list[bytes]) -> int:
+        """Collection with the shared catalog: claim the chunks no window references (so
+        no commit can take them meanwhile), delete their bytes everywhere, release the
+        claims (see redis_catalog). A claim left by a failure is redone by any manager."""
+        try:
+            claimed = catalog.claim_unreferenced(tenant, digests)
+            if claimed:
+                for digest in claimed:
+                    self.store.remove(tenant, digest)
+                catalog.release_claims(tenant, claimed)
+        except Unavailable as exc:
+            log.warning("collect_deferred", tenant=tenant, chunks=len(digests), detail=str(exc))
+            return 0
+        return len(claimed)
+
+    def sweep_stale_claims(self) -> int:
+        """Finish collections that a manager left half-done (it died or lost Redis between
+        claiming chunks and releasing them). Runs on the catalog thread."""
+        catalog = self.catalog
+        if not isinstance(catalog, RedisCatalog):
+            return 0
+        done = 0
+        for tenant in catalog.all_tenants():
+            stale = catalog.stale_claims(tenant)
+            if stale:
+                done += self._collect_shared(catalog, tenant, stale)
+        return done
+
     # -- start-up -----------------------------------------------------------------------
 
     def recover(self) -> RecoveryReport:
@@ -125,10 +199,13 @@ class WindowManager:
         """
         temp = self.disk.remove_temp_files()
         orphans = 0
-        for tenant, digest, path in list(self.disk.iter_chunks()):
-            if self.catalog.chunk(tenant, digest) is None:
-                path.unlink(missing_ok=True)
-                orphans += 1
+        try:
+            for tenant, digest, path in list(self.disk.iter_chunks()):
+                if self.catalog.chunk(tenant, digest) is None:
+                    path.unlink(missing_ok=True)
+                    orphans += 1
+        except Unavailable as exc:  # the shared catalog is away: keep the files for now
+            log.warning("recover_orphans_skipped", detail=str(exc))
         report = RecoveryReport(temp_files_removed=temp, orphan_chunks_removed=orphans)
         log.info("recovered", temp_files=temp, orphan_chunks=orphans)
         return report
@@ -205,7 +282,7 @@ class WindowManager:
         check_labels(request.tags, request.description)
         expires = expiry_from_ttl(request.ttl_seconds)
 
-        def _clone() -> pb.WindowInfo:
+        def _clone() -> tuple[pb.WindowInfo, list[bytes]]:
             source = self.catalog.get_window(tenant, request.source_name)
             if source is None:
                 raise window_not_found(request.source_name)
@@ -223,15 +300,26 @@ class WindowManager:
             clone.ClearField("expires_at")
             if expires is not None:
                 clone.expires_at.CopyFrom(expires)
+            if self.quotas.limited(tenant) and not self.catalog.window_exists(
+                tenant, request.new_name
+            ):
+                self.quotas.check_windows(tenant, lambda: self.catalog.tenant_usage(tenant))
             try:
-                self.catalog.clone_window(source, clone)
+                freed = self.catalog.clone_window(source, clone)
             except WindowExists:
                 raise window_exists_error(request.new_name) from None
             except WindowGone:
                 raise window_not_found(request.source_name) from None
-            return clone
+            return clone, freed
 
-        window = await self.db(_clone)
+        try:
+            window, freed = await self.db(_clone)
+        except ResourceExhausted:
+            if not await self.collect_expired(tenant):
+                raise
+            window, freed = await self.db(_clone)
+        if freed:
+            await self.collect(tenant, freed)
         log.info("cloned", tenant=tenant, source=request.source_name, window=window.name)
         return basic_view(window)
 
@@ -243,6 +331,33 @@ class WindowManager:
         removed = await self.collect(tenant, [d for d, _ in freed])
         log.info("deleted", tenant=tenant, window=name, chunks_freed=len(freed), unlinked=removed)
         return len(freed), sum(size for _, size in freed)
+
+    # -- TTLs (ttl_collector.py) ----------------------------------------------------------
+
+    async def expire(self, tenant: str, name: str, now: float) -> int | None:
+        """Delete a window that expired at or before `now`, through the delete path (its
+        chunks no other window uses are collected); returns the chunks freed, or None if
+        it was not (or no longer) expired."""
+        freed = await self.db(self.catalog.delete_expired_window, tenant, name, now)
+        if freed is None:
+            return None
+        removed = await self.collect(tenant, [d for d, _ in freed])
+        log.info("expired", tenant=tenant, window=name, chunks_freed=len(freed), unlinked=removed)
+        return len(freed)
+
+    async def collect_expired(self, tenant: str | None = None, limit: int = 1000) -> int:
+        """Delete windows that have expired (only `tenant`'s, if given); returns how many.
+        The collector calls it every interval; a quota check calls it for its tenant
+        before it refuses."""
+        now = time.time()
+        expired = await self.db(self.catalog.expired_windows, now, limit)
+        count = 0
+        for owner, name in expired:
+            if tenant is not None and owner != tenant:
+                continue
+            if await self.expire(owner, name, now) is not None:
+                count += 1
+        return count
 
 
 def _tags_match(have: Mapping[str, str], wanted: Mapping[str, str]) -> bool:
