@@ -92,6 +92,8 @@ class Problem:
     message: str
     tenant: str = ""
     window: str = ""
+    key: str = ""
+    """Set instead of `window` when the chunk's user is a key (KeyedChunkService)."""
     chunk_index: int | None = None
     digest: str = ""
     path: str = ""
@@ -121,6 +123,8 @@ class FsckReport:
     """Oddities that do not make the store unclean (stray files nobody wrote there)."""
     unrecoverable_windows: dict[str, list[int]] = field(default_factory=dict)
     """'tenant/name' -> indices of its chunks that are missing or corrupt."""
+    unrecoverable_keys: list[tuple[str, str]] = field(default_factory=list)
+    """(tenant, key) of each key (KeyedChunkService) whose value is missing or corrupt."""
 
     @property
     def clean(self) -> bool:
@@ -153,6 +157,9 @@ class FsckReport:
                 {"window": key, "chunks": indices}
                 for key, indices in sorted(self.unrecoverable_windows.items())
             ],
+            "unrecoverable_keys": [
+                {"tenant": tenant, "key": key} for tenant, key in sorted(self.unrecoverable_keys)
+            ],
         }
 
 
@@ -179,25 +186,34 @@ def catalog_in_use(data_dir: Path) -> bool:
 
 @dataclass(frozen=True)
 class _Reference:
+    """One use of a chunk: by chunk `index` of `window`, or by `key` (then window is "")."""
+
     tenant: str
     window: str
     index: int
     raw_size: int
+    key: str | None = None
+
+    @property
+    def label(self) -> str:
+        return _user_label(self.tenant, self.window, self.key)
+
+    @property
+    def where(self) -> str:
+        """The reference inside its user: "window 'w' chunk 3", or "key 'k'"."""
+        if self.key is not None:
+            return self.label
+        return f"{self.label} chunk {self.index}"
 
 
 def _short(digest: bytes) -> str:
     return digest.hex()[:12] + "…"
 
 
-KEY_REF = "\x00key:"
-"""Marks a reference held by a key (KeyedChunkService) rather than a window."""
-
-
-def _window_label(tenant: str, name: str) -> str:
-    if name.startswith(KEY_REF):
-        key = name[len(KEY_REF) :][:80]
-        return f"key {key!r}" if tenant == "default" else f"tenant {tenant!r} key {key!r}"
-    return f"window {name!r}" if tenant == "default" else f"tenant {tenant!r} window {name!r}"
+def _user_label(tenant: str, window: str, key: str | None = None) -> str:
+    """How a message names a chunk's user: a window, or a key of KeyedChunkService."""
+    what = f"key {key[:80]!r}" if key is not None else f"window {window!r}"
+    return what if tenant == "default" else f"tenant {tenant!r} {what}"
 
 
 def _check_file(
@@ -325,7 +341,7 @@ class _Checker:
                     self._add(
                         Problem(
                             BAD_WINDOW,
-                            f"{_window_label(window.tenant, window.name)}: inconsistent "
+                            f"{_user_label(window.tenant, window.name)}: inconsistent "
                             f"metadata: {why}",
                             tenant=window.tenant,
                             window=window.name,
@@ -337,7 +353,7 @@ class _Checker:
                     )
             # Keys of KeyedChunkService hold references like windows do (catalog.KeyedCatalog).
             for tenant, key, digest, raw_size in KeyedCatalog(self.catalog).iter_refs():
-                refs[(tenant, digest)].append(_Reference(tenant, KEY_REF + key, 0, raw_size))
+                refs[(tenant, digest)].append(_Reference(tenant, "", 0, raw_size, key=key))
             for tenant, row in self.catalog.iter_chunks():
                 rows[(tenant, row.digest)] = row
         self.report.chunk_rows = len(rows)
@@ -347,9 +363,8 @@ class _Checker:
         """With a manager running, a window may have been deleted since the snapshot."""
         if not self.running:
             return True
-        if reference.window.startswith(KEY_REF):
-            keyed = KeyedCatalog(self.catalog)
-            return keyed.key_exists(reference.tenant, reference.window[len(KEY_REF) :])
+        if reference.key is not None:
+            return KeyedCatalog(self.catalog).key_exists(reference.tenant, reference.key)
         return self.catalog.window_exists(reference.tenant, reference.window, include_expired=True)
 
     def _check_referenced(
@@ -411,23 +426,26 @@ class _Checker:
             self._add(
                 Problem(
                     MISSING_FILE if why == "missing" else CORRUPT,
-                    f"{_window_label(tenant, user.window)} chunk {user.index} "
-                    f"({_short(digest)}): {detail}",
+                    f"{user.where} ({_short(digest)}): {detail}",
                     tenant=tenant,
                     window=user.window,
-                    chunk_index=user.index,
+                    key=user.key or "",
+                    chunk_index=None if user.key is not None else user.index,
                     digest=digest.hex(),
                     path=str(self.disk.path_for(tenant, digest)),
                 )
             )
-            key = f"{tenant}/{user.window}"
-            self.report.unrecoverable_windows.setdefault(key, []).append(user.index)
+            if user.key is not None:
+                self.report.unrecoverable_keys.append((tenant, user.key))
+            else:
+                name = f"{tenant}/{user.window}"
+                self.report.unrecoverable_windows.setdefault(name, []).append(user.index)
 
     def _report_missing_row(self, tenant: str, digest: bytes, users: list[_Reference]) -> None:
         live = [u for u in users if self._still_there(u)]
         if not live:
             return
-        where = ", ".join(f"{u.window!r} chunk {u.index}" for u in live[:5])
+        where = ", ".join(u.where for u in live[:5])
         more = f" and {len(live) - 5} more" if len(live) > 5 else ""
         problem = Problem(
             MISSING_ROW,
@@ -435,7 +453,8 @@ class _Checker:
             "no catalog row, so a restart would delete it",
             tenant=tenant,
             window=live[0].window,
-            chunk_index=live[0].index,
+            key=live[0].key or "",
+            chunk_index=None if live[0].key is not None else live[0].index,
             digest=digest.hex(),
             repairable=True,
         )

@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from cwm_client import Credentials, SessionClient, WindowClient, pb
 from cwm_client._common import build_header, freeze_requests
-from cwm_client.errors import PermissionDenied, Unauthenticated
+from cwm_client.errors import PermissionDenied, Unauthenticated, from_rpc_error
 from cwm_server.cli.main import main as cwm_main
 from cwm_server.manager import auth
 from cwm_server.manager.config import ManagerConfig
@@ -615,3 +615,109 @@ def test_auth_settings_come_from_the_config_file(tmp_path: Path) -> None:
     assert options["tls_client_ca"] is None
     assert effective["client.token"] == "abc"
     assert "abc" not in effective.to_toml()  # the token is redacted
+
+
+# -- review fixes: tenants of only dots, non-Bearer authorization headers ---------------------
+
+
+def _files_outside_catalog(data_dir: Path) -> set[Path]:
+    return {p for p in data_dir.rglob("*") if p.is_file() and not p.name.startswith("catalog")}
+
+
+@pytest.mark.parametrize("tenant", [".", "..", "..."])
+def test_auth_file_refuses_a_tenant_of_only_dots(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tenant: str
+) -> None:
+    """A tenant is a directory under chunks/: ".." would put its chunks beside chunks/."""
+    path = tmp_path / "auth.toml"
+    path.write_text(auth.token_line(auth.mint_token(), tenant, "admin"))
+    with pytest.raises(auth.AuthConfigError, match="only dots"):
+        auth.load_auth_file(path)
+    code = cwm_main(["serve", "--data-dir", str(tmp_path / "d"), "--auth-file", str(path)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "only dots" in err and "tokens entry 1" in err
+    assert not (tmp_path / "d").exists()
+    # dots beside other characters stay allowed, as before
+    path.write_text(auth.token_line(auth.mint_token(), "a..b", "admin"))
+    assert [e.tenant for e in auth.load_auth_file(path)] == ["a..b"]
+    assert not auth.valid_tenant("..") and auth.valid_tenant("..a")
+
+
+@pytest.mark.parametrize("tenant", [".", ".."])
+def test_mtls_certificate_for_a_tenant_of_only_dots_authenticates_nobody(
+    mtls_manager: ThreadedManager, ca: CertificateAuthority, tenant: str
+) -> None:
+    pem = ca.client(tenant, "admin")
+    creds = Credentials(root_certificates=ca.pem, certificate_chain=pem.cert, private_key=pem.key)
+    data_dir = mtls_manager.config.data_dir
+    before = _files_outside_catalog(data_dir)
+    header = build_header("dots", CHUNKS, fingerprint=FINGERPRINT, token_ids=IDS)
+    with grpc.secure_channel(mtls_manager.target, creds.channel_credentials()) as channel:  # type: ignore[arg-type]
+        code, details = code_of(
+            lambda: _stub(channel).Freeze(freeze_requests(header, CHUNKS), timeout=10)
+        )
+        assert code == Code.UNAUTHENTICATED, details
+        code, _ = code_of(lambda: _stub(channel).ListWindows(pb.ListWindowsRequest(), timeout=10))
+        assert code == Code.UNAUTHENTICATED
+    assert _files_outside_catalog(data_dir) == before
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["Basic dXNlcjpwYXNz", "Token {admin}", "{admin}"],
+    ids=["basic", "other-scheme", "no-scheme"],
+)
+def test_a_non_bearer_authorization_header_says_only_bearer_is_supported(
+    channel: grpc.Channel, value: str
+) -> None:
+    metadata = (("authorization", value.format(admin=TOKENS["admin"])),)
+    with pytest.raises(grpc.RpcError) as caught:
+        _stub(channel).ListWindows(pb.ListWindowsRequest(), metadata=metadata, timeout=10)
+    assert caught.value.code() == Code.UNAUTHENTICATED
+    error = from_rpc_error(caught.value)
+    assert error.reason == "UNSUPPORTED_AUTH_SCHEME"
+    assert "only bearer tokens are supported" in str(error)
+    # the scheme's name is case-insensitive
+    lower = (("authorization", f"bearer {TOKENS['reader']}"),)
+    _stub(channel).ListWindows(pb.ListWindowsRequest(), metadata=lower, timeout=10)
+
+
+def test_mtls_certificate_with_a_non_bearer_header_is_refused(
+    mtls_manager: ThreadedManager, ca: CertificateAuthority
+) -> None:
+    """A valid certificate does not make an authorization header of another scheme mean
+    "no credentials": the header is refused by name, and nothing is stored. Without any
+    authorization header the certificate is the identity."""
+    writer = ca.client("acme", "writer")
+    creds = Credentials(
+        root_certificates=ca.pem, certificate_chain=writer.cert, private_key=writer.key
+    )
+    data_dir = mtls_manager.config.data_dir
+    before = chunk_files(data_dir)
+    header = build_header("basic-and-cert", CHUNKS, fingerprint=FINGERPRINT, token_ids=IDS)
+    basic = (("authorization", "Basic dXNlcjpwYXNz"),)
+    with grpc.secure_channel(mtls_manager.target, creds.channel_credentials()) as channel:  # type: ignore[arg-type]
+        with pytest.raises(grpc.RpcError) as caught:
+            _stub(channel).Freeze(freeze_requests(header, CHUNKS), metadata=basic, timeout=10)
+        assert caught.value.code() == Code.UNAUTHENTICATED
+        error = from_rpc_error(caught.value)
+        assert error.reason == "UNSUPPORTED_AUTH_SCHEME", str(error)
+        assert "only bearer tokens are supported" in str(error)
+        assert chunk_files(data_dir) == before
+        listed = _stub(channel).ListWindows(pb.ListWindowsRequest(), timeout=10)
+        assert "basic-and-cert" not in [w.name for w in listed.windows]
+        # no authorization header: the certificate's tenant (acme) and role (writer)
+        _stub(channel).Freeze(freeze_requests(header, CHUNKS), timeout=10)
+        with grpc.secure_channel(
+            mtls_manager.target,
+            creds.channel_credentials(),  # type: ignore[arg-type]
+        ) as again:
+            names = [
+                w.name
+                for w in _stub(again)
+                .ListWindows(pb.ListWindowsRequest(), metadata=bearer(TOKENS["admin"]), timeout=10)
+                .windows
+            ]
+        assert "basic-and-cert" in names
+        _stub(channel).DeleteWindow(pb.DeleteWindowRequest(name="basic-and-cert"), timeout=10)

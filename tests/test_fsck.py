@@ -232,3 +232,48 @@ def test_refcounts_and_missing_rows_are_repaired(store: Store) -> None:
     finally:
         proc.stop()
     assert run_fsck(store.data_dir).clean
+
+
+def test_a_corrupt_keyed_value_is_reported_by_key_without_nul(tmp_path: Path) -> None:
+    """A chunk used by a key (KeyedChunkService) and a window: the key is named in its own
+    `key` field and in `unrecoverable_keys`, never as a window (and never with a NUL)."""
+    from cwm_client import KeyedChunkClient, KeyedValue
+
+    data_dir = tmp_path / "data"
+    value = KeyedValue("model@1@0@00ff@bfloat16", synthetic_chunks(256, seed=4)[0].raw, word_size=2)
+    proc = ManagerProcess(data_dir, ["--no-fsync"]).start()
+    try:
+        with KeyedChunkClient(proc.target) as keyed:
+            keyed.put([value, KeyedValue("intact", b"fine" * 100)])
+            keyed.promote(
+                "promoted",
+                [value.key],
+                fingerprint=FINGERPRINT,
+                token_ids=token_ids(256, seed=4),
+                chunk_tokens=256,
+            )
+    finally:
+        proc.stop()
+    hexd = value.with_digest().digest.hex()
+    path = data_dir / "chunks" / "default" / hexd[:2] / hexd
+    blob = bytearray(path.read_bytes())
+    blob[-10] ^= 0x40
+    path.write_bytes(bytes(blob))
+
+    out = fsck(data_dir, "--json")
+    assert out.returncode == 1, out.stderr
+    assert "\\u0000" not in out.stdout and "\x00" not in out.stdout
+    report = json.loads(out.stdout)
+    assert kinds(report) == ["corrupt", "corrupt"]
+    by_user = {(p["window"], p["key"]): p for p in report["problems"]}
+    assert set(by_user) == {("promoted", ""), ("", value.key)}
+    assert by_user[("", value.key)]["chunk_index"] is None
+    assert by_user[("", value.key)]["message"].startswith(f"key {value.key!r} (")
+    assert by_user[("promoted", "")]["chunk_index"] == 0
+    assert report["unrecoverable_windows"] == [{"window": "default/promoted", "chunks": [0]}]
+    assert report["unrecoverable_keys"] == [{"tenant": "default", "key": value.key}]
+
+    text = fsck(data_dir).stdout
+    assert "\x00" not in text
+    assert f"unrecoverable keys (missing or corrupt values; left in place): {value.key!r}" in text
+    assert "unrecoverable windows (missing or corrupt chunks; left in place): promoted" in text

@@ -31,6 +31,12 @@ def _print_report(report: FsckReport) -> None:
             for key, indices in sorted(report.unrecoverable_windows.items())
         )
         print(f"unrecoverable windows (missing or corrupt chunks; left in place): {listed}")
+    if report.unrecoverable_keys:
+        keys = ", ".join(
+            repr(key[:80]) if tenant == "default" else f"{tenant}/{key[:80]!r}"
+            for tenant, key in sorted(report.unrecoverable_keys)
+        )
+        print(f"unrecoverable keys (missing or corrupt values; left in place): {keys}")
     counts = (
         f"{report.windows} windows, {report.chunk_rows} chunk rows, "
         f"{report.chunk_files} chunk files, {report.chunks_verified} chunks verified"

@@ -8,7 +8,10 @@
   token and prints the line to add.
 - **Client certificates** (mutual TLS, ``--tls-client-ca``): a certificate the client CA
   signed, with a SAN URI ``cwm://TENANT/ROLE``, acts as that tenant and role without a token.
-  A token, when one is sent, wins (and must be valid).
+  A token, when one is sent, wins (and must be valid). An ``authorization`` header of any
+  other scheme is refused (UNAUTHENTICATED), certificate or not.
+- **Tenants** are ``[A-Za-z0-9._-]{1,64}`` and not only dots (`valid_tenant`), whether they
+  come from the auth file or a certificate.
 - **Roles** (`ROLE_METHODS`): reader, writer, agent, admin. A caller without a valid
   identity gets UNAUTHENTICATED; a role that lacks the method gets PERMISSION_DENIED.
   Health checks and server reflection (methods under ``/grpc.``) stay open.
@@ -134,9 +137,17 @@ def mint_token() -> str:
     return TOKEN_PREFIX + secrets.token_urlsafe(32)
 
 
+def valid_tenant(tenant: str) -> bool:
+    """A tenant name: 1-64 of A-Z a-z 0-9 . _ -, and not only dots (a tenant is a
+    directory under chunks/, and "." or ".." would be the directory itself or its parent)."""
+    return bool(TENANT_RE.match(tenant)) and tenant.strip(".") != ""
+
+
 def check_tenant(tenant: str) -> str:
     if not TENANT_RE.match(tenant):
         raise ValueError(f"tenant {tenant!r} must be 1-64 characters from A-Z a-z 0-9 . _ -")
+    if not valid_tenant(tenant):
+        raise ValueError(f"tenant {tenant!r} must not be only dots")
     return tenant
 
 
@@ -208,7 +219,7 @@ def _cert_identity(context: grpc.aio.ServicerContext) -> Caller | None:
             if not text.startswith(CERT_URI_SCHEME):
                 continue
             tenant, _, role = text[len(CERT_URI_SCHEME) :].partition("/")
-            if TENANT_RE.match(tenant) and role in ROLES:
+            if valid_tenant(tenant) and role in ROLES:
                 return Caller(tenant, role, via="certificate")
     return None
 
@@ -274,13 +285,25 @@ def authorize(caller: Caller, method: str) -> None:
 
 
 def bearer_token(metadata: Sequence[tuple[str, Any]] | Mapping[str, Any] | None) -> str | None:
-    """The token of the call's ``authorization: Bearer`` header, if it sent one."""
+    """The token of the call's ``authorization: Bearer`` header, or None if it sent no
+    authorization header. An authorization header of another scheme (Basic, a bare token)
+    raises Unauthenticated: it is a credential the manager cannot check, and taking it
+    for "no credentials" would let a client certificate speak for a caller who meant to
+    present something else."""
     items = metadata.items() if isinstance(metadata, Mapping) else (metadata or ())
     for key, value in items:
-        if key == "authorization" and isinstance(value, str):
-            if value[: len(_BEARER)].lower() == _BEARER:
-                return value[len(_BEARER) :].strip()
-            return ""  # an authorization header of another scheme: not a token we know
+        if key != "authorization":
+            continue
+        text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+        scheme, _, token = text.strip().partition(" ")
+        if scheme.lower() == _BEARER.strip():
+            return token.strip()
+        raise Unauthenticated(
+            "the authorization header must be `Bearer <token>`: only bearer tokens are "
+            "supported (pass the token with --token or $CWM_TOKEN; the client adds the "
+            "scheme)",
+            reason="UNSUPPORTED_AUTH_SCHEME",
+        )
     return None
 
 

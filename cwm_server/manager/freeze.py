@@ -34,7 +34,7 @@ from cwm_server.manager.chunk_store import StoreResult
 from cwm_server.manager.disk_tier import HEADER_SIZE
 from cwm_server.manager.encryption import plain_codec
 from cwm_server.manager.metadata import check_labels, expiry_from_ttl, now_timestamp
-from cwm_server.manager.quotas import Reservation, declared_chunks
+from cwm_server.manager.quotas import Reservation, declared_chunks, reserve_on_catalog_thread
 from cwm_server.manager.uploads import check_upload
 from cwm_server.manager.windows import WindowManager, window_exists_error
 
@@ -224,12 +224,15 @@ class FreezeSession:
                 new_windows=0 if replaces else 1,
             )
 
+        # Not a plain `manager.db(_reserve)`: a stream cancelled while `_reserve` runs
+        # must still release what it reserved (the `finally` in `run` only sees a handle
+        # that reached it).
         try:
-            return await manager.db(_reserve)
+            return await reserve_on_catalog_thread(manager.db, _reserve)
         except ResourceExhausted:
             if not await manager.collect_expired(tenant):
                 raise
-            return await manager.db(_reserve)
+            return await reserve_on_catalog_thread(manager.db, _reserve)
 
     async def _receive(
         self,

@@ -16,16 +16,25 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import concurrent.futures
+import itertools
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
 from cwm_client import pb
 from cwm_client.chunks import DIGEST_SIZE, chunk_raw_size
 from cwm_client.chunks import digest as blake3_digest
-from cwm_client.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound
+from cwm_client.errors import (
+    DataLoss,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
 from cwm_server.manager.catalog import (
     Catalog,
     KeyedCatalog,
@@ -35,10 +44,12 @@ from cwm_server.manager.catalog import (
     WindowExists,
     basic_view,
 )
+from cwm_server.manager.chunk_store import StoreResult
 from cwm_server.manager.disk_tier import HEADER_SIZE
 from cwm_server.manager.encryption import plain_codec
 from cwm_server.manager.freeze import CANCEL_SETTLE_S, _window_info, validate_header
 from cwm_server.manager.metadata import expiry_from_ttl
+from cwm_server.manager.quotas import Reservation, declared_chunks, reserve_on_catalog_thread
 from cwm_server.manager.windows import WindowManager, window_exists_error
 
 log = structlog.get_logger("cwm.keyed")
@@ -46,6 +57,9 @@ log = structlog.get_logger("cwm.keyed")
 MAX_KEY_BYTES = 1024
 MAX_METADATA_BYTES = 64 << 10
 MAX_PART_BYTES = 4 << 20
+MIN_PART_BYTES = 64 << 10
+"""GetKeyedChunks sends parts of at least this many bytes (as Thaw does), whatever
+max_part_bytes asks: a tiny value must not turn one value into millions of messages."""
 MAX_KEYS_PER_GET = 1024
 MAX_KEYS_PER_LOOKUP = 100_000
 DEFAULT_PAGE_SIZE = 100
@@ -126,6 +140,8 @@ class KeyedChunks:
         entries: dict[str, NewKey] = {}
         new_chunks: dict[bytes, NewChunk] = {}
         written: set[bytes] = set()
+        writes: list[concurrent.futures.Future[StoreResult]] = []
+        reservations: list[Reservation] = []
         pins: list[tuple[str, bytes]] = []
         reused = 0
         received = 0
@@ -136,6 +152,8 @@ class KeyedChunks:
                 if current is None:
                     current = self._start_value(part)
                     pins += manager.pin(tenant, [current.digest])
+                    if current.digest not in new_chunks:
+                        reservations += await self._reserve_value(tenant, current)
                 else:
                     self._check_continuation(current, part)
                 data = part.data
@@ -152,7 +170,7 @@ class KeyedChunks:
                     continue
                 value, current = current, None
                 received += value.raw_size
-                stored = await self._store_value(tenant, value, new_chunks, written)
+                stored = await self._store_value(tenant, value, new_chunks, written, writes)
                 reused += 0 if stored else 1
                 entries.pop(value.key, None)
                 entries[value.key] = NewKey(
@@ -171,15 +189,62 @@ class KeyedChunks:
             manager.unpin(pins)
             pins = []
             if written:
-                await asyncio.shield(manager.collect(tenant, written))
+                await _shielded(self._discard(tenant, writes, written))
             raise
         finally:
             manager.unpin(pins)
+            for reservation in reservations:
+                reservation.release()
         await manager.collect(tenant, freed)
         log.info("keys_stored", tenant=tenant, keys=len(entries), reused=reused)
         return pb.PutKeyedChunksResponse(
             keys_stored=len(entries), chunks_reused=reused, bytes_received=received
         )
+
+    async def _reserve_value(self, tenant: str, value: _Value) -> list[Reservation]:
+        """Reserve the value's chunk against the tenant's max_bytes quota, unless the
+        tenant stores it already: RESOURCE_EXHAUSTED (QUOTA_EXCEEDED) before a byte of it
+        is stored. Keyed values add bytes, never windows. The same ledger as freezes, so
+        puts and freezes in flight cannot jointly overshoot."""
+        manager = self._manager
+        if not manager.quotas.limits_bytes(tenant):
+            return []
+        catalog = manager.catalog
+        key = f"keyed:{next(_RESERVATION_IDS):x}"
+
+        def _reserve() -> Reservation:
+            return manager.quotas.reserve(
+                tenant,
+                key,
+                usage=lambda: catalog.tenant_usage(tenant),
+                new_chunks=lambda: declared_chunks(
+                    [value.digest], [value.raw_size], lambda ds: catalog.has_chunk_rows(tenant, ds)
+                ),
+                new_windows=0,
+            )
+
+        try:
+            return [await reserve_on_catalog_thread(manager.db, _reserve)]
+        except ResourceExhausted:
+            if not await manager.collect_expired(tenant):
+                raise
+            return [await reserve_on_catalog_thread(manager.db, _reserve)]
+
+    async def _discard(
+        self,
+        tenant: str,
+        writes: list[concurrent.futures.Future[StoreResult]],
+        written: set[bytes],
+    ) -> None:
+        """After a failed or cancelled put: wait for the stores still running on the I/O
+        threads (they cannot be cancelled), then collect the files no row references;
+        collecting first would let a file land afterwards and stay until a restart."""
+        try:
+            if writes:
+                await asyncio.to_thread(concurrent.futures.wait, writes)
+            await self._manager.collect(tenant, written)
+        except Exception:  # noqa: BLE001 - start-up recovery collects whatever is left
+            log.warning("keyed_discard_failed", tenant=tenant, chunks=len(written))
 
     def _start_value(self, part: pb.KeyedChunkPart) -> _Value:
         check_key(part.key, "part.key")
@@ -250,8 +315,11 @@ class KeyedChunks:
         value: _Value,
         new_chunks: dict[bytes, NewChunk],
         written: set[bytes],
+        writes: list[concurrent.futures.Future[StoreResult]],
     ) -> bool:
-        """Verify the value and store its chunk unless the store holds it; True if stored."""
+        """Verify the value and store its chunk unless the store holds it; True if stored.
+        The store runs on an I/O thread; its future goes to `writes`, so a failed stream
+        can wait for it before collecting."""
         manager = self._manager
         held = value.digest in new_chunks or (
             await manager.db(manager.catalog.chunk, tenant, value.digest) is not None
@@ -262,10 +330,10 @@ class KeyedChunks:
                 raise _digest_mismatch(value.key, value.digest)
             return False
         written.add(value.digest)
+        work = manager.submit_io(manager.store.put, tenant, value.digest, raw, value.word_size, 0)
+        writes.append(work)
         try:
-            result = await manager.io(
-                manager.store.put, tenant, value.digest, raw, value.word_size, 0
-            )
+            result = await asyncio.wrap_future(work)
         except DataLoss:
             raise _digest_mismatch(value.key, value.digest) from None
         new_chunks[value.digest] = NewChunk(
@@ -306,7 +374,8 @@ class KeyedChunks:
     ) -> AsyncIterator[pb.GetKeyedChunksResponse]:
         keys = check_keys(request.keys, MAX_KEYS_PER_GET)
         manager = self._manager
-        part_bytes = min(request.max_part_bytes or manager.config.part_bytes, MAX_PART_BYTES)
+        part_bytes = request.max_part_bytes or manager.config.part_bytes
+        part_bytes = max(MIN_PART_BYTES, min(part_bytes, MAX_PART_BYTES))
         rows: dict[str, KeyRow] = await manager.db(self.catalog.get_keys, tenant, keys)
         pins = manager.pin(tenant, [row.digest for row in rows.values()])
         try:
@@ -418,16 +487,44 @@ class KeyedChunks:
                 )
                 header.chunk_digests[index] = row.digest
             window = _window_info(tenant, header, spans, known, expires)
+            if manager.quotas.limited(tenant) and not manager.catalog.window_exists(
+                tenant, header.name
+            ):
+                # A new window (replacing a live one adds none); its chunks are the keys',
+                # already counted, so only max_windows can refuse it. Checked in this
+                # catalog-thread call, as clone does, so no commit slips in between.
+                manager.quotas.check_windows(tenant, lambda: manager.catalog.tenant_usage(tenant))
             try:
                 freed = manager.catalog.commit_window(window, known, header.replace)
             except WindowExists:
                 raise window_exists_error(header.name) from None
             return window, freed
 
-        window, freed = await manager.db(_promote)
+        try:
+            window, freed = await manager.db(_promote)
+        except ResourceExhausted:
+            if not await manager.collect_expired(tenant):
+                raise
+            window, freed = await manager.db(_promote)
         await manager.collect(tenant, freed)
         log.info("keys_promoted", tenant=tenant, window=window.name, chunks=window.chunk_count)
         return basic_view(window)
+
+
+_RESERVATION_IDS = itertools.count(1)
+"""Distinct ledger keys for the values of keyed puts (each value reserves on its own)."""
+
+
+async def _shielded(work: Coroutine[Any, Any, None]) -> None:
+    """Run `work` to its end even if the caller is cancelled (again) meanwhile."""
+    task = asyncio.ensure_future(work)
+    _CLEANUPS.add(task)
+    task.add_done_callback(_CLEANUPS.discard)
+    await asyncio.shield(task)
+
+
+_CLEANUPS: set[asyncio.Future[None]] = set()
+"""Clean-ups running after a cancel: held here so they are not garbage-collected."""
 
 
 def _digest_mismatch(key: str, digest: bytes) -> DataLoss:

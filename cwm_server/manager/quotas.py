@@ -8,7 +8,11 @@ What counts
   fingerprint fixes bytes per token): the check is exact *before any byte arrives*,
   whatever codec the chunk is later stored with. A clone adds no bytes; re-freezing a grown
   session adds only its new chunks.
-- **windows**: windows of the tenant in the catalog.
+  Values stored under keys (KeyedChunkService, the LMCache tier) are chunks too: they
+  count, and a put reserves each new value's raw size when the value's first part arrives,
+  before a byte of it is stored.
+- **windows**: windows of the tenant in the catalog (a freeze, clone or PromoteKeysToWindow
+  that adds one is checked; one that replaces a live window adds none).
 
 Windows that expired but are not yet collected still count (their chunks still occupy
 space); when a check fails, the manager first collects the tenant's expired windows and
@@ -21,7 +25,10 @@ header time, under one lock shared with every other check; the reservation is re
 the freeze commits (after its catalog transaction, so the bytes are counted twice for a
 moment, never zero times) or fails. Two freezes that would jointly exceed a quota cannot
 both pass. Chunks reserved by two in-flight freezes count once. Streams of one parallel
-upload share one reservation (keyed by the upload id).
+upload share one reservation (keyed by the upload id). A keyed put holds one reservation
+per new value, all released when the stream commits or fails. A reservation made on the
+catalog thread for a stream that was cancelled meanwhile is released as soon as it exists
+(`reserve_on_catalog_thread`).
 
 The quota file (TOML, ``cwm serve --quota-file PATH``)::
 
@@ -38,11 +45,12 @@ The quota file (TOML, ``cwm serve --quota-file PATH``)::
 
 from __future__ import annotations
 
+import concurrent.futures
 import re
 import threading
 import tomllib
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -198,6 +206,15 @@ class QuotaLedger:
     def limited(self, tenant: str) -> bool:
         return not self.policy.for_tenant(tenant).unlimited
 
+    def limits_bytes(self, tenant: str) -> bool:
+        """True if `tenant` has a max_bytes quota (keyed puts add bytes, never windows)."""
+        return bool(self.policy.for_tenant(tenant).max_bytes)
+
+    def open_reservations(self) -> int:
+        """How many reservations are held (for tests and diagnostics)."""
+        with self._lock:
+            return len(self._open)
+
     def reserved(self, tenant: str) -> tuple[int, int]:
         """(raw bytes, windows) reserved by in-flight freezes of `tenant`."""
         with self._lock:
@@ -234,8 +251,10 @@ class QuotaLedger:
             sizes = self._chunk_sizes.setdefault(tenant, {})
             reserved_bytes = sum(sizes.values())
             adding = sum(size for digest, size in wanted.items() if digest not in holds)
-            if quota.max_windows and have.windows + self._windows[tenant] + new_windows > (
+            if (
                 quota.max_windows
+                and new_windows
+                and (have.windows + self._windows[tenant] + new_windows > quota.max_windows)
             ):
                 raise quota_exceeded(
                     tenant,
@@ -287,11 +306,49 @@ class QuotaLedger:
         quota = self.policy.for_tenant(tenant)
         if not quota.max_windows:
             return
+        # The catalog read stays outside the lock, as in `reserve`: the caller is on the
+        # catalog thread, so no commit lands meanwhile, and other threads' reserve/release
+        # must not wait on SQLite.
+        have = usage().windows
         with self._lock:
-            have = usage().windows
             reserved = self._windows[tenant]
             if have + reserved + adding > quota.max_windows:
                 raise quota_exceeded(tenant, "windows", quota.max_windows, have, reserved, adding)
+
+
+async def reserve_on_catalog_thread(
+    db: Callable[[Callable[[], Reservation]], Awaitable[Reservation]],
+    reserve: Callable[[], Reservation],
+) -> Reservation:
+    """`await db(reserve)`, without leaking the reservation if the caller is cancelled.
+
+    `reserve` runs on the catalog thread, which cannot be interrupted: if the awaiting task
+    is cancelled (a client's cancel or deadline) while it runs, or just after it returned,
+    the reservation is still made but its handle never reaches the caller. This releases
+    such a reservation as soon as it exists (on the catalog thread, if it is still running),
+    so every path releases what was reserved. If the cancel came before `reserve` started,
+    the executor drops it and nothing is reserved."""
+    outcome: concurrent.futures.Future[Reservation] = concurrent.futures.Future()
+
+    def attempt() -> Reservation:
+        try:
+            made = reserve()
+        except BaseException as exc:
+            outcome.set_exception(exc)
+            raise
+        outcome.set_result(made)
+        return made
+
+    try:
+        return await db(attempt)
+    except BaseException:
+        outcome.add_done_callback(_release_outcome)
+        raise
+
+
+def _release_outcome(outcome: concurrent.futures.Future[Reservation]) -> None:
+    if not outcome.cancelled() and outcome.exception() is None:
+        outcome.result().release()
 
 
 def quota_exceeded(
@@ -300,8 +357,9 @@ def quota_exceeded(
     if what == "bytes":
         detail = (
             f"tenant {tenant!r} would hold {used + reserved + adding} raw bytes of chunks "
-            f"({used} stored, {reserved} reserved by freezes in flight, {adding} new), over "
-            f"its quota of {limit}; delete windows (`cwm rm`) or ask for a larger quota"
+            f"({used} stored, {reserved} reserved by freezes and keyed puts in flight, "
+            f"{adding} new), over its quota of {limit}; delete windows (`cwm rm`) or keys "
+            "(DeleteKeys), or ask for a larger quota"
         )
     else:
         detail = (
