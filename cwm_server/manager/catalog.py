@@ -87,6 +87,7 @@ class Catalog:
         self._db.executescript(SCHEMA)
         self._db.executescript(KEYED_SCHEMA)
         self._db.executescript(TTL_SCHEMA)
+        self._db.executescript(REDIS_PENDING_SCHEMA)
         self._unexpire_pinned()
 
     @contextmanager
@@ -281,15 +282,25 @@ class Catalog:
     # a pinned window's column is NULL, so it never expires. A Redis catalog implements
     # the same three methods with the same meaning.
 
-    def expired_windows(self, now: float, limit: int = 100) -> list[tuple[str, str]]:
+    def expired_windows(
+        self, now: float, limit: int = 100, tenant: str | None = None
+    ) -> list[tuple[str, str]]:
         """(tenant, name) of up to `limit` windows that expired at or before `now`,
-        soonest-expired first."""
-        rows = self._db.execute(
-            "SELECT tenant, name FROM windows WHERE expires_at IS NOT NULL AND expires_at <= ? "
-            "ORDER BY expires_at LIMIT ?",
-            (now, limit),
-        ).fetchall()
-        return [(tenant, name) for tenant, name in rows]
+        soonest-expired first; only `tenant`'s if given (a quota check must find its own
+        tenant's expired windows whatever other tenants hold, and look at nothing else)."""
+        if tenant is not None:
+            rows = self._db.execute(
+                "SELECT tenant, name FROM windows WHERE tenant=? AND expires_at IS NOT NULL "
+                "AND expires_at <= ? ORDER BY expires_at LIMIT ?",
+                (tenant, now, limit),
+            ).fetchall()
+        else:
+            rows = self._db.execute(
+                "SELECT tenant, name FROM windows WHERE expires_at IS NOT NULL "
+                "AND expires_at <= ? ORDER BY expires_at LIMIT ?",
+                (now, limit),
+            ).fetchall()
+        return [(owner, name) for owner, name in rows]
 
     def tenant_usage(self, tenant: str) -> Usage:
         """What `tenant` holds: windows (expired ones not yet collected included), distinct
@@ -350,6 +361,32 @@ class Catalog:
         return None if row is None else pb.WindowInfo.FromString(row[0])
 
     # == end of TTLs and quotas ===========================================================
+
+    # == Redis copies still to delete (a Redis tier beside this catalog; windows.py) ======
+    # A chunk collected while Redis was away (or refusing) lost its row and its local file
+    # but not its Redis copy. Its digest waits here, in the catalog's own durable file, until
+    # the health check finds Redis again and the manager deletes the copy (unless the chunk
+    # got a row again meanwhile: then the copy is the chunk's and stays).
+
+    def add_redis_pending(self, tenant: str, digests: Iterable[bytes]) -> None:
+        with self._transaction():
+            self._db.executemany(
+                "INSERT OR IGNORE INTO redis_pending_deletes VALUES (?, ?, ?)",
+                [(tenant, d, time.time()) for d in digests],
+            )
+
+    def redis_pending(self, limit: int = 1000) -> list[tuple[str, bytes]]:
+        """(tenant, digest) of up to `limit` Redis copies waiting to be deleted, oldest first."""
+        rows = self._db.execute(
+            "SELECT tenant, digest FROM redis_pending_deletes ORDER BY since LIMIT ?", (limit,)
+        ).fetchall()
+        return [(tenant, bytes(digest)) for tenant, digest in rows]
+
+    def drop_redis_pending(self, items: Iterable[tuple[str, bytes]]) -> None:
+        with self._transaction():
+            self._db.executemany(
+                "DELETE FROM redis_pending_deletes WHERE tenant=? AND digest=?", list(items)
+            )
 
     # -- internals ----------------------------------------------------------------------
 
@@ -605,7 +642,18 @@ def _release_chunk(db: sqlite3.Connection, tenant: str, digest: bytes, count: in
 TTL_SCHEMA = """
 CREATE INDEX IF NOT EXISTS windows_by_expiry ON windows (expires_at)
     WHERE expires_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS windows_by_tenant_expiry ON windows (tenant, expires_at)
+    WHERE expires_at IS NOT NULL;
 """
 
 LIVE = "(expires_at IS NULL OR expires_at > ?)"
 """SQL condition on `windows`: not expired at the time bound to its one parameter."""
+
+REDIS_PENDING_SCHEMA = """
+CREATE TABLE IF NOT EXISTS redis_pending_deletes (
+    tenant TEXT NOT NULL,
+    digest BLOB NOT NULL,
+    since REAL NOT NULL,
+    PRIMARY KEY (tenant, digest)
+) WITHOUT ROWID;
+"""

@@ -56,6 +56,9 @@ class StoreObserver:
     def miss(self, tier: str) -> None:
         """`tier` did not hold a chunk that was asked for."""
 
+    def redis_skipped(self, reason: str) -> None:
+        """A best-effort Redis copy was skipped (Redis away or refusing: `reason`)."""
+
 
 class ChunkStore:
     def __init__(
@@ -79,6 +82,8 @@ class ChunkStore:
         self.redis = redis
         self.disk_enabled = disk_enabled or redis is None
         self.redis_required = redis is not None and (redis_required or not self.disk_enabled)
+        self.redis_skips = 0
+        """Best-effort Redis copies skipped since start (Redis away, full or refusing)."""
         self.keyring: Keyring | None = None
         """Per-tenant keys (encryption.py): chunks of tenants with an active key are sealed
         before they reach any tier, and sealed chunks are opened on the way out."""
@@ -212,11 +217,15 @@ class ChunkStore:
         return blake3_digest(raw) == digest
 
     def remove(self, tenant: str, digest: bytes) -> None:
+        self.remove_local(tenant, digest)
+        if self.redis is not None:
+            self.redis.remove_many(tenant, [digest])
+
+    def remove_local(self, tenant: str, digest: bytes) -> None:
+        """Drop a chunk from this manager's own tiers (memory, disk), not from Redis."""
         self.memory.discard((tenant, digest))
         if self.disk_enabled:
             self.disk.remove(tenant, digest)
-        if self.redis is not None:
-            self.redis.remove_many(tenant, [digest])
 
     # -- the Redis tier (cwm_server.manager.redis_tier) ---------------------------------
 
@@ -242,10 +251,18 @@ class ChunkStore:
         if self.redis is not None:
             try:
                 in_redis = self.redis.put(tenant, digest, codec, word_size, raw_size, encoded)
-            except Unavailable:
+            except CwmError as exc:  # away (UNAVAILABLE) or refusing (REDIS_FULL, ...)
                 if self.redis_required:
                     raise
-                log.warning("redis_copy_skipped", tenant=tenant, digest=digest.hex()[:16])
+                # Best effort: the disk holds the chunk; the freeze goes on without a copy.
+                self.redis_skips += 1
+                self.observer.redis_skipped(exc.reason)
+                log.warning(
+                    "redis_copy_skipped",
+                    tenant=tenant,
+                    digest=digest.hex()[:16],
+                    reason=exc.reason,
+                )
             else:
                 if not self.disk_enabled:
                     stored = in_redis

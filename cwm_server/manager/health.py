@@ -195,7 +195,10 @@ class HealthBoard:
         """Run every check once."""
         for check in self._checks:
             try:
-                level, detail = await asyncio.wait_for(check.run(), CHECK_TIMEOUT_S)
+                # asyncio.timeout, not wait_for: 3.11's wait_for swallows a cancel that
+                # arrives as the check finishes, and stop() would then wait forever.
+                async with asyncio.timeout(CHECK_TIMEOUT_S):
+                    level, detail = await check.run()
             except TimeoutError:
                 level, detail = Level.DOWN, f"the check did not finish within {CHECK_TIMEOUT_S} s"
             except Exception as exc:  # noqa: BLE001 - a failing check is a DOWN component
@@ -276,9 +279,8 @@ class CatalogCheck:
     async def run(self) -> tuple[Level, str]:
         manager = self._manager
         try:
-            await asyncio.wait_for(
-                manager.db(manager.catalog.window_exists, "", ""), CHECK_TIMEOUT_S / 2
-            )
+            async with asyncio.timeout(CHECK_TIMEOUT_S / 2):
+                await manager.db(manager.catalog.window_exists, "", "")
         except TimeoutError:
             return Level.DOWN, f"the catalog did not answer within {CHECK_TIMEOUT_S / 2:.0f} s"
         except Exception as exc:  # noqa: BLE001
@@ -304,6 +306,9 @@ class MemoryCheck:
 
 REDIS_COMPONENT = "cwm.tier.redis"
 SWEEP_EVERY_S = 10.0
+ORPHAN_SWEEP_EVERY_S = 900.0
+"""Fleet mode: how often the check looks for chunks in Redis that no window references
+(a SCAN of every chunk key; see `WindowManager.sweep_orphan_chunks`)."""
 
 
 class RedisCheck:
@@ -318,6 +323,7 @@ class RedisCheck:
     def __init__(self, manager: WindowManager) -> None:
         self._manager = manager
         self._last_sweep = 0.0
+        self._last_orphan_sweep = time.monotonic()
 
     async def run(self) -> tuple[Level, str]:
         manager = self._manager
@@ -338,6 +344,31 @@ class RedisCheck:
                 await manager.db(manager.sweep_stale_claims)
             except Exception as exc:  # noqa: BLE001 - the next check tries again
                 log.warning("redis_sweep_failed", detail=str(exc))
+        if shared and time.monotonic() - self._last_orphan_sweep > ORPHAN_SWEEP_EVERY_S:
+            self._last_orphan_sweep = time.monotonic()
+            try:
+                await asyncio.to_thread(manager.sweep_orphan_chunks)
+            except Exception as exc:  # noqa: BLE001 - the next sweep tries again
+                log.warning("redis_orphan_sweep_failed", detail=str(exc))
+        if manager.redis_deletes_pending:
+            # Redis copies of chunks collected while Redis was away (local catalog).
+            try:
+                await manager.db(manager.retry_redis_deletes)
+            except Exception as exc:  # noqa: BLE001 - the next check tries again
+                log.warning("redis_deletes_failed", detail=str(exc))
+        refused = link.recent_refusal()
+        if refused is not None:
+            reason, words = refused
+            copies = (
+                "freezes that need Redis are refused until it takes writes again"
+                if shared or manager.store.redis_required
+                else "new chunks are kept on disk only (their Redis copy is skipped)"
+            )
+            return (
+                Level.DEGRADED,
+                f"Redis ({link.where}) answers but refused a command lately ({reason}: {words}); "
+                f"{copies}",
+            )
         mode = "shared catalog, " if shared else ""
         return Level.OK, f"{link.where} ({mode}{manager.config.redis_policy})"
 

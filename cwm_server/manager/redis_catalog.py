@@ -213,8 +213,12 @@ return out
 """
 
 # ARGV: now, kept, stale_before, digests. Claims digests without a row that nobody collects
-# (or whose collector stalled before `stale_before`).
+# (or whose collector stalled before `stale_before`). It starts with a write that cannot grow
+# memory (HDEL is not deny-oom): Redis checks `maxmemory` only at a script's first write, so
+# a claim (a few bytes) still runs when Redis is full, and the bytes it lets the collector
+# delete are what frees Redis (a freeze refused with REDIS_FULL cleans up through it).
 _CLAIM = """
+redis.call('HDEL', KEYS[10], '')
 local now, kept, stale = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local claimed = {}
 for i = 4, #ARGV do
@@ -691,16 +695,20 @@ class RedisCatalog:
 
     # -- TTLs and quotas --------------------------------------------------------------
 
-    def expired_windows(self, now: float, limit: int = 100) -> list[tuple[str, str]]:
+    def expired_windows(
+        self, now: float, limit: int = 100, tenant: str | None = None
+    ) -> list[tuple[str, str]]:
+        """As `Catalog.expired_windows`; with `tenant`, only that tenant's expiry index
+        is read (one ZRANGEBYSCORE, whatever other tenants hold)."""
         found: list[tuple[float, str, str]] = []
-        for tenant in self._tenants():
-            expiry = self._key(tenant, "expiry")
+        for owner in [tenant] if tenant is not None else self._tenants():
+            expiry = self._key(owner, "expiry")
             rows = self._do(
                 "zrangebyscore", expiry, "-inf", now, start=0, num=limit, withscores=True
             )
-            found += [(float(score), tenant, name.decode()) for name, score in rows]
+            found += [(float(score), owner, name.decode()) for name, score in rows]
         found.sort()
-        return [(tenant, name) for _, tenant, name in found[:limit]]
+        return [(owner, name) for _, owner, name in found[:limit]]
 
     def tenant_usage(self, tenant: str) -> Usage:
         windows_key, meta_key = self._key(tenant, "windows"), self._key(tenant, "meta")

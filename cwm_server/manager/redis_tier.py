@@ -29,13 +29,13 @@ import re
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import structlog
 
-from cwm_client.errors import Unavailable
+from cwm_client.errors import CwmError, FailedPrecondition, ResourceExhausted, Unavailable
 from cwm_server.manager.disk_tier import StoredChunk
 
 log = structlog.get_logger("cwm.redis")
@@ -47,26 +47,62 @@ VERSION = 1
 _HEADER = struct.Struct("<4sBBHQ")
 HEADER_SIZE = _HEADER.size
 
-try:  # redis-py is needed only by a manager configured with Redis (`pip install cwm[redis]`)
-    import redis
-    import redis.exceptions as rexc
-    from redis.backoff import NoBackoff
-    from redis.cluster import ClusterNode, RedisCluster
-    from redis.retry import Retry
+# redis-py is imported on first use (`_load_redis`), not here: it pulls in cryptography and
+# OpenSSL, ~21 MiB of RSS that a manager without Redis should not carry (its memory bound
+# is a promise). Until then these are placeholders; `except` clauses read them at run time.
+redis: Any = None
+rexc: Any = None
+NoBackoff: Any = None
+ClusterNode: Any = None
+RedisCluster: Any = None
+Retry: Any = None
+REDIS_ERRORS: tuple[type[BaseException], ...] = (OSError,)
+"""What means "Redis cannot be reached (or cannot serve) now" rather than a bug."""
+REDIS_REFUSALS: tuple[type[BaseException], ...] = ()
+"""Redis answered, but refused the command (full, misconfigured, busy): see `refusal`."""
 
-    REDIS_ERRORS: tuple[type[BaseException], ...] = (
-        rexc.ConnectionError,
-        rexc.TimeoutError,
-        rexc.ClusterError,
-        rexc.TryAgainError,
-        rexc.MasterDownError,
-        rexc.ReadOnlyError,
+
+def _load_redis() -> bool:
+    """Import redis-py (`pip install cwm[redis]`) and fill in the names above; False if
+    it is not installed."""
+    global redis, rexc, NoBackoff, ClusterNode, RedisCluster, Retry, REDIS_ERRORS
+    global REDIS_REFUSALS
+    if redis is not None:
+        return True
+    try:
+        import redis as redis_py
+        import redis.backoff as backoff
+        import redis.cluster as cluster
+        import redis.exceptions as exceptions
+        import redis.retry as retries
+    except ImportError:  # pragma: no cover - exercised only without redis-py
+        return False
+    rexc, NoBackoff, ClusterNode, RedisCluster, Retry = (
+        exceptions,
+        backoff.NoBackoff,
+        cluster.ClusterNode,
+        cluster.RedisCluster,
+        retries.Retry,
+    )
+    REDIS_ERRORS = (
+        exceptions.ConnectionError,
+        exceptions.TimeoutError,
+        exceptions.ClusterError,
+        exceptions.TryAgainError,
+        exceptions.MasterDownError,
+        exceptions.ReadOnlyError,
         OSError,
     )
-    """What means "Redis cannot be reached (or cannot serve) now" rather than a bug."""
-except ImportError:  # pragma: no cover - exercised only without redis-py
-    redis = None  # type: ignore[assignment]
-    REDIS_ERRORS = (OSError,)
+    REDIS_REFUSALS = (exceptions.ResponseError,)
+    redis = redis_py
+    return True
+
+
+REFUSAL_NOTED_S = 60.0
+"""How long a refusal (e.g. Redis full) keeps the health check's Redis component DEGRADED."""
+
+_TRANSIENT_REFUSALS = ("BUSY", "MISCONF", "NOREPLICAS", "LOADING", "TRYAGAIN", "MASTERDOWN")
+_CONFIG_REFUSALS = ("NOPERM", "WRONGTYPE", "NOAUTH", "WRONGPASS")
 
 _SAFE_TENANT = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
@@ -77,6 +113,16 @@ def tenant_tag(tenant: str) -> str:
     if _SAFE_TENANT.fullmatch(tenant):
         return tenant
     return "~" + tenant.encode().hex()
+
+
+def tenant_from_tag(tag: str) -> str | None:
+    """The tenant a key's tag names (`tenant_tag` reversed); None if it names none."""
+    if tag.startswith("~"):
+        try:
+            return bytes.fromhex(tag[1:]).decode()
+        except (ValueError, UnicodeDecodeError):
+            return None
+    return tag if _SAFE_TENANT.fullmatch(tag) else None
 
 
 def parse_urls(value: str) -> tuple[str, ...]:
@@ -107,7 +153,7 @@ class RedisLink:
     ) -> None:
         if not urls:
             raise ValueError("at least one Redis URL is needed")
-        if redis is None:
+        if not _load_redis():
             raise ValueError("--redis-url needs redis-py: pip install 'cwm[redis]'")
         self.urls = tuple(urls)
         self.cluster = cluster
@@ -119,6 +165,9 @@ class RedisLink:
         self._retry_at = 0.0
         self._down_detail = ""
         self._scripts: dict[str, Any] = {}
+        self.last_refusal: tuple[float, str, str] | None = None
+        """(monotonic time, reason, Redis's words) of the last command Redis refused
+        (REDIS_FULL, REDIS_REFUSED): the health check reports it for a while."""
 
     @property
     def where(self) -> str:
@@ -146,7 +195,7 @@ class RedisLink:
             parts = urlsplit(url)
             if parts.scheme == "unix":
                 raise ValueError("Redis Cluster seeds must be redis:// or rediss:// URLs")
-            nodes.append(ClusterNode(parts.hostname or "127.0.0.1", parts.port or 6379))  # type: ignore[no-untyped-call]
+            nodes.append(ClusterNode(parts.hostname or "127.0.0.1", parts.port or 6379))
         first = urlsplit(self.urls[0])
         if first.password:
             common["password"] = first.password
@@ -198,9 +247,53 @@ class RedisLink:
             detail = _describe(exc)
             self.mark_down(detail)
             raise self._unavailable(what, detail) from None
+        except REDIS_REFUSALS as exc:
+            # Redis is reachable and answered with an error: not an outage (no breaker),
+            # but a condition of the server (full, misconfigured), never INTERNAL.
+            raise self.refusal(what, exc) from None
         if self._down_detail:
             self.mark_up()
         return result
+
+    def refusal(self, what: str, exc: BaseException) -> CwmError:
+        """The status for a command Redis refused: full (OOM under `maxmemory-policy
+        noeviction`) is RESOURCE_EXHAUSTED (REDIS_FULL); an ACL or a key of the wrong type
+        (another program's key under `redis_prefix`) FAILED_PRECONDITION; anything else
+        (busy, cannot persist, too few replicas) UNAVAILABLE. Logged and noted for the
+        health check."""
+        words = _describe(_strip_pipeline_note(str(exc) or type(exc).__name__))
+        code = words.split(" ", 1)[0]
+        oom = isinstance(exc, rexc.OutOfMemoryError) or code == "OOM" or "maxmemory" in words
+        if oom:
+            error: CwmError = ResourceExhausted(
+                f"{what}: Redis ({self.where}) is full ({words}); delete windows, raise "
+                "Redis's maxmemory or add memory, then retry",
+                reason="REDIS_FULL",
+            )
+        elif code in _CONFIG_REFUSALS:
+            error = FailedPrecondition(
+                f"{what}: Redis ({self.where}) refused the command ({words}); check the "
+                "Redis user's permissions and that nothing else writes keys under the "
+                "manager's redis_prefix",
+                reason="REDIS_REFUSED",
+            )
+        else:
+            transient = code in _TRANSIENT_REFUSALS
+            error = Unavailable(
+                f"{what}: Redis ({self.where}) refused the command ({words})"
+                + ("; retry later" if transient else "; the manager's log has details"),
+                reason="REDIS_REFUSED",
+            )
+        self.last_refusal = (time.monotonic(), error.reason or "REDIS_REFUSED", words)
+        log.warning("redis_refused", where=self.where, what=what, reason=error.reason, detail=words)
+        return error
+
+    def recent_refusal(self, within_s: float = REFUSAL_NOTED_S) -> tuple[str, str] | None:
+        """(reason, Redis's words) of a refusal less than `within_s` ago, else None."""
+        refusal = self.last_refusal
+        if refusal is None or time.monotonic() - refusal[0] > within_s:
+            return None
+        return refusal[1], refusal[2]
 
     def ping(self) -> tuple[bool, str]:
         """One PING past the breaker (the health check); marks the link up or down."""
@@ -270,9 +363,21 @@ class RedisLink:
                 client.close()
 
 
-def _describe(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
+def _describe(exc: BaseException | str) -> str:
+    text = exc if isinstance(exc, str) else (str(exc) or type(exc).__name__)
     return text.splitlines()[0][:200]
+
+
+def _glob_escape(text: str) -> str:
+    """`text` as a literal in a SCAN MATCH pattern."""
+    return re.sub(r"([\\*?\[\]])", r"\\\1", text)
+
+
+def _strip_pipeline_note(detail: str) -> str:
+    """Redis's own words from a pipelined command's error ("Command # 2 (MSET ...) of
+    pipeline caused error: OOM ..." -> "OOM ...")."""
+    marker = "caused error: "
+    return detail.split(marker, 1)[1] if marker in detail else detail
 
 
 class RedisTier:
@@ -386,6 +491,24 @@ class RedisTier:
 
         found = self.link.call(_run, "looking chunks up in Redis")
         return {d for d, n in zip(digests, found, strict=True) if n == 2}
+
+    def scan_chunks(self) -> Iterator[tuple[str, bytes]]:
+        """(tenant tag, digest) of every chunk header under this prefix (SCAN, on every
+        master of a cluster): the orphan sweep's census. Slow on a big keyspace."""
+        pattern = _glob_escape(f"{self.prefix}:chunkinfo:{{") + "*"
+
+        def _scan(client: Any) -> list[bytes]:
+            return list(client.scan_iter(match=pattern, count=1000))
+
+        for key in self.link.call(_scan, "listing chunks in Redis"):
+            text = key.decode() if isinstance(key, bytes) else str(key)
+            inner = text[text.find("{") + 1 : text.rfind("}")]
+            tag, _, hexd = inner.rpartition(":")
+            try:
+                digest = bytes.fromhex(hexd)
+            except ValueError:
+                continue
+            yield tag, digest
 
     def remove_many(self, tenant: str, digests: Sequence[bytes]) -> None:
         if not digests:

@@ -11,6 +11,8 @@ import asyncio
 import base64
 import binascii
 import concurrent.futures
+import sqlite3
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -24,6 +26,7 @@ from cwm_client import pb
 from cwm_client.chunks import DIGEST_SIZE
 from cwm_client.errors import (
     AlreadyExists,
+    CwmError,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
@@ -39,6 +42,7 @@ from cwm_server.manager.memory_tier import MemoryTier
 from cwm_server.manager.metadata import check_labels, expiry_from_ttl, now_timestamp
 from cwm_server.manager.quotas import QuotaLedger, QuotaPolicy
 from cwm_server.manager.redis_catalog import RedisCatalog, open_redis
+from cwm_server.manager.redis_tier import tenant_from_tag
 from cwm_server.manager.uploads import Uploads
 
 T = TypeVar("T")
@@ -47,6 +51,11 @@ log = structlog.get_logger("cwm.manager")
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
 MAX_DIGESTS_PER_LOOKUP = 100_000
+ORPHAN_GRACE_S = 3600.0
+"""Fleet mode: how long a chunk in Redis must stay without a catalog row (seen so by two
+orphan sweeps this far apart) before the sweep collects it. Longer than any freeze or
+upload keeps chunks uncommitted (`upload_ttl_s` is 600 s by default); one that takes
+longer still is safe, only slower: its commit re-sends (or asks for) the chunk."""
 
 
 @dataclass(frozen=True)
@@ -79,10 +88,23 @@ class WindowManager:
         self._db_executor = ThreadPoolExecutor(1, thread_name_prefix="cwm-catalog")
         self._io_executor = ThreadPoolExecutor(config.io_threads, thread_name_prefix="cwm-io")
         self._pins: Counter[tuple[str, bytes]] = Counter()
+        self._pin_lock = threading.Lock()
+        """Guards `_pins` and `_deferred`: pins change on the event loop, collections
+        check them on the catalog thread."""
         self._deferred: set[tuple[str, bytes]] = set()
-        """Shared catalog: chunks a collection skipped because a local stream pinned them,
-        collected when the last pin goes (Redis has no restart that would sweep them)."""
+        """Chunks a collection skipped because a local stream pinned them, collected when
+        the last pin goes (with either catalog: a restart sweeps only local files, never
+        Redis copies, and a manager may run for months)."""
         self._deferred_tasks: set[asyncio.Future[int]] = set()
+        self._unclaimed: set[tuple[str, bytes]] = set()
+        """Shared catalog: chunks freed by a delete whose collection could not claim them
+        (Redis away or refusing); the health check's sweep tries them again."""
+        self.redis_deletes_pending = redis_tier is not None and shared is None
+        """Local catalog with a Redis tier: whether the catalog may list Redis copies still
+        to delete (unknown at start, so True); the health check retries them."""
+        self._orphans_seen: dict[tuple[str, bytes], float] = {}
+        """Fleet mode: chunks in Redis without a catalog row, and when a sweep first saw
+        them so (`sweep_orphan_chunks`)."""
         self.uploads = Uploads(config.upload_ttl_s, self.pin, self.unpin, self.collect)
         """The open uploads of parallel freezes (see `uploads`)."""
         self._store_slots: asyncio.Semaphore | None = None
@@ -122,71 +144,217 @@ class WindowManager:
 
     def pin(self, tenant: str, digests: Iterable[bytes]) -> list[tuple[str, bytes]]:
         keys = [(tenant, d) for d in set(digests)]
-        self._pins.update(keys)
+        with self._pin_lock:
+            self._pins.update(keys)
         return keys
 
     def unpin(self, keys: Iterable[tuple[str, bytes]]) -> None:
-        for key in keys:
-            self._pins[key] -= 1
-            if self._pins[key] <= 0:
-                del self._pins[key]
-                if key in self._deferred:
-                    self._deferred.discard(key)
-                    task = asyncio.ensure_future(self.collect(key[0], [key[1]]))
-                    self._deferred_tasks.add(task)
-                    task.add_done_callback(self._deferred_tasks.discard)
+        """Drop pins; a chunk a collection deferred while pinned is collected now (if it
+        still has no catalog row: `collect` checks)."""
+        due: dict[str, list[bytes]] = {}
+        with self._pin_lock:
+            for key in keys:
+                self._pins[key] -= 1
+                if self._pins[key] <= 0:
+                    del self._pins[key]
+                    if key in self._deferred:
+                        self._deferred.discard(key)
+                        due.setdefault(key[0], []).append(key[1])
+        if not due:
+            return
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # closing, off the loop: start-up recovery collects the files
+            log.info("deferred_collect_skipped", chunks=sum(len(d) for d in due.values()))
+            return
+        for tenant, digests in due.items():
+            task = asyncio.ensure_future(self.collect(tenant, digests))
+            self._deferred_tasks.add(task)
+            task.add_done_callback(self._deferred_tasks.discard)
 
     def is_pinned(self, tenant: str, digest: bytes) -> bool:
         return self._pins.get((tenant, digest), 0) > 0
 
+    def _defer_if_pinned(self, tenant: str, digest: bytes) -> bool:
+        """True (and remembered for the last unpin) if a live stream pins the chunk."""
+        with self._pin_lock:
+            if self._pins.get((tenant, digest), 0) > 0:
+                self._deferred.add((tenant, digest))
+                return True
+            return False
+
     async def collect(self, tenant: str, digests: Iterable[bytes]) -> int:
-        """Unlink files of chunks with no catalog row, unless a live stream pins them."""
-        digests = list(digests)
-        candidates = [d for d in digests if not self.is_pinned(tenant, d)]
-        catalog = self.catalog
-        if isinstance(catalog, RedisCatalog):
-            self._deferred.update((tenant, d) for d in digests if self.is_pinned(tenant, d))
+        """Remove chunks with no catalog row from every tier, unless a live stream pins
+        them (then when its last pin goes). Redis trouble never fails it (the rows are
+        gone already, the caller's change has committed): what cannot be cleaned now is
+        logged and cleaned later (the health check's retries and sweeps; start-up
+        recovery for local files)."""
+        digests = list(dict.fromkeys(digests))
+        candidates = [d for d in digests if not self._defer_if_pinned(tenant, d)]
         if not candidates:
             return 0
+        catalog = self.catalog
         if isinstance(catalog, RedisCatalog):
-            return await self.db(self._collect_shared, catalog, tenant, candidates)
+            return await self.db(self._collect_shared, catalog, tenant, candidates, True)
+        return await self.db(self._collect_local, catalog, tenant, candidates)
 
-        def _collect() -> int:
-            removed = 0
-            for digest in candidates:
-                if self.catalog.chunk(tenant, digest) is None:
-                    self.store.remove(tenant, digest)
-                    removed += 1
-            return removed
+    def _collect_local(self, catalog: Catalog, tenant: str, digests: list[bytes]) -> int:
+        """Collection with this manager's own catalog, chunk by chunk (one that fails does
+        not strand the rest). Runs on the catalog thread, so no commit interleaves between
+        a row check and a removal; a pin is checked again here, as a stream may have pinned
+        the chunk since `collect` looked."""
+        unreferenced: list[bytes] = []
+        for digest in digests:
+            if self._defer_if_pinned(tenant, digest) or catalog.chunk(tenant, digest):
+                continue
+            unreferenced.append(digest)
+            try:
+                self.store.remove_local(tenant, digest)
+            except OSError as exc:  # start-up recovery removes the file
+                log.warning(
+                    "collect_failed", tenant=tenant, digest=digest.hex()[:16], detail=str(exc)
+                )
+        if unreferenced and self.store.redis is not None:
+            self._remove_redis_copies(catalog, tenant, unreferenced)
+        return len(unreferenced)
 
-        return await self.db(_collect)
+    def _remove_redis_copies(self, catalog: Catalog, tenant: str, digests: list[bytes]) -> None:
+        """Delete Redis copies of collected chunks; if Redis is away (or refuses), list them
+        in the catalog for `retry_redis_deletes` instead of failing the caller."""
+        assert self.store.redis is not None
+        try:
+            self.store.redis.remove_many(tenant, digests)
+            return
+        except CwmError as exc:
+            log.warning(
+                "redis_delete_pending",
+                tenant=tenant,
+                chunks=len(digests),
+                reason=exc.reason,
+                detail=str(exc),
+            )
+        try:
+            catalog.add_redis_pending(tenant, digests)
+            self.redis_deletes_pending = True
+        except sqlite3.Error as exc:  # the copies stay in Redis: say so
+            log.error("redis_delete_lost", tenant=tenant, chunks=len(digests), detail=str(exc))
 
-    def _collect_shared(self, catalog: RedisCatalog, tenant: str, digests: list[bytes]) -> int:
+    def retry_redis_deletes(self, batch: int = 1000) -> int:
+        """Delete Redis copies listed as pending (see `_remove_redis_copies`), unless the
+        chunk has a catalog row again (its copy is then the chunk's) or a stream pins it
+        (next time). Runs on the catalog thread, from the health check once Redis answers;
+        raises UNAVAILABLE if Redis is away again (the rows stay). Returns copies deleted."""
+        catalog = self.catalog
+        redis = self.store.redis
+        if redis is None or not isinstance(catalog, Catalog) or not self.redis_deletes_pending:
+            return 0
+        pending = catalog.redis_pending(batch)
+        by_tenant: dict[str, list[bytes]] = {}
+        settled: dict[str, list[tuple[str, bytes]]] = {}
+        skipped = 0
+        for tenant, digest in pending:
+            if self.is_pinned(tenant, digest):
+                skipped += 1
+                continue
+            settled.setdefault(tenant, []).append((tenant, digest))
+            if catalog.chunk(tenant, digest) is None:
+                by_tenant.setdefault(tenant, []).append(digest)
+        deleted = 0
+        for tenant, items in settled.items():
+            digests = by_tenant.get(tenant, [])
+            if digests:
+                redis.remove_many(tenant, digests)
+                deleted += len(digests)
+            catalog.drop_redis_pending(items)
+        if len(pending) < batch and not skipped:
+            self.redis_deletes_pending = False
+        if deleted:
+            log.info("redis_deletes_done", chunks=deleted)
+        return deleted
+
+    def _collect_shared(
+        self, catalog: RedisCatalog, tenant: str, digests: list[bytes], check_pins: bool = False
+    ) -> int:
         """Collection with the shared catalog: claim the chunks no window references (so
         no commit can take them meanwhile), delete their bytes everywhere, release the
-        claims (see redis_catalog). A claim left by a failure is redone by any manager."""
+        claims (see redis_catalog). A claim left by a failure is redone by any manager; a
+        claim that could not be made is retried by this manager's sweep."""
+        if check_pins:
+            digests = [d for d in digests if not self._defer_if_pinned(tenant, d)]
+        claimed: list[bytes] = []
         try:
             claimed = catalog.claim_unreferenced(tenant, digests)
-            if claimed:
-                for digest in claimed:
-                    self.store.remove(tenant, digest)
-                catalog.release_claims(tenant, claimed)
-        except Unavailable as exc:
-            log.warning("collect_deferred", tenant=tenant, chunks=len(digests), detail=str(exc))
+            for digest in claimed:
+                self.store.remove(tenant, digest)
+            catalog.release_claims(tenant, claimed)
+        except CwmError as exc:
+            if not claimed:
+                with self._pin_lock:
+                    self._unclaimed.update((tenant, d) for d in digests)
+            log.warning(
+                "collect_deferred",
+                tenant=tenant,
+                chunks=len(digests),
+                reason=exc.reason,
+                detail=str(exc),
+            )
             return 0
         return len(claimed)
 
     def sweep_stale_claims(self) -> int:
         """Finish collections that a manager left half-done (it died or lost Redis between
-        claiming chunks and releasing them). Runs on the catalog thread."""
+        claiming chunks and releasing them), and retry this manager's collections that
+        could not claim their chunks. Runs on the catalog thread."""
         catalog = self.catalog
         if not isinstance(catalog, RedisCatalog):
             return 0
         done = 0
+        with self._pin_lock:
+            unclaimed, self._unclaimed = self._unclaimed, set()
+        retry: dict[str, list[bytes]] = {}
+        for tenant, digest in unclaimed:
+            retry.setdefault(tenant, []).append(digest)
+        for tenant, digests in retry.items():
+            done += self._collect_shared(catalog, tenant, digests, True)
         for tenant in catalog.all_tenants():
             stale = catalog.stale_claims(tenant)
             if stale:
                 done += self._collect_shared(catalog, tenant, stale)
+        return done
+
+    def sweep_orphan_chunks(self) -> int:
+        """Fleet mode: collect chunks whose bytes are in Redis but that no catalog row has
+        referenced for `ORPHAN_GRACE_S` (a delete whose reply was lost, or a manager that
+        stopped between a delete and its collection, leaves such bytes: no one learnt what
+        the delete freed). Through the claim, so a commit that counts on one of them
+        retries rather than loses it. A SCAN of every chunk key: the health check runs it
+        rarely, on a thread of its own (it touches only Redis). Returns chunks collected."""
+        catalog = self.catalog
+        tier = self.store.redis
+        if not isinstance(catalog, RedisCatalog) or tier is None:
+            return 0
+        now = time.monotonic()
+        found: dict[str, list[bytes]] = {}
+        for tag, digest in tier.scan_chunks():
+            tenant = tenant_from_tag(tag)
+            if tenant is not None:
+                found.setdefault(tenant, []).append(digest)
+        seen: dict[tuple[str, bytes], float] = {}
+        due: dict[str, list[bytes]] = {}
+        for tenant, digests in found.items():
+            for start in range(0, len(digests), 1000):
+                for digest in catalog.missing(tenant, digests[start : start + 1000]):
+                    first = self._orphans_seen.get((tenant, digest), now)
+                    if now - first >= ORPHAN_GRACE_S and not self.is_pinned(tenant, digest):
+                        due.setdefault(tenant, []).append(digest)
+                    else:
+                        seen[(tenant, digest)] = first
+        self._orphans_seen = seen
+        done = 0
+        for tenant, digests in due.items():
+            done += self._collect_shared(catalog, tenant, digests, True)
+        if done:
+            log.info("orphan_chunks_collected", chunks=done)
         return done
 
     # -- start-up -----------------------------------------------------------------------
@@ -199,11 +367,16 @@ class WindowManager:
         """
         temp = self.disk.remove_temp_files()
         orphans = 0
+        catalog = self.catalog
         try:
             for tenant, digest, path in list(self.disk.iter_chunks()):
-                if self.catalog.chunk(tenant, digest) is None:
+                if catalog.chunk(tenant, digest) is None:
                     path.unlink(missing_ok=True)
                     orphans += 1
+                    if self.store.redis is not None and isinstance(catalog, Catalog):
+                        # Its Redis copy (a stream that never committed wrote it too):
+                        # deleted once Redis answers (`retry_redis_deletes`).
+                        catalog.add_redis_pending(tenant, [digest])
         except Unavailable as exc:  # the shared catalog is away: keep the files for now
             log.warning("recover_orphans_skipped", detail=str(exc))
         report = RecoveryReport(temp_files_removed=temp, orphan_chunks_removed=orphans)
@@ -350,11 +523,11 @@ class WindowManager:
         The collector calls it every interval; a quota check calls it for its tenant
         before it refuses."""
         now = time.time()
-        expired = await self.db(self.catalog.expired_windows, now, limit)
+        expired = await self.db(self.catalog.expired_windows, now, limit, tenant)
         count = 0
         for owner, name in expired:
             if tenant is not None and owner != tenant:
-                continue
+                continue  # a catalog asked for one tenant returns only its windows
             if await self.expire(owner, name, now) is not None:
                 count += 1
         return count
