@@ -183,7 +183,8 @@ class AsyncThawStream:
     async def _take(self, shared: asyncio.Queue[object]) -> object:
         while True:
             try:
-                return await asyncio.wait_for(shared.get(), _POLL_S)
+                async with asyncio.timeout(_POLL_S):  # not wait_for: it can swallow a cancel
+                    return await shared.get()
             except TimeoutError:
                 if self._closed:
                     raise Cancelled("the thaw was closed while a chunk was awaited") from None

@@ -105,7 +105,8 @@ class HostAgent:
             if self.connections > before:
                 delay = floor
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), delay)
+                async with asyncio.timeout(delay):  # not wait_for: it can swallow a cancel
+                    await stop.wait()
             delay = min(delay * 2, ceiling)
 
     async def _connected(self, stop: asyncio.Event) -> None:

@@ -204,7 +204,8 @@ class AgentRegistry:
         conn.pending[order.order_id] = future
         await conn.outbox.put(order)
         try:
-            result = await asyncio.wait_for(future, timeout)
+            async with asyncio.timeout(timeout):  # not wait_for: it can swallow a cancel
+                result = await future
         except TimeoutError:
             conn.pending.pop(order.order_id, None)
             raise DeadlineExceeded(

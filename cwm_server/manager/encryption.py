@@ -47,9 +47,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
 SEALED = 0x80
 """Flag in a stored codec: the bytes are an envelope around bytes in codec `c & ~SEALED`."""
 MAGIC = b"CWE1"
@@ -146,6 +143,8 @@ class Keyring:
         key_id = keys.active
         nonce = os.urandom(NONCE_SIZE)
         aad = _aad(tenant, digest, codec, word_size, raw_size, key_id)
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # see open()
+
         sealed = AESGCM(keys.keys[key_id]).encrypt(nonce, bytes(data), aad)
         encoded_id = key_id.encode()
         return b"".join((MAGIC, bytes((len(encoded_id),)), encoded_id, nonce, sealed))
@@ -166,6 +165,11 @@ class Keyring:
         key = keys.keys.get(key_id) if keys is not None else None
         if key is None:
             raise KeyUnavailable(tenant, key_id)
+        # Imported here: OpenSSL costs a manager ~8 MiB of RSS, and only a manager with a
+        # key file ever seals or opens a chunk.
+        from cryptography.exceptions import InvalidTag
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
         try:
             return AESGCM(key).decrypt(
                 nonce, bytes(sealed), _aad(tenant, digest, codec, word_size, raw_size, key_id)
