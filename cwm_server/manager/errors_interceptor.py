@@ -40,6 +40,7 @@ from cwm_client.errors import CwmError, Internal, InvalidArgument, Unimplemented
 from cwm_server.manager.auth import Authenticator, authorize, is_open
 from cwm_server.manager.metrics import CallMetrics, RpcMetrics, method_label
 from cwm_server.manager.tenancy import reset_caller, set_caller
+from cwm_server.manager.wire import PreEncoded
 
 log = structlog.get_logger("cwm.rpc")
 
@@ -153,11 +154,7 @@ class _Call:
 
     def received(self, raw: Any, message: Any) -> None:
         if self.metrics is not None:
-            self.metrics.received(len(raw) if isinstance(raw, bytes) else 0, message)
-
-    def sent(self, message: Any) -> None:
-        if self.metrics is not None:
-            self.metrics.sent(message)
+            self.metrics.received(len(raw) if isinstance(raw, bytes) else 0, message, raw)
 
 
 Parse = Callable[[Any], Any]
@@ -197,6 +194,34 @@ def _parse_one(raw: Any, parse: Parse, call: _Call) -> Any:
     return message
 
 
+def _counting(
+    serialize: Callable[[Any], bytes] | None, metrics: RpcMetrics | None, method: str
+) -> Callable[[Any], bytes] | None:
+    """The response serializer, counting each response as it is serialized: its size is
+    then the length of the bytes at hand, where sizing the message separately
+    (`ByteSize()`, and reading `chunk.data`) cost as much as serializing it again. A
+    response already in wire format (wire.PreEncoded, Thaw's chunk parts) goes out as it
+    is."""
+    if serialize is None:
+        return serialize
+    call_metrics = CallMetrics(metrics, method_label(method)) if metrics is not None else None
+    inner = serialize
+
+    def counted(message: Any) -> bytes:
+        if type(message) is PreEncoded:
+            if call_metrics is not None:
+                call_metrics.sent_encoded(
+                    len(message.wire), message.chunk_bytes, message.first_part
+                )
+            return message.wire
+        data = inner(message)
+        if call_metrics is not None:
+            call_metrics.sent(message, data)
+        return data
+
+    return counted
+
+
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
     """Request ids, log context, metrics and error mapping for every RPC (see above)."""
 
@@ -221,8 +246,6 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 try:
                     with call.authenticated():
                         response = await behavior(prepare(request, call), context)
-                    if response is not None:
-                        call.sent(response)
                     return response
                 except CwmError as exc:
                     await call.abort(exc)
@@ -251,7 +274,6 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 try:
                     with call.authenticated():
                         async for response in behavior(prepare(request, call), context):
-                            call.sent(response)
                             yield response
                 except CwmError as exc:
                     await call.abort(exc)
@@ -276,6 +298,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return self._unknown_method(method)
         parse = _parser(method, handler.request_deserializer)
+        serialize = _counting(handler.response_serializer, self._metrics, method)
 
         def one(raw: Any, call: _Call) -> Any:
             return _parse_one(raw, parse, call)
@@ -289,13 +312,13 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             return grpc.unary_unary_rpc_method_handler(
                 self._unary_response(method, handler.unary_unary, one, streaming=False),
                 request_deserializer=None,
-                response_serializer=handler.response_serializer,
+                response_serializer=serialize,
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
                 self._unary_response(method, handler.stream_unary, many, streaming=True),
                 request_deserializer=None,
-                response_serializer=handler.response_serializer,
+                response_serializer=serialize,
             )
         # A streaming handler is an async generator, or a coroutine that writes with
         # `context.write` (grpcio's health Watch); each keeps its own shape.
@@ -303,13 +326,13 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             return grpc.unary_stream_rpc_method_handler(
                 self._streaming(method, handler.unary_stream, one),
                 request_deserializer=None,
-                response_serializer=handler.response_serializer,
+                response_serializer=serialize,
             )
         if handler.stream_stream:
             return grpc.stream_stream_rpc_method_handler(
                 self._streaming(method, handler.stream_stream, many),
                 request_deserializer=None,
-                response_serializer=handler.response_serializer,
+                response_serializer=serialize,
             )
         return handler
 

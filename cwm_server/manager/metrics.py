@@ -14,6 +14,7 @@ Each manager has its own registry (tests run several in one process). What is co
 - the store: ``cwm_chunk_verify_seconds{op="store"|"load"}`` (BLAKE3 checks),
   ``cwm_chunk_store_seconds`` (compress + durable write), ``cwm_chunk_load_seconds{tier}``,
   ``cwm_tier_hits_total{tier}``, ``cwm_tier_misses_total{tier}``,
+  ``cwm_redis_copies_skipped_total{reason}`` (write-through copies Redis could not take),
   ``cwm_tier_bytes{tier}`` (memory: bytes held; disk: bytes of chunk files the catalog
   references), ``cwm_tier_capacity_bytes{tier="memory"}``,
   ``cwm_tier_evictions_total{tier="memory"}``;
@@ -69,6 +70,59 @@ def chunk_of(message: Any) -> pb.Chunk | None:
         return None
     chunk: pb.Chunk = message.chunk
     return chunk
+
+
+_CHUNK_DATA_FIELD = CHUNK_DESCRIPTOR.fields_by_name["data"].number
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, pos
+        shift += 7
+
+
+def _last_field(buf: bytes, start: int, end: int, number: int) -> tuple[int, int] | None:
+    """(start, end) of the last length-delimited field `number` in buf[start:end]."""
+    pos, found = start, None
+    while pos < end:
+        key, pos = _varint(buf, pos)
+        wire = key & 7
+        if wire == 0:
+            _, pos = _varint(buf, pos)
+        elif wire == 2:
+            size, pos = _varint(buf, pos)
+            if key >> 3 == number:
+                found = (pos, pos + size)
+            pos += size
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        else:
+            return None
+    return found
+
+
+def chunk_data_size(message: Any, chunk: pb.Chunk, serialized: Any) -> int:
+    """len(chunk.data) of the Chunk that `message` carries, read off the message's
+    serialized bytes (the wire format's length prefix) when they are at hand: reading a
+    bytes field of a upb message copies it, a MiB per chunk part, on the event loop."""
+    if isinstance(serialized, bytes):
+        try:
+            outer = _last_field(
+                serialized, 0, len(serialized), message.DESCRIPTOR.fields_by_name["chunk"].number
+            )
+            if outer is not None:
+                data = _last_field(serialized, outer[0], outer[1], _CHUNK_DATA_FIELD)
+                return 0 if data is None else data[1] - data[0]
+        except (IndexError, KeyError):
+            pass
+    return len(chunk.data)
 
 
 class RpcMetrics:
@@ -157,24 +211,38 @@ class CallMetrics:
         self._chunks_in = metrics.chunks_in.labels(label)
         self._chunks_out = metrics.chunks_out.labels(label)
 
-    def received(self, raw_size: int, message: Any) -> None:
+    def received(self, raw_size: int, message: Any, raw: Any = None) -> None:
+        """One request message; `raw`: its serialized bytes, if at hand."""
         self._msgs_in.inc()
         self._msg_bytes_in.inc(raw_size)
         chunk = chunk_of(message)
         if chunk is not None:
-            self._chunk_bytes_in.inc(len(chunk.data))
+            self._chunk_bytes_in.inc(chunk_data_size(message, chunk, raw))
             if chunk.data_offset == 0:
                 self._chunks_in.inc()
 
-    def sent(self, message: Any) -> None:
+    def sent(self, message: Any, serialized: Any = None) -> None:
+        """One response message; `serialized`: its bytes as they go on the wire (the
+        interceptor counts in the response serializer, so no message is sized twice)."""
         self._msgs_out.inc()
-        size = message.ByteSize() if hasattr(message, "ByteSize") else 0
+        if isinstance(serialized, bytes):
+            size = len(serialized)
+        else:
+            size = message.ByteSize() if hasattr(message, "ByteSize") else 0
         self._msg_bytes_out.inc(size)
         chunk = chunk_of(message)
         if chunk is not None:
-            self._chunk_bytes_out.inc(len(chunk.data))
+            self._chunk_bytes_out.inc(chunk_data_size(message, chunk, serialized))
             if chunk.data_offset == 0:
                 self._chunks_out.inc()
+
+    def sent_encoded(self, size: int, chunk_bytes: int, first_part: bool) -> None:
+        """One response sent pre-encoded (wire.PreEncoded): the sizes are known."""
+        self._msgs_out.inc()
+        self._msg_bytes_out.inc(size)
+        self._chunk_bytes_out.inc(chunk_bytes)
+        if first_part:
+            self._chunks_out.inc()
 
     def stream_opened(self) -> None:
         self._metrics.in_flight.labels(self._label).inc()
@@ -216,6 +284,12 @@ class StoreMetrics(StoreObserver):
         self._misses = Counter(
             "cwm_tier_misses", "Chunks a tier did not hold when asked.", ["tier"], registry=registry
         )
+        self._redis_skips = Counter(
+            "cwm_redis_copies_skipped",
+            "Best-effort Redis copies of chunks skipped (Redis away or refusing), by reason.",
+            ["reason"],
+            registry=registry,
+        )
         for tier in ("memory", "disk"):
             self._hits.labels(tier)
             self._misses.labels(tier)
@@ -235,6 +309,9 @@ class StoreMetrics(StoreObserver):
 
     def miss(self, tier: str) -> None:
         self._misses.labels(tier).inc()
+
+    def redis_skipped(self, reason: str) -> None:
+        self._redis_skips.labels(reason or "UNKNOWN").inc()
 
 
 class StateCollector(Collector):

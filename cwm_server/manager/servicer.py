@@ -4,6 +4,7 @@ pack the answer. Errors are mapped by `errors_interceptor`; nothing here catches
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc.aio
 
@@ -31,7 +32,9 @@ class WindowServicer(pb.WindowServiceServicer):
 
     async def Thaw(  # noqa: N802
         self, request: pb.ThawRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.ThawResponse]:
+    ) -> AsyncIterator[Any]:
+        """The window (a ThawResponse), then its chunk parts as wire.PreEncoded
+        ThawResponses, which the interceptor's response serializer sends as they are."""
         plan = await open_thaw(self._manager, self._tenant(context), request)
         try:
             yield pb.ThawResponse(window=plan.window)

@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Iterator
 
 from cwm_client import pb
-from cwm_client.chunks import DTYPE_SIZE, fill_parts
+from cwm_client.chunks import DTYPE_SIZE
 from cwm_client.chunks import digest as blake3_digest
 from cwm_client.codecs import CODECS, RAW, decode, encode_for_wire
 from cwm_client.errors import InvalidArgument
@@ -27,6 +27,7 @@ from cwm_client.names import check_window_name
 from cwm_server.manager.catalog import basic_view
 from cwm_server.manager.disk_tier import ChunkFileCorrupt, ChunkFileMissing
 from cwm_server.manager.windows import WindowManager, window_not_found
+from cwm_server.manager.wire import PreEncoded, thaw_parts
 
 Fetched = tuple[int, bytes | memoryview]
 """(codec, data) of one chunk as it goes on the wire."""
@@ -62,11 +63,12 @@ class ThawPlan:
         self._manager.unpin(self._pins)
         self._pins = []
 
-    async def responses(self) -> AsyncIterator[pb.ThawResponse]:
-        """The chunk parts, in order, each built in place inside its ThawResponse (one copy
-        of the bytes fewer than building a Chunk and wrapping it)."""
+    async def responses(self) -> AsyncIterator[PreEncoded]:
+        """The chunk parts, in order, each a ThawResponse already in wire format (one copy
+        of the bytes per part; see `wire`)."""
+        part_bytes = self._part_bytes
         async for ref, codec, data in self._fetched():
-            for response in fill_parts(_thaw_response, ref, data, codec, self._part_bytes):
+            for response in thaw_parts(ref, data, codec, part_bytes):
                 yield response
 
     async def _fetched(self) -> AsyncIterator[tuple[pb.ChunkRef, int, bytes | memoryview]]:
@@ -122,11 +124,6 @@ class ThawPlan:
             return None
         manager.memory.put((self._tenant, ref.digest), raw)
         return stored.codec, stored.data
-
-
-def _thaw_response() -> tuple[pb.ThawResponse, pb.Chunk]:
-    response = pb.ThawResponse()
-    return response, response.chunk
 
 
 async def open_thaw(manager: WindowManager, tenant: str, request: pb.ThawRequest) -> ThawPlan:
