@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,3 +30,16 @@ def client(manager: ThreadedManager) -> Iterator[WindowClient]:
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The built-in random-weight Llama, built once per test run (about 10 s)."""
     return ensure_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[Any]:
+    """A fresh redis-server on a free loopback port (tests.redis_helpers.RedisServer).
+
+    Imported here, not at the top: the protobuf-6, vLLM and LMCache environments run
+    tests from this directory without redis-py."""
+    from tests.redis_helpers import RedisServer
+
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()

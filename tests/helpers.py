@@ -163,8 +163,13 @@ class ManagerProcess:
 
 
 def chunk_files(data_dir: Path) -> list[Path]:
+    """Chunk files under a data dir (not the disk health check's short-lived probe file)."""
     root = data_dir / "chunks"
-    return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+    if not root.exists():
+        return []
+    return sorted(
+        p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".health-probe")
+    )
 
 
 def env_with_pythonpath() -> dict[str, str]:

@@ -271,3 +271,9 @@ def catalog_audit(client: Any, prefix: str = "cwm", tenant: str = "default") -> 
         "dying": dying,
         "chunk_keys": chunk_keys,
     }
+
+
+def thawed(client: Any, name: str) -> list[bytes]:
+    """Every chunk of window `name`, verified, over one stream."""
+    with client.thaw(name, streams=1) as stream:
+        return [bytes(c.data) for c in stream]

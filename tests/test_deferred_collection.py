@@ -9,13 +9,8 @@ from pathlib import Path
 
 from cwm_client import WindowClient, pb
 from cwm_server.manager.config import ManagerConfig
-from tests.helpers import FINGERPRINT, ThreadedManager, synthetic_chunks, token_ids
-from tests.helpers import chunk_files as all_files
+from tests.helpers import FINGERPRINT, ThreadedManager, chunk_files, synthetic_chunks, token_ids
 from tests.ops_helpers import wait_for
-
-
-def chunk_files(data_dir: Path) -> list[Path]:
-    return [p for p in all_files(data_dir) if not p.name.startswith(".health-probe")]
 
 
 def test_delete_during_a_thaw_collects_the_files_after_the_stream(tmp_path: Path) -> None:

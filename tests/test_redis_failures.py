@@ -6,15 +6,13 @@ that nothing was left behind (catalog rows, chunk files, Redis keys)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from cwm_client import WindowClient, pb
 from cwm_client.errors import FailedPrecondition, NotFound, ResourceExhausted, Unavailable
-from tests.helpers import FINGERPRINT, synthetic_chunks, token_ids
-from tests.helpers import chunk_files as all_files
+from tests.helpers import FINGERPRINT, chunk_files, synthetic_chunks, token_ids
 from tests.ops_helpers import health_status, wait_for
 from tests.redis_helpers import (
     RedisManager,
@@ -22,27 +20,12 @@ from tests.redis_helpers import (
     catalog_audit,
     needs_redis,
     redis_config,
+    thawed,
 )
 
 pytestmark = needs_redis
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis").start()
-    yield server
-    server.stop()
-
-
-def chunk_files(data_dir: Path) -> list[Path]:
-    return [p for p in all_files(data_dir) if not p.name.startswith(".health-probe")]
-
-
-def _thawed(client: WindowClient, name: str) -> list[bytes]:
-    with client.thaw(name, streams=1) as stream:
-        return [bytes(c.data) for c in stream]
 
 
 def _fill_redis_after(server: RedisServer, room_bytes: int) -> None:
@@ -124,11 +107,11 @@ def test_full_redis_refuses_a_fleet_freeze_and_leaves_nothing(
             assert audit["chunk_keys"] == before["chunk_keys"] and audit["dying"] == {}
             assert manager.manager._unclaimed == set()
             # Reads and deletes still work on a full Redis; with room again, freezes do.
-            assert _thawed(client, "small") == [c.data() for c in synthetic_chunks(300, seed=30)]
+            assert thawed(client, "small") == [c.data() for c in synthetic_chunks(300, seed=30)]
             redis_server.client().delete(*[f"filler:{i}" for i in range(fillers)])
             redis_server.client().config_set("maxmemory", "0")
             client.freeze("big", chunks, fingerprint=FINGERPRINT, token_ids=token_ids(256 * 8))
-            assert _thawed(client, "big") == [c.data() for c in chunks]
+            assert thawed(client, "big") == [c.data() for c in chunks]
     finally:
         manager.stop()
 
@@ -156,7 +139,7 @@ def test_full_redis_skips_the_copy_in_write_through(
             audit = catalog_audit(redis_server.client())
             assert audit["chunk_keys"] == audit["info_keys"]
             assert len(audit["chunk_keys"]) < len(chunks)
-            assert _thawed(client, "w") == [c.data() for c in chunks]
+            assert thawed(client, "w") == [c.data() for c in chunks]
             wait_for(
                 lambda: health_status(manager.target, "cwm.tier.redis")[0] == "NOT_SERVING",
                 what="redis component degraded",
@@ -215,7 +198,7 @@ def test_delete_with_local_catalog_while_redis_is_down(tmp_path: Path) -> None:
             catalog = manager.manager.catalog
             pending = manager._run(manager.manager.db(catalog.redis_pending))
             assert {d for _, d in pending} == {c.digest for c in w0}
-            assert _thawed(client, "w1") == [c.data() for c in w1]
+            assert thawed(client, "w1") == [c.data() for c in w1]
 
             redis_server.start()
             wait_for(
@@ -231,7 +214,7 @@ def test_delete_with_local_catalog_while_redis_is_down(tmp_path: Path) -> None:
                 lambda: manager._run(manager.manager.db(catalog.redis_pending)) == [],
                 what="pending list emptied",
             )
-            assert _thawed(client, "w1") == [c.data() for c in w1]
+            assert thawed(client, "w1") == [c.data() for c in w1]
     finally:
         manager.stop()
         redis_server.stop()
@@ -257,7 +240,7 @@ def test_pending_redis_deletes_spare_a_chunk_frozen_again(tmp_path: Path) -> Non
                 what="pending list settled",
             )
             assert catalog_audit(redis_server.client())["chunk_keys"] == {c.digest for c in chunks}
-            assert _thawed(client, "b") == [c.data() for c in chunks]
+            assert thawed(client, "b") == [c.data() for c in chunks]
     finally:
         manager.stop()
         redis_server.stop()
@@ -401,7 +384,7 @@ def test_documented_cleanup_of_a_lost_delete_reply(
             audit = catalog_audit(redis_server.client())
             assert audit["chunk_keys"] == audit["info_keys"] == {c.digest for c in kept}
             assert audit["refs"] == audit["expected"] and audit["dying"] == {}
-            assert _thawed(client, "kept") == [c.data() for c in kept]
+            assert thawed(client, "kept") == [c.data() for c in kept]
     finally:
         manager.stop()
 
@@ -441,6 +424,6 @@ def test_the_orphan_sweep_collects_what_a_lost_delete_reply_leaked(
             assert audit["info_keys"] == {c.digest for c in kept}
             assert audit["refs"] == audit["expected"] and audit["dying"] == {}
             assert len(chunk_files(tmp_path / "m")) == len(kept)
-            assert _thawed(client, "kept") == [c.data() for c in kept]
+            assert thawed(client, "kept") == [c.data() for c in kept]
     finally:
         manager.stop()

@@ -21,7 +21,7 @@ from cwm_client import WindowClient
 from cwm_client.errors import Unavailable
 from tests.helpers import FINGERPRINT, ROOT, synthetic_chunks, token_ids
 from tests.ops_helpers import health_status, wait_for
-from tests.redis_helpers import RedisManager, RedisServer, needs_redis, redis_config
+from tests.redis_helpers import RedisManager, RedisServer, needs_redis, redis_config, thawed
 
 pytestmark = needs_redis
 
@@ -42,11 +42,6 @@ def _unavailable_fast(call: Callable[[], object]) -> float:
     assert "Redis" in str(caught.value)
     assert elapsed < 1.0, f"UNAVAILABLE took {elapsed:.3f} s"
     return elapsed
-
-
-def _thawed(client: WindowClient, name: str) -> list[bytes]:
-    with client.thaw(name, streams=1) as stream:
-        return [bytes(c.data) for c in stream]
 
 
 def _cwm_status(target: str) -> dict[str, object]:
@@ -81,11 +76,11 @@ def test_redis_killed_and_restarted_under_a_manager(
             persistent_redis.kill()  # SIGKILL
 
             # What the local tiers hold is still served, byte for byte.
-            assert _thawed(client, "local") == [c.data() for c in local]
+            assert thawed(client, "local") == [c.data() for c in local]
             # What needs Redis answers UNAVAILABLE at once.
             _unavailable_fast(lambda: list(client.list()))
             _unavailable_fast(lambda: client.get("remote"))
-            _unavailable_fast(lambda: _thawed(client, "remote"))
+            _unavailable_fast(lambda: thawed(client, "remote"))
             _unavailable_fast(lambda: client.clone("local", "local-2"))
             _unavailable_fast(lambda: client.delete("local"))
             _unavailable_fast(
@@ -97,7 +92,7 @@ def test_redis_killed_and_restarted_under_a_manager(
             for _ in range(3):
                 _unavailable_fast(lambda: client.find_missing([local[0].digest]))
             # The local thaw still works after the failures.
-            assert _thawed(client, "local") == [c.data() for c in local]
+            assert thawed(client, "local") == [c.data() for c in local]
 
             # Degraded, not down: the services serve, the Redis component does not.
             wait_for(
@@ -123,12 +118,12 @@ def test_redis_killed_and_restarted_under_a_manager(
             )
             assert _cwm_status(target)["state"] == "serving"
             assert {w.name for w in client.list()} == {"local", "remote"}
-            assert _thawed(client, "remote") == [c.data() for c in remote]
+            assert thawed(client, "remote") == [c.data() for c in remote]
             fresh = synthetic_chunks(300, seed=3)
             client.freeze("after", fresh, fingerprint=FINGERPRINT, token_ids=token_ids(300))
             client.clone("local", "local-2")
-            assert _thawed(peer, "after") == [c.data() for c in fresh]
-            assert _thawed(peer, "local-2") == [c.data() for c in local]
+            assert thawed(peer, "after") == [c.data() for c in fresh]
+            assert thawed(peer, "local-2") == [c.data() for c in local]
     finally:
         manager.stop()
         other.stop()
@@ -151,7 +146,7 @@ def test_a_manager_starts_while_redis_is_down_and_recovers(tmp_path: Path) -> No
             )
             chunks = synthetic_chunks(300)
             client.freeze("w", chunks, fingerprint=FINGERPRINT, token_ids=token_ids(300))
-            assert _thawed(client, "w") == [c.data() for c in chunks]
+            assert thawed(client, "w") == [c.data() for c in chunks]
     finally:
         manager.stop()
         redis_server.stop()
@@ -179,7 +174,7 @@ def test_a_redis_that_stops_answering_times_out_fast(tmp_path: Path) -> None:
                     what="redis degraded",
                 )
                 # The window this manager froze is still thawed from its own tiers.
-                assert _thawed(client, "kept") == [c.data() for c in chunks]
+                assert thawed(client, "kept") == [c.data() for c in chunks]
             finally:
                 redis_server.proc.send_signal(signal.SIGCONT)
             wait_for(
@@ -264,7 +259,7 @@ def test_a_cluster_node_killed_and_restarted(tmp_path: Path) -> None:
             )
             assert health_status(manager.target, "")[0] == "SERVING"
             # This manager froze "w": its disk still serves it.
-            assert _thawed(client, "w") == [c.data() for c in chunks]
+            assert thawed(client, "w") == [c.data() for c in chunks]
             cluster.nodes[1].start()
             wait_for(
                 lambda: health_status(manager.target, "cwm.tier.redis")[0] == "SERVING",
@@ -275,7 +270,7 @@ def test_a_cluster_node_killed_and_restarted(tmp_path: Path) -> None:
                 "x", fresh, fingerprint=FINGERPRINT, token_ids=token_ids(256 * 12), chunk_tokens=16
             )
             assert {w.name for w in client.list()} == {"w", "x"}
-            assert _thawed(client, "x") == [c.data() for c in fresh]
+            assert thawed(client, "x") == [c.data() for c in fresh]
     finally:
         manager.stop()
         cluster.stop()

@@ -16,8 +16,7 @@ from redis.cluster import ClusterNode, RedisCluster
 
 from cwm_client import WindowClient, chunks_from_bytes, pb
 from cwm_client.errors import AlreadyExists, FailedPrecondition, NotFound
-from tests.helpers import FINGERPRINT, synthetic_chunks, token_ids
-from tests.helpers import chunk_files as all_files
+from tests.helpers import FINGERPRINT, chunk_files, synthetic_chunks, token_ids
 from tests.redis_helpers import (
     RedisClusterProcs,
     RedisManager,
@@ -25,16 +24,10 @@ from tests.redis_helpers import (
     catalog_audit,
     needs_redis,
     redis_config,
+    thawed,
 )
 
 pytestmark = needs_redis
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis").start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -42,16 +35,6 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClu
     cluster = RedisClusterProcs(tmp_path_factory.mktemp("cluster")).start()
     yield cluster
     cluster.stop()
-
-
-def chunk_files(data_dir: Path) -> list[Path]:
-    """Chunk files under a data dir (not the health check's probe file)."""
-    return [p for p in all_files(data_dir) if not p.name.startswith(".health-probe")]
-
-
-def _thawed(client: WindowClient, name: str) -> list[bytes]:
-    with client.thaw(name, streams=1) as stream:
-        return [bytes(c.data) for c in stream]
 
 
 def _two_managers(tmp_path: Path, urls: list[str] | str) -> tuple[RedisManager, RedisManager]:
@@ -83,24 +66,24 @@ def _share_and_delete(tmp_path: Path, urls: list[str] | str, chunk_tokens: int, 
             # Manager 2 knows the chunks are stored: an incremental freeze sends nothing.
             assert two.find_missing([c.digest for c in chunks]) == []
             two.clone("shared", "branch")
-            assert _thawed(two, "branch") == expected
-            assert _thawed(two, "shared") == expected
+            assert thawed(two, "branch") == expected
+            assert thawed(two, "shared") == expected
             assert chunk_files(tmp_path / "m2") == []  # stateless: read from Redis
             assert {w.name for w in one.list()} == {"shared", "branch"}
-            assert _thawed(one, "branch") == expected
+            assert thawed(one, "branch") == expected
 
             one.delete("shared")
             with pytest.raises(NotFound):
                 two.get("shared")
             with pytest.raises(NotFound):
-                _thawed(two, "shared")
-            assert _thawed(two, "branch") == expected  # the clone keeps every chunk
+                thawed(two, "shared")
+            assert thawed(two, "branch") == expected  # the clone keeps every chunk
 
             # A window frozen through the stateless manager is served by the other.
             more = synthetic_chunks(300, seed=8)
             two.freeze("from-two", more, fingerprint=FINGERPRINT, token_ids=token_ids(300))
             assert chunk_files(tmp_path / "m2") == []
-            assert _thawed(one, "from-two") == [c.data() for c in more]
+            assert thawed(one, "from-two") == [c.data() for c in more]
 
             two.delete("branch")
             with pytest.raises(NotFound):
@@ -152,7 +135,7 @@ def test_two_managers_share_windows_on_a_redis_cluster(
             }
             assert len(chunk_slots) > 40
             two.clone("spread", "spread-2")
-            assert _thawed(two, "spread-2") == [c.data() for c in chunks]
+            assert thawed(two, "spread-2") == [c.data() for c in chunks]
             one.delete("spread")
             with pytest.raises(NotFound):
                 two.get("spread")
@@ -252,7 +235,7 @@ def _storm(first: RedisManager, second: RedisManager, audit_client: object) -> N
         assert listed == audit["windows"]
         for name in sorted(listed)[:6]:
             info = two.get(name)
-            assert len(_thawed(two, name)) == info.chunk_count
+            assert len(thawed(two, name)) == info.chunk_count
     # Deleting what is left empties everything.
     with WindowClient(first.target) as one:
         for name in listed:
@@ -301,7 +284,7 @@ def test_tier_only_keeps_a_local_catalog_and_copies_chunks(
             for path in chunk_files(tmp_path / "m"):
                 path.unlink()
             manager.manager.memory.discard(("default", chunks[0].digest))
-            assert _thawed(client, "local") == [c.data() for c in chunks]
+            assert thawed(client, "local") == [c.data() for c in chunks]
             client.delete("local")
             assert catalog_audit(redis_server.client())["chunk_keys"] == set()
     finally:
@@ -332,8 +315,8 @@ def test_chunk_values_are_verified(tmp_path: Path, redis_server: RedisServer) ->
             value[-1] ^= 0xFF
             raw.set(key, bytes(value))
             with pytest.raises(DataLoss, match="failed verification"):
-                _thawed(two, "w")
-            assert _thawed(one, "w") == [c.data() for c in chunks]
+                thawed(two, "w")
+            assert thawed(one, "w") == [c.data() for c in chunks]
     finally:
         first.stop()
         second.stop()
@@ -406,7 +389,7 @@ def test_cwm_serve_flags_run_a_fleet(tmp_path: Path, redis_server: RedisServer) 
     try:
         with WindowClient(first.target) as one, WindowClient(second.target) as two:
             one.freeze("cli", chunks, fingerprint=FINGERPRINT, token_ids=token_ids(600))
-            assert _thawed(two, "cli") == [c.data() for c in chunks]
+            assert thawed(two, "cli") == [c.data() for c in chunks]
         assert chunk_files(tmp_path / "b") == []
         command = [sys.executable, "-m", "cwm_server.cli.main", "status", "--json"]
         done = subprocess.run(

@@ -145,17 +145,25 @@ class ChunkStore:
                 "run `cwm fsck` to see what else is affected",
                 reason="CHUNK_CORRUPT",
             ) from None
+        return self._verified_hit(
+            tenant, digest, raw, "disk", started, f"{where}: chunk {digest.hex()} failed "
+            "verification (stored bytes do not match the digest); refusing to serve it; run "
+            "`cwm fsck`",
+        )  # fmt: skip
+
+    def _verified_hit(
+        self, tenant: str, digest: bytes, raw: bytes, tier: str, started: float, refusal: str
+    ) -> bytes:
+        """`raw` read from `tier` if it matches its digest (then also kept in memory);
+        DATA_LOSS with `refusal` if not. Every tier below memory ends its read here."""
+        observer = self.observer
         checked = time.perf_counter()
         matches = blake3_digest(raw) == digest
         done = time.perf_counter()
         observer.verified("load", done - checked)
         if not matches:
-            raise DataLoss(
-                f"{where}: chunk {digest.hex()} failed verification (stored bytes do not "
-                "match the digest); refusing to serve it; run `cwm fsck`",
-                reason="CHUNK_CORRUPT",
-            )
-        observer.hit("disk", done - started)
+            raise DataLoss(refusal, reason="CHUNK_CORRUPT")
+        observer.hit(tier, done - started)
         self.memory.put((tenant, digest), raw)
         return raw
 
@@ -289,19 +297,10 @@ class ChunkStore:
                 f"{where}: chunk {digest.hex()} is corrupt in Redis ({exc})",
                 reason="CHUNK_CORRUPT",
             ) from None
-        checked = time.perf_counter()
-        matches = blake3_digest(raw) == digest
-        done = time.perf_counter()
-        observer.verified("load", done - checked)
-        if not matches:
-            raise DataLoss(
-                f"{where}: chunk {digest.hex()} failed verification (the bytes in Redis do "
-                "not match the digest); refusing to serve it",
-                reason="CHUNK_CORRUPT",
-            )
-        observer.hit("redis", done - started)
-        self.memory.put((tenant, digest), raw)
-        return raw
+        return self._verified_hit(
+            tenant, digest, raw, "redis", started, f"{where}: chunk {digest.hex()} failed "
+            "verification (the bytes in Redis do not match the digest); refusing to serve it",
+        )  # fmt: skip
 
     def ensure_in_redis(self, tenant: str, digests: list[bytes]) -> set[bytes]:
         """Which of `digests` Redis holds, after copying there the ones it lacks that this
