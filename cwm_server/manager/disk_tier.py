@@ -40,6 +40,22 @@ class StoredChunk:
     data: bytes
 
 
+def pack_header(codec: int, word_size: int, raw_size: int, magic: bytes = MAGIC) -> bytes:
+    """The 16-byte header every tier stores before a chunk's bytes; `magic` names the tier
+    (a Redis value is never mistaken for a chunk file)."""
+    return _HEADER.pack(magic, VERSION, codec, word_size, raw_size)
+
+
+def unpack_header(header: bytes, magic: bytes = MAGIC) -> tuple[int, int, int]:
+    """(codec, word size, raw size) of a header; ValueError if it is not one of `magic`."""
+    if len(header) != HEADER_SIZE:
+        raise ValueError("truncated header")
+    found, version, codec, word_size, raw_size = _HEADER.unpack(header)
+    if found != magic or version != VERSION:
+        raise ValueError("bad magic or version")
+    return codec, word_size, raw_size
+
+
 def _read_exactly(fd: int, size: int, offset: int) -> bytes:
     """`size` bytes at `offset` (fewer only if the file is shorter)."""
     data = os.pread(fd, size, offset)
@@ -95,7 +111,7 @@ class DiskTier:
             self._made_dirs.add(directory)
         path = os.path.join(directory, hexd)
         tmp = f"{path}.{self._pid}.{threading.get_ident():x}{TMP_SUFFIX}"
-        header = _HEADER.pack(MAGIC, VERSION, codec, word_size, raw_size)
+        header = pack_header(codec, word_size, raw_size)
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         except FileNotFoundError:  # the directory went away (a clean-up): make it again
@@ -139,11 +155,10 @@ class DiskTier:
             data = _read_exactly(fd, size - HEADER_SIZE, HEADER_SIZE)
         finally:
             os.close(fd)
-        if len(head) < HEADER_SIZE:
-            raise ChunkFileCorrupt(f"{path}: truncated header")
-        magic, version, codec, word_size, raw_size = _HEADER.unpack(head)
-        if magic != MAGIC or version != VERSION:
-            raise ChunkFileCorrupt(f"{path}: bad magic or version")
+        try:
+            codec, word_size, raw_size = unpack_header(head)
+        except ValueError as exc:
+            raise ChunkFileCorrupt(f"{path}: {exc}") from None
         return StoredChunk(codec=codec, word_size=word_size, raw_size=raw_size, data=data)
 
     def remove(self, tenant: str, digest: bytes) -> None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -36,16 +35,14 @@ from urllib.parse import urlsplit
 import structlog
 
 from cwm_client.errors import CwmError, FailedPrecondition, ResourceExhausted, Unavailable
-from cwm_server.manager.disk_tier import StoredChunk
+from cwm_server.manager.disk_tier import HEADER_SIZE, StoredChunk, pack_header, unpack_header
 
 log = structlog.get_logger("cwm.redis")
 
 T = TypeVar("T")
 
 MAGIC = b"CWMR"
-VERSION = 1
-_HEADER = struct.Struct("<4sBBHQ")
-HEADER_SIZE = _HEADER.size
+"""The header is the disk tier's (`disk_tier.pack_header`) with this magic."""
 
 # redis-py is imported on first use (`_load_redis`), not here: it pulls in cryptography and
 # OpenSSL, ~21 MiB of RSS that a manager without Redis should not carry (its memory bound
@@ -397,7 +394,7 @@ class RedisTier:
 
     @staticmethod
     def header(codec: int, word_size: int, raw_size: int) -> bytes:
-        return _HEADER.pack(MAGIC, VERSION, codec, word_size, raw_size)
+        return pack_header(codec, word_size, raw_size, MAGIC)
 
     @staticmethod
     def parse(header: bytes | None, data: bytes | None) -> StoredChunk | None:
@@ -407,11 +404,7 @@ class RedisTier:
             return None
         if header is None or data is None:
             raise ValueError("a chunk's header or bytes are missing in Redis")
-        if len(header) != HEADER_SIZE:
-            raise ValueError("chunk header of the wrong size")
-        magic, version, codec, word_size, raw_size = _HEADER.unpack(header)
-        if magic != MAGIC or version != VERSION:
-            raise ValueError("not a cwm chunk header")
+        codec, word_size, raw_size = unpack_header(header, MAGIC)
         return StoredChunk(codec=codec, word_size=word_size, raw_size=raw_size, data=data)
 
     def put(
