@@ -14,8 +14,6 @@ the stream ends, so a stream that fails stores nothing visible (its files are co
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import concurrent.futures
 import itertools
 import time
@@ -35,6 +33,7 @@ from cwm_client.errors import (
     NotFound,
     ResourceExhausted,
 )
+from cwm_server.manager import paging
 from cwm_server.manager.catalog import (
     Catalog,
     KeyedCatalog,
@@ -62,8 +61,6 @@ MIN_PART_BYTES = 64 << 10
 max_part_bytes asks: a tiny value must not turn one value into millions of messages."""
 MAX_KEYS_PER_GET = 1024
 MAX_KEYS_PER_LOOKUP = 100_000
-DEFAULT_PAGE_SIZE = 100
-MAX_PAGE_SIZE = 1000
 WORD_SIZES = (0, 1, 2, 4)
 
 
@@ -409,19 +406,15 @@ class KeyedChunks:
     async def list(
         self, tenant: str, request: pb.ListKeysRequest
     ) -> tuple[list[pb.KeyedChunkInfo], str]:
-        if request.page_size > MAX_PAGE_SIZE:
-            raise InvalidArgument(
-                f"page_size {request.page_size} exceeds {MAX_PAGE_SIZE}", field="page_size"
-            )
-        page_size = request.page_size or DEFAULT_PAGE_SIZE
-        after = _decode_page_token(request.page_token)
+        page_size = paging.page_size(request.page_size)
+        after = paging.decode_page_token(request.page_token, check_key)
         rows: list[KeyRow] = await self._manager.db(
             lambda: self.catalog.list_keys(
                 tenant, after=after, key_prefix=request.key_prefix, limit=page_size + 1
             )
         )
         infos = [_info(row) for row in rows[:page_size]]
-        token = _encode_page_token(rows[page_size - 1].key) if len(rows) > page_size else ""
+        token = paging.encode_page_token(rows[page_size - 1].key) if len(rows) > page_size else ""
         return infos, token
 
     async def delete(self, tenant: str, keys: Sequence[str]) -> pb.DeleteKeysResponse:
@@ -547,19 +540,3 @@ def _info(row: KeyRow) -> pb.KeyedChunkInfo:
     )
     info.created_at.FromNanoseconds(int(row.created_at * 1e9))
     return info
-
-
-def _encode_page_token(last_key: str) -> str:
-    return base64.urlsafe_b64encode(last_key.encode()).decode()
-
-
-def _decode_page_token(token: str) -> str:
-    if not token:
-        return ""
-    try:
-        return check_key(base64.urlsafe_b64decode(token.encode()).decode())
-    except (binascii.Error, UnicodeDecodeError, ValueError, InvalidArgument):
-        raise InvalidArgument(
-            "page_token is not one this server issued; pass next_page_token unchanged",
-            field="page_token",
-        ) from None

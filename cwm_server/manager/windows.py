@@ -8,8 +8,6 @@ a delete never unlinks a file that an in-flight freeze or thaw still needs.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import concurrent.futures
 import sqlite3
 import threading
@@ -33,6 +31,7 @@ from cwm_client.errors import (
     Unavailable,
 )
 from cwm_client.names import check_window_name
+from cwm_server.manager import paging
 from cwm_server.manager.catalog import Catalog, WindowExists, WindowGone, basic_view
 from cwm_server.manager.chunk_store import ChunkStore
 from cwm_server.manager.config import ManagerConfig
@@ -48,8 +47,6 @@ from cwm_server.manager.uploads import Uploads
 T = TypeVar("T")
 log = structlog.get_logger("cwm.manager")
 
-MAX_PAGE_SIZE = 1000
-DEFAULT_PAGE_SIZE = 100
 MAX_DIGESTS_PER_LOOKUP = 100_000
 ORPHAN_GRACE_S = 3600.0
 """Fleet mode: how long a chunk in Redis must stay without a catalog row (seen so by two
@@ -410,19 +407,15 @@ class WindowManager:
     async def list(
         self, tenant: str, request: pb.ListWindowsRequest
     ) -> tuple[list[pb.WindowInfo], str]:
-        if request.page_size > MAX_PAGE_SIZE:
-            raise InvalidArgument(
-                f"page_size {request.page_size} exceeds {MAX_PAGE_SIZE}", field="page_size"
-            )
-        page_size = request.page_size or DEFAULT_PAGE_SIZE
-        after = _decode_page_token(request.page_token)
+        page_size = paging.page_size(request.page_size)
+        after = paging.decode_page_token(request.page_token, check_window_name)
         full = request.view == pb.WindowView.WINDOW_VIEW_FULL
         wanted_tags = dict(request.tags)
 
         def _page() -> tuple[list[pb.WindowInfo], str]:
             found: list[pb.WindowInfo] = []
             cursor = after
-            batch_size = max(page_size + 1, DEFAULT_PAGE_SIZE)
+            batch_size = max(page_size + 1, paging.DEFAULT_PAGE_SIZE)
             while len(found) <= page_size:
                 batch = self.catalog.list_windows(
                     tenant,
@@ -444,7 +437,7 @@ class WindowManager:
                     break
             if len(found) > page_size:
                 found = found[:page_size]
-                return found, _encode_page_token(found[-1].name)
+                return found, paging.encode_page_token(found[-1].name)
             return found, ""
 
         return await self.db(_page)
@@ -535,23 +528,6 @@ class WindowManager:
 
 def _tags_match(have: Mapping[str, str], wanted: Mapping[str, str]) -> bool:
     return all(have.get(k) == v for k, v in wanted.items())
-
-
-def _encode_page_token(last_name: str) -> str:
-    return base64.urlsafe_b64encode(last_name.encode()).decode()
-
-
-def _decode_page_token(token: str) -> str:
-    if not token:
-        return ""
-    try:
-        name = base64.urlsafe_b64decode(token.encode()).decode()
-        return check_window_name(name)
-    except (binascii.Error, UnicodeDecodeError, ValueError, InvalidArgument):
-        raise InvalidArgument(
-            "page_token is not one this server issued; pass next_page_token unchanged",
-            field="page_token",
-        ) from None
 
 
 def window_not_found(name: str) -> NotFound:
