@@ -41,11 +41,12 @@ import binascii
 import os
 import re
 import struct
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from cwm_server.manager.toml_file import read_toml
 
 SEALED = 0x80
 """Flag in a stored codec: the bytes are an envelope around bytes in codec `c & ~SEALED`."""
@@ -93,14 +94,7 @@ class Keyring:
 
     @classmethod
     def load(cls, path: Path) -> Keyring:
-        try:
-            with open(path, "rb") as handle:
-                data = tomllib.load(handle)
-        except OSError as exc:
-            raise KeyFileError(f"key file {path}: {exc.strerror or exc}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise KeyFileError(f"key file {path}: not valid TOML ({exc})") from None
-        return cls.from_mapping(data, str(path))
+        return cls.from_mapping(read_toml(path, "key file", KeyFileError), str(path))
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], source: str = "keys") -> Keyring:

@@ -48,7 +48,6 @@ from __future__ import annotations
 import concurrent.futures
 import re
 import threading
-import tomllib
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -56,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from cwm_client.errors import ResourceExhausted
+from cwm_server.manager.toml_file import read_toml
 
 QUOTA_EXCEEDED = "QUOTA_EXCEEDED"
 
@@ -115,14 +115,7 @@ class QuotaPolicy:
 
     @classmethod
     def load(cls, path: Path) -> QuotaPolicy:
-        try:
-            with open(path, "rb") as handle:
-                data = tomllib.load(handle)
-        except OSError as exc:
-            raise QuotaFileError(f"quota file {path}: {exc.strerror or exc}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise QuotaFileError(f"quota file {path}: not valid TOML ({exc})") from None
-        return cls.from_mapping(data, str(path))
+        return cls.from_mapping(read_toml(path, "quota file", QuotaFileError), str(path))
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], source: str = "quotas") -> QuotaPolicy:
