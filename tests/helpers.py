@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -206,6 +206,17 @@ class ThreadedAgent:
         self._task.result(timeout=30)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
+
+
+def eventually(condition: Callable[[], object], timeout: float = 20.0) -> bool:
+    """Poll `condition` until it holds or `timeout` passes; whether it held (tests assert
+    it, so a failure shows the condition; tests.ops_helpers.wait_for raises instead)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return bool(condition())
 
 
 def free_port() -> int:

@@ -26,6 +26,7 @@ from tests.helpers import (
     ManagerProcess,
     ThreadedManager,
     chunk_files,
+    eventually,
     synthetic_chunks,
     token_ids,
 )
@@ -35,12 +36,7 @@ POLL_S = 10.0
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = POLL_S) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
+    return eventually(condition, timeout)
 
 
 def chunk_file(data_dir: Path, chunk_digest: bytes, tenant: str = "default") -> Path:

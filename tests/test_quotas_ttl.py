@@ -40,6 +40,7 @@ from tests.helpers import (
     ThreadedManager,
     chunk_files,
     env_with_pythonpath,
+    eventually,
     synthetic_chunks,
     token_ids,
 )
@@ -121,15 +122,6 @@ class HeldFreeze:
     def close(self) -> None:
         self._go.set()
         self._channel.close()
-
-
-def wait_for(condition, timeout: float = 20.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return bool(condition())
 
 
 # -- quota file and TTL classes ---------------------------------------------------------
@@ -271,7 +263,7 @@ def test_concurrent_freezes_cannot_jointly_exceed(
     held = HeldFreeze(manager.target, "first", first, first_ids)
     try:
         # The first freeze's header reserved its two chunks; it has sent no chunk yet.
-        assert wait_for(lambda: manager.manager.quotas.reserved("default") == (2 * CHUNK, 1))
+        assert eventually(lambda: manager.manager.quotas.reserved("default") == (2 * CHUNK, 1))
         with WindowClient(manager.target) as client:
             with pytest.raises(ResourceExhausted) as refused:
                 freeze(client, "second", second, second_ids)
@@ -291,9 +283,9 @@ def test_concurrent_freezes_cannot_jointly_exceed(
         client.delete("first")
     held = HeldFreeze(manager.target, "again", first, first_ids)
     try:
-        assert wait_for(lambda: manager.manager.quotas.reserved("default")[0] == 2 * CHUNK)
+        assert eventually(lambda: manager.manager.quotas.reserved("default")[0] == 2 * CHUNK)
         held.future.cancel()
-        assert wait_for(lambda: manager.manager.quotas.reserved("default") == (0, 0))
+        assert eventually(lambda: manager.manager.quotas.reserved("default") == (0, 0))
     finally:
         held.close()
     with WindowClient(manager.target) as client:
@@ -444,7 +436,7 @@ def test_collector_runs_in_the_background(tmp_path: Path, managers: list[Threade
     with WindowClient(manager.target) as client:
         freeze(client, "brief", chunks, ids, ttl_seconds=1)
         assert len(chunk_files(data)) == 2
-        assert wait_for(lambda: not chunk_files(data), timeout=15)
+        assert eventually(lambda: not chunk_files(data), timeout=15)
         assert usage(manager) == Usage()
         assert manager.server.ttl_collector.expired_total == 1
         assert list(client.list()) == []
@@ -512,7 +504,7 @@ def test_serve_collects_then_fsck_finds_and_repairs(tmp_path: Path) -> None:
             freeze(client, "keep", keep, keep_ids)
             saved = {p: p.read_bytes() for p in chunk_files(data)}
             assert len(saved) == 4
-            assert wait_for(lambda: len(chunk_files(data)) == 2, timeout=20)
+            assert eventually(lambda: len(chunk_files(data)) == 2, timeout=20)
             assert [w.name for w in client.list()] == ["keep"]
     finally:
         proc.kill(signal.SIGTERM)

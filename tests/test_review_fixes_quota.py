@@ -24,7 +24,14 @@ from cwm_client.errors import ResourceExhausted, from_rpc_error
 from cwm_client.keyed import put_requests
 from cwm_server.manager.config import ManagerConfig
 from cwm_server.manager.quotas import Quota, QuotaLedger, QuotaPolicy, Usage
-from tests.helpers import FINGERPRINT, ThreadedManager, chunk_files, synthetic_chunks, token_ids
+from tests.helpers import (
+    FINGERPRINT,
+    ThreadedManager,
+    chunk_files,
+    eventually,
+    synthetic_chunks,
+    token_ids,
+)
 
 Code = grpc.StatusCode
 CHUNK = 256 * 2048  # raw bytes of one 256-token chunk of FINGERPRINT (512 KiB)
@@ -46,15 +53,6 @@ def managers() -> Iterator[list[ThreadedManager]]:
     yield started
     for running in started:
         running.stop()
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return bool(condition())
 
 
 def usage(manager: ThreadedManager, tenant: str = "default") -> Usage:
@@ -133,7 +131,7 @@ def test_cancelled_freeze_does_not_leak_its_reservation(
     # The reserve on the catalog thread still completes, after the stream is gone ...
     assert slow.finished.wait(10)
     # ... and what it reserved is released, not held until a restart.
-    assert wait_for(lambda: no_reservations(manager)), quotas.reserved("default")
+    assert eventually(lambda: no_reservations(manager)), quotas.reserved("default")
     quotas.reserve = slow.target  # type: ignore[method-assign]
     data = manager.config.data_dir
     assert chunk_files(data) == []
@@ -263,7 +261,7 @@ def test_keyed_put_is_refused_at_the_first_part_of_a_value(
     with grpc.insecure_channel(manager.target, options=CHANNEL_OPTIONS) as channel:
         held = pb.WindowServiceStub(channel).Freeze.future(freeze_requests(), timeout=60)
         try:
-            assert wait_for(lambda: manager.manager.quotas.reserved("default") == (2 * CHUNK, 1))
+            assert eventually(lambda: manager.manager.quotas.reserved("default") == (2 * CHUNK, 1))
             call = pb.KeyedChunkServiceStub(channel).PutKeyedChunks.future(put_parts(), timeout=60)
             with pytest.raises(grpc.RpcError) as caught:
                 call.result(timeout=10)
@@ -277,7 +275,7 @@ def test_keyed_put_is_refused_at_the_first_part_of_a_value(
             put_gate.set()
             held.cancel()
             freeze_gate.set()
-    assert wait_for(lambda: no_reservations(manager))
+    assert eventually(lambda: no_reservations(manager))
     assert key_rows(manager) == []
     assert usage(manager) == Usage()
     # Without the freeze in flight, the same value fits.
@@ -316,7 +314,8 @@ def test_cancelled_keyed_put_leaves_no_orphan_chunk(
             gate.set()
     assert slow.finished.wait(10)  # the store landed its file after the cancel ...
     data = manager.config.data_dir
-    assert wait_for(lambda: chunk_files(data) == [], timeout=5), chunk_files(data)  # ... collected
+    # ... and was collected
+    assert eventually(lambda: chunk_files(data) == [], timeout=5), chunk_files(data)
     time.sleep(0.2)
     assert chunk_files(data) == []
     store.put = slow.target  # type: ignore[method-assign]
