@@ -98,6 +98,8 @@ def test_byte_counters_equal_the_bytes_moved(metered: OpsManager) -> None:
     assert delta("cwm_chunk_load_seconds_count", tier="memory") == len(chunks)
     assert value(after, "cwm_tier_bytes", tier="memory") == raw_bytes
     assert value(after, "cwm_tier_capacity_bytes", tier="memory") == 256 << 20
+    assert ("cwm_tier_corrupt_dropped_total", (("tier", "memory"),)) in after
+    assert value(after, "cwm_tier_corrupt_dropped_total", tier="memory") == 0
 
     # The catalog per tenant, and the disk tier's bytes.
     window = frozen.window

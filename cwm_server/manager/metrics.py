@@ -356,6 +356,13 @@ class StateCollector(Collector):
             "cwm_tier_evictions", "Chunks dropped from a tier to make room.", labels=["tier"]
         )
         evictions.add_metric(["memory"], self._memory.evictions)
+        corrupt = CounterMetricFamily(
+            "cwm_tier_corrupt_dropped",
+            "Entries dropped from a tier because their bytes changed after they were "
+            "verified (the read then fell through to the tiers below).",
+            labels=["tier"],
+        )
+        corrupt.add_metric(["memory"], self._memory.corrupt)
 
         windows_g = GaugeMetricFamily("cwm_windows", "Windows per tenant.", labels=["tenant"])
         chunks_g = GaugeMetricFamily(
@@ -391,7 +398,7 @@ class StateCollector(Collector):
         )
         for component, level in self._health_levels():
             health.add_metric([component], level)
-        yield from (tier_bytes, capacity, evictions, windows_g, chunks_g, raw_g, stored_g)
+        yield from (tier_bytes, capacity, evictions, corrupt, windows_g, chunks_g, raw_g, stored_g)
         yield from (agents, health)
 
 

@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 WORKER = r"""
-import json, os, sys, time, subprocess, tempfile, shutil
+import json, os, resource, sys, time, subprocess, tempfile, shutil
 from pathlib import Path
 import numpy as np
 from cwm_client import WindowClient, chunks_from_bytes, pb
@@ -54,16 +54,23 @@ while not port.exists():
     time.sleep(0.05)
 client = WindowClient("127.0.0.1:" + port.read_text(), timeout=600)
 client.freeze("base", chunks, fingerprint=fp, token_ids=ids)
+def manager_stat():
+    return Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
 def manager_cpu():
-    fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    fields = manager_stat()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def manager_faults():
+    return int(manager_stat()[7])
 def client_cpu():
     times = os.times()
     return times.user + times.system
+def client_faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 print("ready", flush=True)
 for line in sys.stdin:
     cmd = line.strip()
     m0, c0, t0 = manager_cpu(), client_cpu(), time.perf_counter()
+    mf0, cf0 = manager_faults(), client_faults()
     if cmd == "freeze":
         client.freeze("w", chunks, fingerprint=fp, token_ids=ids, skip_existing=False,
                       replace=True)
@@ -74,7 +81,9 @@ for line in sys.stdin:
     seconds = time.perf_counter() - t0
     print(json.dumps({"mib_s": mib / seconds, "manager_cpu_ms_per_mib":
         (manager_cpu() - m0) * 1000 / mib, "client_cpu_ms_per_mib":
-        (client_cpu() - c0) * 1000 / mib}), flush=True)
+        (client_cpu() - c0) * 1000 / mib, "manager_faults_per_mib":
+        (manager_faults() - mf0) / mib, "client_faults_per_mib":
+        (client_faults() - cf0) / mib}), flush=True)
 client.close()
 proc.terminate()
 proc.wait()
@@ -135,6 +144,12 @@ def main() -> int:
                 ),
                 "client_cpu_ms_per_mib_mean": round(
                     statistics.mean(r["client_cpu_ms_per_mib"] for r in rs), 3
+                ),
+                "manager_faults_per_mib_mean": round(
+                    statistics.mean(r["manager_faults_per_mib"] for r in rs), 1
+                ),
+                "client_faults_per_mib_mean": round(
+                    statistics.mean(r["client_faults_per_mib"] for r in rs), 1
                 ),
             }
             for label, rs in (("before", before), ("after", after))
