@@ -9,7 +9,9 @@ memory tier and a client, both running that tree's code), take turns on every me
 order flipping each round, so drift on a shared machine lands on both. Each run reports MiB/s
 and the manager's and the client's CPU milliseconds per MiB, which stay steadier than
 throughput when other jobs share the cores. Datasets: random (1 MiB chunks of random bytes)
-or kv (256 KiB chunks of bf16-like words). Prints JSON.
+or kv (256 KiB chunks of bf16-like words). Measures: thaw (from the memory tier), freeze
+(re-sends the same chunks: the store rewrites the same files) and freeze_fresh (bytes the
+store has never seen: new chunk files, as a new session's KV). Prints JSON.
 """
 
 from __future__ import annotations
@@ -71,7 +73,18 @@ for line in sys.stdin:
     cmd = line.strip()
     m0, c0, t0 = manager_cpu(), client_cpu(), time.perf_counter()
     mf0, cf0 = manager_faults(), client_faults()
-    if cmd == "freeze":
+    if cmd == "freeze_fresh":
+        # Bytes the store has never seen (each run stamps its pieces), as a new session's
+        # KV is: new chunk files, where "freeze" rewrites the same ones.
+        runs = globals().get("runs", 0) + 1
+        globals()["runs"] = runs
+        stamp = runs.to_bytes(8, "little")
+        fresh = chunks_from_bytes([stamp + piece[8:] for piece in pieces], 256,
+                                  256 * len(pieces))
+        m0, c0, t0 = manager_cpu(), client_cpu(), time.perf_counter()
+        mf0, cf0 = manager_faults(), client_faults()
+        client.freeze(f"fresh{runs}", fresh, fingerprint=fp, token_ids=ids)
+    elif cmd == "freeze":
         client.freeze("w", chunks, fingerprint=fp, token_ids=ids, skip_existing=False,
                       replace=True)
     else:

@@ -128,6 +128,15 @@ def markdown(record: dict[str, Any], json_path: PurePath) -> str:
         parts.append(_dataset_section(key, data, record["streams"]))
     parts.append("#### Targets (ratios from this run)\n")
     parts.append(_targets_section(record["targets"]))
+    if record.get("context"):
+        parts.append("\n#### What bounds them (same-run ratios, not targets)\n")
+        lines = ["| ratio | dataset | measure | value |", "|---|---|---|---:|"]
+        for row in record["context"]:
+            lines.append(
+                f"| {row['label']} | {row['dataset']} | {row['ours']} / {row['baseline']} | "
+                f"{row['value']} |"
+            )
+        parts.append("\n".join(lines) + "\n")
     for key, data in record["datasets"].items():
         if data.get("profile"):
             parts.append(f"\n#### Where the time goes ({key}, py-spy, leaf frames)\n")

@@ -541,6 +541,34 @@ def targets(datasets: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+CONTEXT = (
+    ("freeze_1", "file_write", "freeze vs this disk's own write + fsync of the same bytes"),
+    ("freeze_1", "freeze_1_no_fsync", "freeze vs the same freeze without fsync"),
+    ("thaw_memory_1", "thaw_disk_1", "thaw from memory vs from disk"),
+)
+"""Same-run ratios that are not targets but say what bounds one (the freeze target's peer,
+redis-py SET, keeps nothing durable; the disk's own write + fsync does)."""
+
+
+def context_ratios(datasets: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for key, data in datasets.items():
+        systems = data["systems"]
+        for ours, theirs, label in CONTEXT:
+            other = systems[theirs]["mib_s"]
+            value = systems[ours]["mib_s"] / other if other else 0.0
+            rows.append(
+                {
+                    "label": label,
+                    "dataset": key,
+                    "ours": ours,
+                    "baseline": theirs,
+                    "value": round(value, 3),
+                }
+            )
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--random-mib", type=int, default=1024)
@@ -599,6 +627,7 @@ def main() -> int:
         "datasets": results,
     }
     record["targets"] = targets(results)
+    record["context"] = context_ratios(results)
     text = json.dumps(record, indent=2)
     print(text)
     if args.no_record:
