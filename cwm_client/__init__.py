@@ -7,6 +7,7 @@ No torch and no server code is imported here.
 
 from cwm_client import pb
 from cwm_client._common import Credentials, FreezeResult, ThawedChunk
+from cwm_client.allocator import tune_allocator
 from cwm_client.async_client import AsyncSessionClient, AsyncThawStream, AsyncWindowClient
 from cwm_client.chunks import (
     ChunkPayload,
@@ -39,4 +40,5 @@ __all__ = [
     "chunks_from_bytes",
     "digest",
     "pb",
+    "tune_allocator",
 ]

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from cwm_client import WindowClient
+from cwm_client.allocator import tune_allocator
 from cwm_client.errors import CwmError
 from cwm_server.cli import (
     agent_cmd,
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    tune_allocator()  # every cwm command moves MiB-sized chunk buffers (cwm_client.allocator)
     # Human-readable warnings on stderr for client commands; services (serve, agent, mcp)
     # configure their own logging when they start.
     configure_logging("human", "WARNING")

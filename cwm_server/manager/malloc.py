@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import platform
+from cwm_client.allocator import glibc_mallopt
 
 _M_ARENA_MAX = -8
 """glibc's mallopt parameter number for the arena limit."""
@@ -22,11 +20,5 @@ def use_one_malloc_arena() -> bool:
     freed buffers; on 2 cores freeze and thaw were also faster. Returns False where the C
     library is not glibc or refuses (nothing changes then).
     """
-    if platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return False
-    mallopt = getattr(libc, "mallopt", None)
+    mallopt = glibc_mallopt()
     return bool(mallopt is not None and mallopt(_M_ARENA_MAX, 1) == 1)

@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from cwm_client import pb
 from cwm_client._common import MAX_MESSAGE_BYTES
+from cwm_client.allocator import tune_allocator
 from cwm_server.manager import health
 from cwm_server.manager.agents import AgentRegistry
 from cwm_server.manager.auth import Authenticator
@@ -257,6 +258,7 @@ async def serve(
 ) -> None:
     """Run until SIGINT/SIGTERM; write the bound port to `port_file` once serving."""
     use_one_malloc_arena()
+    tune_allocator()
     server = ManagerServer(config, options)
     port = await server.start()
     if port_file is not None:

@@ -30,6 +30,11 @@ import json, os, resource, sys, time, subprocess, tempfile, shutil
 from pathlib import Path
 import numpy as np
 from cwm_client import WindowClient, chunks_from_bytes, pb
+try:  # as every cwm command does; a tree from before it existed runs untuned
+    from cwm_client.allocator import tune_allocator
+    tune_allocator()
+except ImportError:
+    pass
 MiB = 1 << 20
 mib, kind = int(sys.argv[1]), sys.argv[2]
 rng = np.random.default_rng(11)

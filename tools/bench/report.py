@@ -122,6 +122,9 @@ def markdown(record: dict[str, Any], json_path: PurePath) -> str:
         f"Command: `{record['command']}` (`make bench`)  ",
         f"Machine: {record['machine']}; load average {record['load_average_before']} before, "
         f"{record['load_average_after']} after; {record['wall_s']:.0f} s in all.  ",
+        f"Allocator: `cwm_client.tune_allocator()` "
+        f"{'applied' if record.get('allocator_tuned') else 'not applied'} in the bench process "
+        "(to every system measured in it).  ",
         f"Raw numbers: `{json_path}`. Plot: `docs/bench.png`.\n",
     ]
     for key, data in record["datasets"].items():

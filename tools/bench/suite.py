@@ -57,7 +57,7 @@ from common import (
 from datasets import Dataset, random_bf16, reference_kv
 from peers import RedisServer, file_write_read, redis_set_get, slot_save_restore, tcp_loopback
 
-from cwm_client import WindowClient, codecs
+from cwm_client import WindowClient, codecs, tune_allocator
 from cwm_server.manager.config import default_data_dir
 from cwm_server.manager.disk_tier import DiskTier
 
@@ -586,6 +586,9 @@ def main() -> int:
     )
     parser.add_argument("--no-record", action="store_true", help="print only")
     args = parser.parse_args()
+    # As every cwm command does; it applies to every system measured in this process, the
+    # peers' clients (redis-py, the plain socket and file loops) included.
+    tuned = tune_allocator()
     started = time.perf_counter()
     stamp = datetime.now(UTC)
     load_before = load_average()
@@ -619,6 +622,7 @@ def main() -> int:
         "machine_short": f"{os.cpu_count()} cores",
         "command": "python tools/bench/suite.py " + " ".join(sys.argv[1:]),
         "versions": {"redis-py": redis.__version__, "python": sys.version.split()[0]},
+        "allocator_tuned": tuned,
         "load_average_before": round(load_before, 2),
         "load_average_after": round(load_average(), 2),
         "wall_s": round(time.perf_counter() - started, 1),
