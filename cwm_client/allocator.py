@@ -34,7 +34,10 @@ heap (where freed ones are reused) rather than from fresh mmaps."""
 def tune_allocator(keep_mib: int = 64) -> bool:
     """Keep up to `keep_mib` MiB of freed memory per malloc heap mapped for reuse, and
     serve allocations under 32 MiB from the heap. Returns False where the C library is not
-    glibc or refuses (nothing changes then)."""
+    glibc or refuses (nothing changes then). A process with several malloc arenas (one per
+    thread by default, up to 8 per core) can keep that much in each."""
+    if not 0 <= keep_mib < 2048:
+        raise ValueError(f"keep_mib must be in 0..2047 (mallopt takes an int), got {keep_mib}")
     mallopt = glibc_mallopt()
     if mallopt is None:
         return False

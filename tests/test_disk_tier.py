@@ -4,6 +4,7 @@ alignment, and a clean fall back to buffered writes where the filesystem refuses
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 from pathlib import Path
 from typing import Any
@@ -86,13 +87,62 @@ def test_open_refusing_o_direct_falls_back_to_buffered(
 def test_write_refusing_o_direct_falls_back_to_buffered(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def refusing(*_: Any) -> int:
+    if not _supports_direct(tmp_path):
+        pytest.skip(f"{tmp_path} is on a filesystem without O_DIRECT")
+    calls = []
+
+    def refusing(*args: Any) -> int:
+        calls.append(args)
         raise OSError(errno.EINVAL, "Invalid argument")
 
     monkeypatch.setattr(os, "pwrite", refusing)
     tier = DiskTier(tmp_path)
     _write_and_check(tier, 65536)
-    assert not tier.direct
+    assert calls and not tier.direct  # the direct write was tried, refused, then buffered
+
+
+def test_a_short_write_off_a_block_boundary_goes_on_buffered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As a nearly full filesystem with 1 KiB blocks could answer: the rest of the file
+    goes buffered (where an O_DIRECT write at that offset would fail with EINVAL)."""
+    if not _supports_direct(tmp_path):
+        pytest.skip(f"{tmp_path} is on a filesystem without O_DIRECT")
+    real_pwrite = os.pwrite
+    calls: list[tuple[int, bool]] = []
+
+    def short_once(fd: int, data: Any, offset: int) -> int:
+        calls.append((offset, bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)))
+        written = real_pwrite(fd, data, offset)
+        return min(written, 1024) if len(calls) == 1 else written
+
+    monkeypatch.setattr(os, "pwrite", short_once)
+    tier = DiskTier(tmp_path)
+    _write_and_check(tier, 65536)
+    assert calls[0] == (0, True)
+    assert calls[1] == (1024, False)
+    assert tier.direct  # the next file is written direct again
+
+
+def test_no_block_is_read_back_while_writing(tmp_path: Path) -> None:
+    """The last partial block is written, not padded and cut back (which made ext4 read
+    it in again at fsync: 4 KiB read per chunk file)."""
+    if not _supports_direct(tmp_path):
+        pytest.skip(f"{tmp_path} is on a filesystem without O_DIRECT")
+    tier = DiskTier(tmp_path)
+    payloads = [os.urandom((256 << 10) + 5 + i) for i in range(16)]
+
+    def read_bytes() -> int:
+        for line in Path("/proc/self/io").read_text().splitlines():
+            if line.startswith("read_bytes:"):
+                return int(line.split()[1])
+        raise AssertionError("no read_bytes in /proc/self/io")
+
+    before = read_bytes()
+    for data in payloads:
+        tier.write("t", blake3_digest(data), 1, 2, len(data), data)
+    assert read_bytes() == before
+    assert tier.direct
 
 
 def test_other_errors_are_not_swallowed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -42,10 +42,12 @@ class StoreResult:
 
 class StoreObserver:
     """Hooks the store calls as it works; this one does nothing. The manager's metrics
-    (cwm_server.manager.metrics) plug in their own. Called from I/O threads."""
+    (cwm_server.manager.metrics) plug in their own. Called from I/O threads and (memory
+    hits of a thaw) from the event loop."""
 
     def verified(self, op: str, seconds: float) -> None:
-        """A BLAKE3 check took `seconds`; `op` is "store" or "load"."""
+        """A check took `seconds`: BLAKE3, or the seal of a memory hit; `op` is "store" or
+        "load"."""
 
     def stored(self, seconds: float) -> None:
         """A chunk was compressed (maybe) and written durably in `seconds`."""
@@ -104,10 +106,11 @@ class ChunkStore:
                 field="chunk.data",
                 reason="DIGEST_MISMATCH",
             )
+        seal = self.memory.seal_for(raw)  # now: the bytes the BLAKE3 check just passed
         codec, encoded = encode_if_smaller(raw, word_size) if self._compress else (RAW, raw)
         stored = self.write_encoded(tenant, digest, codec, word_size, len(raw), encoded, index)
         observer.stored(time.perf_counter() - verified)
-        self.memory.put((tenant, digest), raw)
+        self.memory.put((tenant, digest), raw, seal)
         return StoreResult(codec=codec, stored_size=stored)
 
     def get(self, tenant: str, digest: bytes, where: str) -> bytes:

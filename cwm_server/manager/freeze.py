@@ -484,10 +484,11 @@ def _store_as_received(
             field="chunk.data",
             reason="DIGEST_MISMATCH",
         )
+    seal = manager.memory.seal_for(raw)  # now: the bytes the BLAKE3 check just passed
     stored = manager.store.write_encoded(
         tenant, chunk.digest, chunk.codec, word, len(raw), chunk.data, chunk.index
     )
-    manager.memory.put((tenant, chunk.digest), raw)
+    manager.memory.put((tenant, chunk.digest), raw, seal)
     return StoreResult(codec=chunk.codec, stored_size=stored)
 
 

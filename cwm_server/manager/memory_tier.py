@@ -20,7 +20,9 @@ import xxhash
 
 ChunkKey = tuple[str, bytes]
 
-_seal = xxhash.xxh3_128_intdigest
+seal_of = xxhash.xxh3_128_intdigest
+"""The seal of a chunk's bytes: take it right after their BLAKE3 check and hand it to `put`,
+so bytes that change between the check and the put are caught too."""
 
 
 class MemoryTier:
@@ -54,20 +56,25 @@ class MemoryTier:
                 return None
             self._items.move_to_end(key)
         raw, seal = entry
-        if _seal(raw) == seal:
+        if seal_of(raw) == seal:
             return raw
         with self._lock:
             if self._items.get(key) is entry:
                 del self._items[key]
                 self._bytes -= len(raw)
-            self.corrupt += 1
+                self.corrupt += 1
         return None
 
-    def put(self, key: ChunkKey, raw: bytes) -> None:
-        """Keep `raw`, which the caller has verified against the key's digest."""
+    def seal_for(self, raw: bytes) -> int | None:
+        """`seal_of(raw)`, or None where this tier would not keep `raw` (larger than it)."""
+        return seal_of(raw) if len(raw) <= self._capacity else None
+
+    def put(self, key: ChunkKey, raw: bytes, seal: int | None = None) -> None:
+        """Keep `raw`, which the caller has verified against the key's digest; `seal` is
+        `seal_of(raw)` taken right after that check (taken here if None)."""
         if len(raw) > self._capacity:
             return
-        entry = (raw, _seal(raw))
+        entry = (raw, seal_of(raw) if seal is None else seal)
         with self._lock:
             old = self._items.pop(key, None)
             if old is not None:

@@ -11,13 +11,15 @@ Each manager has its own registry (tests run several in one process). What is co
   ``Chunk.data`` over all parts, i.e. chunk payload as it crosses the wire, after any codec)
   and ``cwm_rpc_received_chunks_total`` / ``cwm_rpc_sent_chunks_total`` (chunks, counted at
   their first part); ``cwm_streams_in_flight{method}``;
-- the store: ``cwm_chunk_verify_seconds{op="store"|"load"}`` (BLAKE3 checks),
+- the store: ``cwm_chunk_verify_seconds{op="store"|"load"}`` (BLAKE3 checks; a memory-tier
+  load is its XXH3 seal check),
   ``cwm_chunk_store_seconds`` (compress + durable write), ``cwm_chunk_load_seconds{tier}``,
   ``cwm_tier_hits_total{tier}``, ``cwm_tier_misses_total{tier}``,
   ``cwm_redis_copies_skipped_total{reason}`` (write-through copies Redis could not take),
   ``cwm_tier_bytes{tier}`` (memory: bytes held; disk: bytes of chunk files the catalog
   references), ``cwm_tier_capacity_bytes{tier="memory"}``,
-  ``cwm_tier_evictions_total{tier="memory"}``;
+  ``cwm_tier_evictions_total{tier="memory"}``,
+  ``cwm_tier_corrupt_dropped_total{tier="memory"}``;
 - the catalog, per tenant: ``cwm_windows{tenant}``, ``cwm_tenant_chunks{tenant}``,
   ``cwm_tenant_raw_bytes{tenant}`` and ``cwm_tenant_stored_bytes{tenant}`` (distinct chunks:
   a clone adds a window, not bytes);
@@ -260,7 +262,8 @@ class StoreMetrics(StoreObserver):
     def __init__(self, registry: CollectorRegistry) -> None:
         self._verify = Histogram(
             "cwm_chunk_verify_seconds",
-            "BLAKE3 verification of one chunk's raw bytes.",
+            "Verification of one chunk's raw bytes: BLAKE3, or for a memory-tier load the "
+            "XXH3 seal taken when its BLAKE3-checked bytes entered the tier.",
             ["op"],
             buckets=LATENCY_BUCKETS,
             registry=registry,
