@@ -74,19 +74,21 @@ def plot(record: dict[str, Any], out: Path) -> None:
                 ax.text(w, p - height / 2, f" {w:.0f}", va="center", fontsize=7)
             if r:
                 ax.text(r, p + height / 2, f" {r:.0f}", va="center", fontsize=7)
+        ax.set_xlim(0, max(writes + reads) * 1.12)  # room for the labels at the bar ends
         ax.set_title(f"{name}: {data['description']}", fontsize=8)
         ax.set_xlabel("MiB/s (median run; higher is better)")
         ax.grid(axis="x", alpha=0.3)
     axes[0][0].set_yticks(list(positions))
     axes[0][0].set_yticklabels(labels, fontsize=8)
     axes[0][0].invert_yaxis()
-    axes[0][-1].legend(loc="lower right", fontsize=8)
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=2, fontsize=8)  # below, over no bar
     fig.suptitle(
         f"cwm vs plain TCP, plain files, redis-py and slot files, same bytes, one run "
         f"({record['date'][:10]}, {record['machine_short']})",
         fontsize=9,
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
