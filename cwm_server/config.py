@@ -10,7 +10,8 @@ Unknown keys in the file are reported and ignored (a file written for a newer cw
 works); a value of the wrong type is an error naming the file, the key and what was
 expected. ``cwm config show`` prints the effective configuration with the source of every
 value; values of keys that look secret (token, password, secret, key, credential) and
-passwords inside URLs are printed as ``***``.
+passwords inside URLs are printed as ``***``, except keys that name files (``*_file``,
+``tls_key``, ...), whose paths are shown.
 """
 
 from __future__ import annotations
@@ -374,8 +375,16 @@ BY_ENV = {s.env: s for s in SETTINGS}
 assert len(BY_ENV) == len(SETTINGS), "setting names must be unique across sections"
 
 
+_PATH_KEYS = ("_file", "_path", "_dir")
+"""Keys whose values name files (serve.key_file, serve.tls_key, ...): where a secret lives is
+what an operator checks with `cwm config show`, not the secret itself."""
+_PATH_NAMES = ("tls_key", "tls_cert", "tls_ca", "tls_client_ca")
+
+
 def is_secret(key: str) -> bool:
     name = key.rpartition(".")[2].lower()
+    if name.endswith(_PATH_KEYS) or name in _PATH_NAMES:
+        return False
     return any(word in name for word in _SECRET_WORDS)
 
 

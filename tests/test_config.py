@@ -114,6 +114,10 @@ def test_redaction() -> None:
     assert config.redact("client.token", "") == ""
     assert config.redact("redis.url", "redis://cwm:hunter2@h:6379/0") == "redis://cwm:***@h:6379/0"
     assert config.redact("serve.listen", "127.0.0.1:1") == "127.0.0.1:1"
+    # Paths to where secrets live are shown: that is what an operator checks.
+    assert config.redact("serve.key_file", "/etc/cwm/keys.toml") == "/etc/cwm/keys.toml"
+    assert config.redact("serve.tls_key", "/etc/cwm/server.key") == "/etc/cwm/server.key"
+    assert config.redact("serve.auth_file", "/etc/cwm/auth.toml") == "/etc/cwm/auth.toml"
 
 
 def cwm(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
