@@ -286,6 +286,15 @@ SETTINGS: tuple[Setting, ...] = (
         _positive_float,
     ),
     Setting(
+        "serve.upload_ttl_seconds",
+        float,
+        lambda: 600.0,
+        "seconds an upload (a parallel freeze's staged streams) may stay open without a "
+        "stream before its staged chunks are collected",
+        "--upload-ttl",
+        _positive_float,
+    ),
+    Setting(
         "serve.redis_url",
         str,
         lambda: "",
@@ -563,6 +572,7 @@ def manager_config(effective: Effective) -> ManagerConfig:
         quota_file=_optional_path(effective["serve.quota_file"]),
         key_file=_optional_path(effective["serve.key_file"]),
         ttl_interval_s=effective["serve.ttl_interval_seconds"],
+        upload_ttl_s=effective["serve.upload_ttl_seconds"],
         redis_url=effective["serve.redis_url"],
         redis_cluster=effective["serve.redis_cluster"],
         redis_catalog=effective["serve.redis_catalog"],

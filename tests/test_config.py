@@ -63,6 +63,17 @@ def test_precedence_flags_env_file_defaults(tmp_path: Path) -> None:
     assert manager.memory_cache_bytes == 8 << 20
     assert manager.stream_window_chunks == 5
     assert manager.fsync is False and manager.compress is True
+    assert manager.upload_ttl_s == 600.0
+
+
+def test_upload_ttl_is_a_setting(tmp_path: Path) -> None:
+    effective = config.load({"serve.upload_ttl_seconds": 7.5}, None, {"HOME": str(tmp_path)})
+    assert effective.sources["serve.upload_ttl_seconds"] == "flag --upload-ttl"
+    assert config.manager_config(effective).upload_ttl_s == 7.5
+    from_env = config.load({}, None, {"HOME": str(tmp_path), "CWM_UPLOAD_TTL_SECONDS": "9"})
+    assert config.manager_config(from_env).upload_ttl_s == 9.0
+    with pytest.raises(config.ConfigError):
+        config.load({}, None, {"HOME": str(tmp_path), "CWM_UPLOAD_TTL_SECONDS": "0"})
 
 
 def test_file_from_env_and_default_location(tmp_path: Path) -> None:

@@ -40,6 +40,7 @@ FLAG_KEYS = {
     "quota_file": "serve.quota_file",
     "key_file": "serve.key_file",
     "ttl_interval": "serve.ttl_interval_seconds",
+    "upload_ttl": "serve.upload_ttl_seconds",
     "redis_url": "serve.redis_url",
     "redis_cluster": "serve.redis_cluster",
     "redis_catalog": "serve.redis_catalog",
@@ -213,6 +214,13 @@ def add_parser(sub: Subparsers) -> None:
         type=float,
         metavar="SECONDS",
         help="seconds between sweeps deleting expired windows (default 30)",
+    )
+    serve_p.add_argument(
+        "--upload-ttl",
+        type=float,
+        metavar="SECONDS",
+        help="seconds an upload (the staged streams of a parallel freeze) may stay open "
+        "without a stream before its staged chunks are collected (default 600)",
     )
     serve_p.add_argument(
         "--auth-file",
