@@ -1,10 +1,12 @@
 """One Thaw stream: read chunks ahead of the sender, at most `stream_window_chunks` of them.
 
-Up to `stream_window_chunks` reads (memory tier, else disk: decode + verify) run at once on
-the I/O threads, and the writer sends them in order as they complete. A client that stops
-reading stalls the writer (HTTP/2 flow control), the reads already started finish, no new
-one starts: memory stays at a few chunks however large the window is and however long the
-client pauses. Every chunk is verified against its digest before its first byte is sent.
+Up to `stream_window_chunks` chunks are in hand or being read at once: a memory-tier hit is
+taken on the event loop (its seal checked there), any other read (disk: decode + verify;
+Redis) runs on the I/O threads, and the writer sends them in order as they complete. A
+client that stops reading stalls the writer (HTTP/2 flow control), the reads already
+started finish, no new one starts: memory stays at a few chunks however large the window
+is and however long the client pauses. Every chunk is verified (BLAKE3, or for a memory
+hit the seal taken after its BLAKE3 check) before its first byte is sent.
 
 The wire codec is negotiated per stream: raw unless the request lists codecs it accepts;
 then a chunk the disk tier holds in an accepted codec is sent as stored (verified, not
