@@ -38,18 +38,16 @@ STAGING_BYTES = 4 << 20
 thread) stay small however large the chunks are."""
 
 
-def _fill(staging: memoryview, header: bytes, source: memoryview, offset: int, size: int) -> int:
-    """Copy bytes [offset, offset + size) of header + source into `staging`; returns how
-    many there were (fewer at the end of the file)."""
+def _fill(staging: memoryview, header: bytes, source: memoryview, offset: int, size: int) -> None:
+    """Copy bytes [offset, offset + size) of header + source (all within the file) to the
+    start of `staging`."""
     filled = 0
     if offset < HEADER_SIZE:
         head = header[offset : offset + size]
         staging[: len(head)] = head
         filled = len(head)
     start = max(0, offset - HEADER_SIZE)
-    piece = source[start : start + size - filled]
-    staging[filled : filled + len(piece)] = piece
-    return filled + len(piece)
+    staging[filled:size] = source[start : start + size - filled]
 
 
 def _clear_direct(fd: int) -> None:
@@ -188,7 +186,7 @@ class DiskTier:
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
-        return HEADER_SIZE + len(encoded)
+        return total
 
     def _open_tmp(self, tmp: str, directory: str, extra_flags: int) -> int:
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | extra_flags
