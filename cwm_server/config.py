@@ -67,7 +67,7 @@ def _host_port_or_empty(value: str) -> str:
 
 def _redis_urls(value: str) -> str:
     if value:
-        from cwm_server.manager.redis_tier import parse_urls
+        from cwm_server.manager.tiers.redis import parse_urls
 
         parse_urls(value)
     return value

@@ -36,9 +36,8 @@ from cwm_client import pb
 from cwm_client.chunks import DTYPE_SIZE, chunk_raw_size, token_spans
 from cwm_client.chunks import digest as blake3_digest
 from cwm_client.codecs import decode
-from cwm_server.manager.catalog import Catalog, ChunkRow, KeyedCatalog
-from cwm_server.manager.chunk_store import ChunkStore
-from cwm_server.manager.disk_tier import (
+from cwm_server.manager.catalog.sqlite import Catalog, ChunkRow, KeyedCatalog
+from cwm_server.manager.tiers.disk import (
     HEADER_SIZE,
     TMP_SUFFIX,
     ChunkFileCorrupt,
@@ -46,7 +45,8 @@ from cwm_server.manager.disk_tier import (
     DiskTier,
     StoredChunk,
 )
-from cwm_server.manager.encryption import (
+from cwm_server.manager.tiers.memory import MemoryTier
+from cwm_server.manager.tiers.sealing import (
     KeyFileError,
     Keyring,
     KeyUnavailable,
@@ -55,7 +55,7 @@ from cwm_server.manager.encryption import (
     parse_envelope,
     plain_codec,
 )
-from cwm_server.manager.memory_tier import MemoryTier
+from cwm_server.manager.tiers.store import ChunkStore
 
 CATALOG_FILE = "catalog.sqlite"
 IN_FLIGHT_GRACE_SECONDS = 300.0

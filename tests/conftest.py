@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from cwm_client import WindowClient
-from cwm_server.agent.engines.tiny_model import ensure_tiny_model
+from cwm_server.agent.engines.reference.tiny_model import ensure_tiny_model
 from cwm_server.manager.config import ManagerConfig
 from tests.helpers import ThreadedManager
 

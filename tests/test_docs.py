@@ -42,17 +42,17 @@ COMMAND = re.compile(r"(?:^|(?<=[;&|(]\s)|(?<=--\s)|(?<=[;&|]))\s*(?:\S*/)?cwm\s
 # Subcommands documented but run by other tests (each file must mention the subcommand).
 EXERCISED_ELSEWHERE = {
     "serve": "tests/test_config.py",
-    "agent": "cwm_server/cli/demo_cmd.py",  # `cwm demo` (tests/test_demo.py) starts two
-    "agents": "tests/test_agent_e2e.py",
-    "sessions": "tests/test_agent_e2e.py",
-    "freeze": "tests/test_agent_e2e.py",
-    "thaw": "tests/test_agent_e2e.py",
-    "mcp": "tests/test_mcp.py",
-    "demo": "tests/test_demo.py",
-    "export": "tests/test_archive.py",
-    "import": "tests/test_archive.py",
+    "agent": "cwm_server/cli/demo_cmd.py",  # `cwm demo` (tests/e2e/test_demo.py) starts two
+    "agents": "tests/e2e/test_agent_freeze_thaw.py",
+    "sessions": "tests/e2e/test_agent_freeze_thaw.py",
+    "freeze": "tests/e2e/test_agent_freeze_thaw.py",
+    "thaw": "tests/e2e/test_agent_freeze_thaw.py",
+    "mcp": "tests/e2e/test_mcp.py",
+    "demo": "tests/e2e/test_demo.py",
+    "export": "tests/client/test_archive.py",
+    "import": "tests/client/test_archive.py",
     "fsck": "tests/test_fsck.py",
-    "auth": "tests/test_auth.py",
+    "auth": "tests/manager/rpc/test_auth.py",
 }
 
 

@@ -3,7 +3,7 @@
     python tools/make_tiny_model.py OUT_DIR
 
 Idempotent: a directory already holding this recipe's build is left alone. The implementation
-lives in `cwm_server.agent.engines.tiny_model` (tools/ is not installed with the package);
+lives in `cwm_server.agent.engines.reference.tiny_model` (tools/ is not installed with the package);
 this is only the command-line face, also importable as `tools.make_tiny_model`.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cwm_server.agent.engines.tiny_model import (
+from cwm_server.agent.engines.reference.tiny_model import (
     RECIPE,
     ensure_tiny_model,
     is_built,

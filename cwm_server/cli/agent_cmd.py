@@ -21,14 +21,14 @@ def _model_dir(value: str) -> str:
     """A model directory, or `tiny` for the built-in random-weight Llama (built on first use)."""
     if value != TINY:
         return value
-    from cwm_server.agent.engines.tiny_model import ensure_tiny_model
+    from cwm_server.agent.engines.reference.tiny_model import ensure_tiny_model
 
     return str(ensure_tiny_model(default_data_dir() / "models" / "tiny-llama"))
 
 
 def _engine(args: argparse.Namespace) -> EngineAdapter:
     if args.engine == "vllm":
-        from cwm_server.agent.engines.vllm_adapter import VllmAdapter
+        from cwm_server.agent.engines.vllm.adapter import VllmAdapter
 
         if not args.vllm_url or not args.vllm_dir:
             raise SystemExit(
@@ -36,7 +36,7 @@ def _engine(args: argparse.Namespace) -> EngineAdapter:
                 "(the connector's cwm_dir); see docs/VLLM.md"
             )
         return VllmAdapter(args.vllm_url, args.vllm_dir, args.model)
-    from cwm_server.agent.engines.reference_adapter import ReferenceAdapter
+    from cwm_server.agent.engines.reference.adapter import ReferenceAdapter
 
     host, _, port = args.http.rpartition(":")
     return ReferenceAdapter.from_model_dir(

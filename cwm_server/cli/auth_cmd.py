@@ -11,7 +11,7 @@ import sys
 
 from cwm_server.cli.options import Subparsers
 from cwm_server.cli.render import print_json
-from cwm_server.manager.auth import ROLES, check_tenant, hash_token, mint_token, token_line
+from cwm_server.manager.rpc.auth import ROLES, check_tenant, hash_token, mint_token, token_line
 
 
 def _tenant(value: str) -> str:

@@ -307,7 +307,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     else:
         model = args.model or str(default_data_dir() / "models" / "tiny-llama")
         if args.model is None:
-            from cwm_server.agent.engines.tiny_model import ensure_tiny_model
+            from cwm_server.agent.engines.reference.tiny_model import ensure_tiny_model
 
             ensure_tiny_model(model)
         summary = run_engine_demo(model, args.tokens)

@@ -85,8 +85,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _check_policy_files(config: ManagerConfig) -> str:
     """Why the quota or key file cannot be used (empty if they can), before serving."""
-    from cwm_server.manager.encryption import KeyFileError, Keyring
     from cwm_server.manager.quotas import QuotaFileError, QuotaPolicy
+    from cwm_server.manager.tiers.sealing import KeyFileError, Keyring
 
     try:
         if config.quota_file is not None:

@@ -30,7 +30,7 @@ from cwm_client.errors import (
     error_class,
 )
 from cwm_client.fingerprints import fingerprint_differences
-from cwm_server.manager.metadata import now_timestamp
+from cwm_server.manager.windows.checks import now_timestamp
 
 log = structlog.get_logger("cwm.agents")
 

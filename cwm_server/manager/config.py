@@ -39,7 +39,7 @@ class ManagerConfig:
     quota_file: Path | None = None
     """Per-tenant quotas (TOML, see cwm_server/manager/quotas.py); None: no limits."""
     key_file: Path | None = None
-    """Per-tenant encryption keys (TOML, see cwm_server/manager/encryption.py); None: chunks
+    """Per-tenant encryption keys (TOML, see cwm_server/manager/tiers/sealing.py); None: chunks
     are stored unencrypted (and encrypted ones cannot be read)."""
     ttl_interval_s: float = 30.0
     """Seconds between sweeps of the TTL collector, which deletes expired windows (they are

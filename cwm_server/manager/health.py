@@ -49,7 +49,7 @@ from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
 
 from cwm_client.errors import NotFound
-from cwm_server.manager.windows import WindowManager
+from cwm_server.manager.windows.manager import WindowManager
 
 log = structlog.get_logger("cwm.health")
 
@@ -302,7 +302,7 @@ class MemoryCheck:
         return Level.OK, f"{memory.held_bytes >> 20} of {memory.capacity_bytes >> 20} MiB held"
 
 
-# -- Redis (cwm_server.manager.redis_tier, redis_catalog) -----------------------------------
+# -- Redis (cwm_server.manager.tiers.redis, redis_catalog) -----------------------------------
 
 REDIS_COMPONENT = "cwm.tier.redis"
 SWEEP_EVERY_S = 10.0

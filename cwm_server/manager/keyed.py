@@ -31,11 +31,9 @@ from cwm_client.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    ResourceExhausted,
 )
 from cwm_server.manager import paging
-from cwm_server.manager.catalog import (
-    Catalog,
+from cwm_server.manager.catalog.sqlite import (
     KeyedCatalog,
     KeyRow,
     NewChunk,
@@ -43,13 +41,13 @@ from cwm_server.manager.catalog import (
     WindowExists,
     basic_view,
 )
-from cwm_server.manager.chunk_store import StoreResult
-from cwm_server.manager.disk_tier import HEADER_SIZE
-from cwm_server.manager.encryption import plain_codec
-from cwm_server.manager.freeze import CANCEL_SETTLE_S, _window_info, validate_header
-from cwm_server.manager.metadata import expiry_from_ttl
 from cwm_server.manager.quotas import Reservation, declared_chunks, reserve_on_catalog_thread
-from cwm_server.manager.windows import WindowManager, window_exists_error
+from cwm_server.manager.tiers.disk import HEADER_SIZE
+from cwm_server.manager.tiers.sealing import plain_codec
+from cwm_server.manager.tiers.store import StoreResult
+from cwm_server.manager.windows.checks import expiry_from_ttl
+from cwm_server.manager.windows.freeze import CANCEL_SETTLE_S, _window_info, validate_header
+from cwm_server.manager.windows.manager import WindowManager, window_exists_error
 
 log = structlog.get_logger("cwm.keyed")
 
@@ -110,9 +108,7 @@ class _Value:
 class KeyedChunks:
     def __init__(self, manager: WindowManager) -> None:
         self._manager = manager
-        self._catalog = (
-            KeyedCatalog(manager.catalog) if isinstance(manager.catalog, Catalog) else None
-        )
+        self._catalog = manager.keyed_catalog
 
     @property
     def catalog(self) -> KeyedCatalog:
@@ -220,12 +216,11 @@ class KeyedChunks:
                 new_windows=0,
             )
 
-        try:
-            return [await reserve_on_catalog_thread(manager.db, _reserve)]
-        except ResourceExhausted:
-            if not await manager.collect_expired(tenant):
-                raise
-            return [await reserve_on_catalog_thread(manager.db, _reserve)]
+        return [
+            await manager.after_collecting_expired(
+                tenant, lambda: reserve_on_catalog_thread(manager.db, _reserve)
+            )
+        ]
 
     async def _discard(
         self,
@@ -480,25 +475,15 @@ class KeyedChunks:
                 )
                 header.chunk_digests[index] = row.digest
             window = _window_info(tenant, header, spans, known, expires)
-            if manager.quotas.limited(tenant) and not manager.catalog.window_exists(
-                tenant, header.name
-            ):
-                # A new window (replacing a live one adds none); its chunks are the keys',
-                # already counted, so only max_windows can refuse it. Checked in this
-                # catalog-thread call, as clone does, so no commit slips in between.
-                manager.quotas.check_windows(tenant, lambda: manager.catalog.tenant_usage(tenant))
+            # Its chunks are the keys', already counted: only max_windows can refuse it.
+            manager.check_window_quota(tenant, header.name)
             try:
                 freed = manager.catalog.commit_window(window, known, header.replace)
             except WindowExists:
                 raise window_exists_error(header.name) from None
             return window, freed
 
-        try:
-            window, freed = await manager.db(_promote)
-        except ResourceExhausted:
-            if not await manager.collect_expired(tenant):
-                raise
-            window, freed = await manager.db(_promote)
+        window, freed = await manager.after_collecting_expired(tenant, lambda: manager.db(_promote))
         await manager.collect(tenant, freed)
         log.info("keys_promoted", tenant=tenant, window=window.name, chunks=window.chunk_count)
         return basic_view(window)

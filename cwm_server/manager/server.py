@@ -23,16 +23,16 @@ from cwm_client._common import MAX_MESSAGE_BYTES
 from cwm_client.allocator import tune_allocator
 from cwm_server.manager import health
 from cwm_server.manager.agents import AgentRegistry
-from cwm_server.manager.auth import Authenticator
 from cwm_server.manager.config import ManagerConfig
-from cwm_server.manager.errors_interceptor import ErrorMappingInterceptor
-from cwm_server.manager.keyed_servicer import KeyedChunkServicer
+from cwm_server.manager.housekeeping.ttl import TtlCollector
 from cwm_server.manager.malloc import use_one_malloc_arena
 from cwm_server.manager.metrics import ManagerMetrics, StateCollector
-from cwm_server.manager.servicer import WindowServicer
-from cwm_server.manager.session_servicer import SessionServicer
-from cwm_server.manager.ttl_collector import TtlCollector
-from cwm_server.manager.windows import WindowManager
+from cwm_server.manager.rpc.auth import Authenticator
+from cwm_server.manager.rpc.interceptors import ErrorMappingInterceptor
+from cwm_server.manager.rpc.keyed_servicer import KeyedChunkServicer
+from cwm_server.manager.rpc.session_servicer import SessionServicer
+from cwm_server.manager.rpc.window_servicer import WindowServicer
+from cwm_server.manager.windows.manager import WindowManager
 
 log = structlog.get_logger("cwm.server")
 

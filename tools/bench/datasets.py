@@ -74,8 +74,8 @@ def reference_kv(sessions: int, tokens: int, grow: int, model_dir: Path) -> Data
     """The KV of `sessions` sessions of `tokens` tokens of text on the reference engine
     (the built-in tiny Llama, bf16), as one window; the first session grown by `grow`
     tokens gives the incremental re-freeze."""
-    from cwm_server.agent.engines.reference import ReferenceEngine
-    from cwm_server.agent.engines.tiny_model import build_corpus, ensure_tiny_model
+    from cwm_server.agent.engines.reference.engine import ReferenceEngine
+    from cwm_server.agent.engines.reference.tiny_model import build_corpus, ensure_tiny_model
 
     started = time.perf_counter()
     engine = ReferenceEngine(ensure_tiny_model(model_dir))

@@ -39,10 +39,10 @@ import numpy as np  # noqa: E402
 import redis  # noqa: E402
 
 from cwm_client.chunks import digest as blake3_digest  # noqa: E402
-from cwm_server.manager.chunk_store import ChunkStore  # noqa: E402
-from cwm_server.manager.disk_tier import DiskTier  # noqa: E402
-from cwm_server.manager.memory_tier import MemoryTier  # noqa: E402
-from cwm_server.manager.redis_tier import RedisLink, RedisTier  # noqa: E402
+from cwm_server.manager.tiers.disk import DiskTier  # noqa: E402
+from cwm_server.manager.tiers.memory import MemoryTier  # noqa: E402
+from cwm_server.manager.tiers.redis import RedisLink, RedisTier  # noqa: E402
+from cwm_server.manager.tiers.store import ChunkStore  # noqa: E402
 from tools.bench.common import BENCH_DIR, free_port, load_average, machine  # noqa: E402
 
 MiB = 1 << 20

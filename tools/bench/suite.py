@@ -59,7 +59,7 @@ from peers import RedisServer, file_write_read, redis_set_get, slot_save_restore
 
 from cwm_client import WindowClient, codecs, tune_allocator
 from cwm_server.manager.config import default_data_dir
-from cwm_server.manager.disk_tier import DiskTier
+from cwm_server.manager.tiers.disk import DiskTier
 
 TENANT = "default"
 SLACK_MIB = 128

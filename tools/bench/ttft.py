@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from cwm_server.agent.engines.tiny_model import ensure_tiny_model  # noqa: E402
+from cwm_server.agent.engines.reference.tiny_model import ensure_tiny_model  # noqa: E402
 from cwm_server.cli.demo_cmd import run_engine_demo  # noqa: E402
 from cwm_server.manager.config import default_data_dir  # noqa: E402
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import blake3
 
 from cwm_client import pb
-from cwm_server.agent.engines.tiny_model import STAMP_FILE
+from cwm_server.agent.engines.reference.tiny_model import STAMP_FILE
 
 ENGINE_NAME = "reference"
 REFERENCE_BLOCK_SIZE = 16

@@ -1,0 +1,406 @@
+"""The vLLM engine behind the agent's `EngineAdapter` contract.
+
+The agent runs beside a vLLM server that loaded `CwmConnector` (see `vllm_connector`); the
+two share a staging directory (`vllm_staging`). This adapter never touches vLLM's memory:
+
+- `sessions()` reads the records the connector writes for every finished request that had a
+  `cache_salt` (session id == cache_salt, as with the reference engine). `token_count` is
+  the number of tokens a freeze would capture: the tokens with KV, rounded down to whole
+  blocks (vLLM only keeps whole blocks in its prefix cache). The newest `max_sessions`
+  records are kept; older ones are deleted.
+- `export_session` registers a save under a fresh id, re-submits the session's tokens (plus
+  the next one, so every whole block is a prefix-cache hit) with a save directive, and reads
+  the canonical chunks the connector wrote, checking each one's BLAKE3 digest.
+- `import_session` stages the window's chunks under a fresh id, submits its tokens plus one
+  with a load directive and the session's salt, and checks what the scheduler claimed and
+  the worker loaded. The blocks then sit in vLLM's prefix cache under that salt.
+
+Only whole blocks move: a window's tokens are cut to a multiple of the block size (128 on
+CPU), and `chunk_tokens` must be a multiple of it.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import blake3
+
+from cwm_client import pb
+from cwm_client.errors import (
+    AlreadyExists,
+    DataLoss,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
+from cwm_server.agent.engines.base import EngineAdapter, EngineSession, ExportedKV
+from cwm_server.agent.engines.fingerprint import kv_dtype_from_name, model_fingerprint
+from cwm_server.agent.engines.vllm import staging
+
+ENGINE_NAME = "vllm"
+
+
+class VllmError(FailedPrecondition):
+    """vLLM answered a request with an error."""
+
+
+def _cwm_version() -> str:
+    try:
+        return metadata.version("cwm")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class VllmAdapter(EngineAdapter):
+    def __init__(
+        self,
+        url: str,
+        staging_dir: str | Path,
+        model_dir: str | Path | None = None,
+        *,
+        max_sessions: int = 4096,
+        request_timeout: float = 600.0,
+        startup_timeout: float = 300.0,
+        result_timeout: float = 120.0,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.root = Path(staging_dir).resolve()
+        self.request_timeout = request_timeout
+        self.result_timeout = result_timeout
+        self.max_sessions = max_sessions
+        self._lock = threading.Lock()
+        self._records: dict[Path, tuple[int, int, EngineSession]] = {}
+        staging.ensure_layout(self.root)
+        # Orders of an agent that died are dead too: nobody will read their files.
+        for kind in (staging.LOAD_DIR, staging.SAVE_DIR):
+            for stale in (self.root / kind).iterdir():
+                staging.remove_tree(stale)
+        self.model_name, root = self._wait_for_server(startup_timeout)
+        self.engine_info = self._wait_for_engine_file(startup_timeout)
+        self.block_size = int(self.engine_info["block_size"])
+        self.model_dir = Path(model_dir or self.engine_info.get("model") or root)
+        if not self.model_dir.is_dir():
+            raise FailedPrecondition(
+                f"vLLM serves {self.engine_info.get('model')!r}, which is not a local directory; "
+                "pass --model with the model's directory so its weights can be fingerprinted"
+            )
+        self._fingerprint = self._make_fingerprint()
+
+    # -- discovery ----------------------------------------------------------------------
+
+    def _wait_for_server(self, timeout: float) -> tuple[str, str]:
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            try:
+                models = self._get("/v1/models")
+                first = models["data"][0]
+                return str(first["id"]), str(first.get("root") or first["id"])
+            except (OSError, KeyError, IndexError, ValueError, VllmError) as exc:
+                last = exc
+                time.sleep(0.5)
+        raise Unavailable(f"vLLM at {self.url} did not answer /v1/models: {last}")
+
+    def _wait_for_engine_file(self, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        path = self.root / staging.ENGINE_FILE
+        while time.monotonic() < deadline:
+            info = staging.read_json(path)
+            if isinstance(info, dict) and info.get("staging_version") == staging.STAGING_VERSION:
+                return info
+            time.sleep(0.2)
+        raise FailedPrecondition(
+            f"no cwm connector writes to {self.root}: start vLLM with the CwmConnector and "
+            f"kv_connector_extra_config.cwm_dir = {str(self.root)!r} (see docs/VLLM.md)"
+        )
+
+    def _make_fingerprint(self) -> pb.ModelFingerprint:
+        info = self.engine_info
+        fingerprint = model_fingerprint(
+            self.model_dir,
+            kv_dtype=str(info["kv_dtype"]),
+            engine_name=ENGINE_NAME,
+            block_size=self.block_size,
+        )
+        for name in ("num_layers", "num_kv_heads", "head_dim"):
+            if getattr(fingerprint, name) != int(info[name]):
+                raise FailedPrecondition(
+                    f"the model directory {self.model_dir} says {name}="
+                    f"{getattr(fingerprint, name)} but vLLM runs {info[name]}: is --model the "
+                    "model vLLM serves?"
+                )
+        # The kernels that produced the KV bits: vLLM's, on this torch, with this CPU ISA.
+        fingerprint.engine_version = (
+            f"cwm {_cwm_version()}; vllm {info['vllm_version']}; torch {info['torch_version']}; "
+            f"{info['platform']} attention {info['attention_isa']}"
+        )
+        fingerprint.kv_dtype = kv_dtype_from_name(str(info["kv_dtype"]))  # type: ignore[assignment]
+        return fingerprint
+
+    # -- EngineAdapter ------------------------------------------------------------------
+
+    @property
+    def fingerprint(self) -> pb.ModelFingerprint:
+        return self._fingerprint
+
+    @property
+    def endpoint(self) -> str:
+        return self.url
+
+    def sessions(self) -> list[EngineSession]:
+        out = []
+        seen = set()
+        with self._lock:
+            for path in (self.root / staging.SESSIONS_DIR).glob("*.json"):
+                seen.add(path)
+                try:
+                    stat = path.stat()
+                except OSError:
+                    continue
+                cached = self._records.get(path)
+                if cached is not None and cached[:2] == (stat.st_mtime_ns, stat.st_size):
+                    out.append(cached[2])
+                    continue
+                record = staging.read_json(path)
+                session = self._session_from(record)
+                if session is not None:
+                    self._records[path] = (stat.st_mtime_ns, stat.st_size, session)
+                    out.append(session)
+            for gone in set(self._records) - seen:
+                del self._records[gone]
+        if len(out) > self.max_sessions:
+            # Every salted request leaves a record; keep the most recent ones.
+            out.sort(key=lambda s: s.last_active, reverse=True)
+            for old in out[self.max_sessions :]:
+                staging.session_path(self.root, old.cache_salt).unlink(missing_ok=True)
+            out = out[: self.max_sessions]
+        return out
+
+    def _session_from(self, record: Any) -> EngineSession | None:
+        if not isinstance(record, dict) or not isinstance(record.get("cache_salt"), str):
+            return None
+        token_ids = record.get("token_ids") or []
+        kv_tokens = min(int(record.get("kv_tokens", 0)), len(token_ids))
+        return EngineSession(
+            session_id=record["cache_salt"],
+            cache_salt=record["cache_salt"],
+            token_count=kv_tokens // self.block_size * self.block_size,
+            last_active=float(record.get("finished_at", 0.0)),
+        )
+
+    def _record(self, session_id: str) -> dict[str, Any] | None:
+        record = staging.read_json(staging.session_path(self.root, session_id))
+        if isinstance(record, dict) and record.get("cache_salt") == session_id:
+            return record
+        return None
+
+    def _check_chunk_tokens(self, chunk_tokens: int) -> None:
+        if chunk_tokens <= 0 or chunk_tokens % self.block_size:
+            raise InvalidArgument(
+                f"chunk_tokens {chunk_tokens} must be a positive multiple of vLLM's block size "
+                f"{self.block_size}",
+                field="chunk_tokens",
+            )
+
+    def export_session(self, session_id: str, chunk_tokens: int) -> ExportedKV:
+        self._check_chunk_tokens(chunk_tokens)
+        record = self._record(session_id)
+        if record is None:
+            raise NotFound(f"no session {session_id!r} on this engine", reason="SESSION_NOT_FOUND")
+        token_ids = [int(t) for t in record["token_ids"]]
+        kv_tokens = min(int(record.get("kv_tokens", 0)), len(token_ids))
+        tokens = kv_tokens // self.block_size * self.block_size
+        if tokens == 0:
+            raise FailedPrecondition(
+                f"session {session_id!r} has {kv_tokens} tokens of KV, less than one whole "
+                f"block of {self.block_size}: nothing to freeze yet"
+            )
+        op_id = staging.new_op_id()
+        directory = staging.op_dir(self.root, staging.SAVE_DIR, op_id)
+        directory.mkdir(parents=True)
+        try:
+            staging.write_json_atomic(
+                directory / staging.REQUEST_FILE,
+                {"cache_salt": session_id, "tokens": tokens, "chunk_tokens": chunk_tokens},
+            )
+            # One token past the blocks, so all of them are a prefix-cache hit.
+            follow = token_ids[tokens] if len(token_ids) > tokens else token_ids[-1]
+            self._complete([*token_ids[:tokens], follow], session_id, "save", op_id)
+            result = self._wait_result(directory / staging.RESULT_FILE)
+            if result.get("error"):
+                raise FailedPrecondition(
+                    f"vLLM could not save session {session_id!r}: {result['error']}"
+                )
+            chunks = []
+            for chunk in result["chunks"]:
+                data = (directory / str(chunk["file"])).read_bytes()
+                if blake3.blake3(data).hexdigest() != chunk["digest"]:
+                    raise DataLoss(
+                        f"staged chunk {chunk['file']} of session {session_id!r} "
+                        "changed on disk before it was read"
+                    )
+                chunks.append(data)
+            return ExportedKV(token_ids=token_ids[:tokens], chunks=chunks)
+        finally:
+            staging.remove_tree(directory)
+
+    def import_session(
+        self,
+        session_id: str,
+        token_ids: Sequence[int],
+        chunks: Sequence[bytes],
+        chunk_tokens: int,
+    ) -> None:
+        if self._record(session_id) is not None:
+            raise AlreadyExists(f"the engine already has a session {session_id!r}")
+        self._check_chunk_tokens(chunk_tokens)
+        ids = [int(t) for t in token_ids]
+        tokens = len(ids) // self.block_size * self.block_size
+        if tokens == 0:
+            raise InvalidArgument(
+                f"the window holds {len(ids)} tokens, less than one block of {self.block_size}"
+            )
+        op_id = staging.new_op_id()
+        directory = self._stage(op_id, session_id, ids, tokens, chunks, chunk_tokens)
+        try:
+            follow = ids[tokens] if len(ids) > tokens else ids[-1]
+            try:
+                self._submit_load([*ids[:tokens], follow], session_id, op_id)
+            except VllmError:
+                # kv_load_failure_policy=fail: vLLM failed the request; say why if we know.
+                if isinstance(staging.read_json(directory / staging.RESULT_FILE), dict):
+                    self._check_load(directory, session_id)
+                raise
+            self._check_load(directory, session_id)
+            staging.write_json_atomic(
+                staging.session_path(self.root, session_id),
+                {
+                    "cache_salt": session_id,
+                    "token_ids": ids,
+                    "kv_tokens": tokens,
+                    "block_size": self.block_size,
+                    "finished_at": time.time(),
+                    "thawed": True,
+                },
+            )
+        finally:
+            staging.remove_tree(directory)
+
+    def _stage(
+        self,
+        op_id: str,
+        session_id: str,
+        ids: list[int],
+        tokens: int,
+        chunks: Sequence[bytes],
+        chunk_tokens: int,
+    ) -> Path:
+        """Write the window's chunks and then, atomically, its manifest: a load id names a
+        complete staging or nothing."""
+        final = staging.op_dir(self.root, staging.LOAD_DIR, op_id)
+        building = final.with_name(f".{op_id}.building")
+        building.mkdir(parents=True)
+        refs = []
+        for index, data in enumerate(chunks):
+            start = index * chunk_tokens
+            if start >= tokens:
+                break
+            name = staging.chunk_file_name(index)
+            (building / name).write_bytes(data)
+            refs.append(
+                {
+                    "file": name,
+                    "token_start": start,
+                    "token_count": min(chunk_tokens, len(ids) - start),
+                    "digest": blake3.blake3(data).hexdigest(),
+                }
+            )
+        info = self.engine_info
+        staging.write_json_atomic(
+            building / staging.MANIFEST_FILE,
+            {
+                "cache_salt": session_id,
+                "tokens": tokens,
+                "token_ids": ids[:tokens],
+                "chunk_tokens": chunk_tokens,
+                "chunks": refs,
+                "layout": {
+                    "num_layers": int(info["num_layers"]),
+                    "num_kv_heads": int(info["num_kv_heads"]),
+                    "head_dim": int(info["head_dim"]),
+                    "kv_dtype": str(info["kv_dtype"]),
+                    "block_size": self.block_size,
+                },
+            },
+        )
+        building.rename(final)
+        return final
+
+    def _submit_load(self, prompt: list[int], session_id: str, op_id: str) -> None:
+        self._complete(prompt, session_id, "load", op_id)
+
+    def _check_load(self, directory: Path, session_id: str) -> None:
+        note = self._wait_result(directory / staging.SCHEDULER_FILE)
+        if note.get("refusal"):
+            raise FailedPrecondition(f"vLLM refused the window: {note['refusal']}")
+        if note.get("already_cached"):
+            return
+        result = self._wait_result(directory / staging.RESULT_FILE)
+        if result.get("error"):
+            policy = self.engine_info.get("kv_load_failure_policy", "fail")
+            raise DataLoss(
+                f"vLLM loaded {result.get('loaded_blocks', 0)} of {result.get('blocks', 0)} "
+                f"blocks of session {session_id!r}: {result['error']} (vLLM's "
+                f"kv_load_failure_policy={policy}: the rest were "
+                f"{'recomputed' if policy == 'recompute' else 'not used'})"
+            )
+
+    def _wait_result(self, path: Path) -> dict[str, Any]:
+        deadline = time.monotonic() + self.result_timeout
+        while time.monotonic() < deadline:
+            result = staging.read_json(path)
+            if isinstance(result, dict):
+                return result
+            time.sleep(0.02)
+        raise Unavailable(f"the cwm connector in vLLM did not write {path.name} in time")
+
+    # -- HTTP -----------------------------------------------------------------------------
+
+    def _complete(self, prompt: list[int], cache_salt: str, op: str, op_id: str) -> dict[str, Any]:
+        body = {
+            "model": self.model_name,
+            "prompt": prompt,
+            "max_tokens": 1,
+            "temperature": 0,
+            "cache_salt": cache_salt,
+            "kv_transfer_params": {staging.DIRECTIVE_KEY: {"op": op, "id": op_id}},
+        }
+        return self._post("/v1/completions", body)
+
+    def _get(self, path: str) -> Any:
+        with urllib.request.urlopen(f"{self.url}{path}", timeout=30) as reply:
+            return json.loads(reply.read())
+
+    def _post(self, path: str, body: dict[str, Any]) -> Any:
+        request = urllib.request.Request(
+            f"{self.url}{path}",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=self.request_timeout) as reply:
+                return json.loads(reply.read())
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace")[:500]
+            raise VllmError(f"vLLM answered {exc.code}: {detail}", reason="VLLM_ERROR") from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise Unavailable(f"vLLM at {self.url} is unreachable: {exc}") from None

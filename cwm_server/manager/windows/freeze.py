@@ -1,0 +1,534 @@
+"""One Freeze stream: validate the header, receive and store chunks with bounded staging,
+and commit the window atomically, or leave nothing behind.
+
+Receiving and storing overlap through a queue of at most `stream_window_chunks` chunks; when
+it is full the receiver stops reading, HTTP/2 flow control stops the sender, and the
+manager's memory stays bounded whatever the window's size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import structlog
+
+from cwm_client import pb
+from cwm_client.chunks import (
+    DIGEST_SIZE,
+    DTYPE_SIZE,
+    AssembledChunk,
+    ChunkAssembler,
+    chunk_raw_size,
+    token_spans,
+)
+from cwm_client.chunks import digest as blake3_digest
+from cwm_client.codecs import RAW, decode, pays
+from cwm_client.errors import DataLoss, FailedPrecondition, InvalidArgument
+from cwm_client.names import check_window_name
+from cwm_server.manager.catalog.sqlite import NewChunk, WindowExists, basic_view
+from cwm_server.manager.quotas import Reservation, declared_chunks, reserve_on_catalog_thread
+from cwm_server.manager.tiers.disk import HEADER_SIZE
+from cwm_server.manager.tiers.sealing import plain_codec
+from cwm_server.manager.tiers.store import StoreResult
+from cwm_server.manager.windows.checks import check_labels, expiry_from_ttl, now_timestamp
+from cwm_server.manager.windows.manager import WindowManager, window_exists_error
+from cwm_server.manager.windows.uploads import check_upload
+
+log = structlog.get_logger("cwm.freeze")
+
+MAX_TOKENS = 16_000_000
+
+CANCEL_SETTLE_S = 0.005
+"""How long a freeze waits after its request stream ends before committing.
+
+grpc.aio ends the request iterator the same way for a client's half-close (the stream is
+complete) and for a client's cancel (it is not); the cancel itself reaches the handler as a
+CancelledError a fraction of a millisecond later. Committing at once let a cancelled freeze
+become visible (2 of 12 tries when the client cancelled after its last chunk). Waiting this
+long lets the cancel land first; a cancel that arrives while the commit runs still rolls it
+back (see `FreezeSession._abandoned`)."""
+
+
+def validate_header(header: pb.FreezeHeader, max_chunk_bytes: int) -> list[tuple[int, int]]:
+    """Check a FreezeHeader; returns the (token_start, token_count) span of each chunk."""
+    check_window_name(header.name)
+    if header.parent:
+        check_window_name(header.parent, "parent")
+    check_labels(header.tags, header.description)
+    fp = header.fingerprint
+    if not header.HasField("fingerprint"):
+        raise InvalidArgument("header.fingerprint is required", field="fingerprint")
+    if fp.kv_dtype not in DTYPE_SIZE:
+        raise InvalidArgument("fingerprint.kv_dtype must be set", field="fingerprint.kv_dtype")
+    for name in ("num_layers", "num_kv_heads", "head_dim"):
+        if getattr(fp, name) == 0:
+            raise InvalidArgument(
+                f"fingerprint.{name} must be positive", field=f"fingerprint.{name}"
+            )
+    if header.chunk_tokens == 0:
+        raise InvalidArgument("chunk_tokens must be positive", field="chunk_tokens")
+    if fp.block_size and header.chunk_tokens % fp.block_size:
+        raise InvalidArgument(
+            f"chunk_tokens {header.chunk_tokens} is not a multiple of the engine block size "
+            f"{fp.block_size}",
+            field="chunk_tokens",
+        )
+    tokens = len(header.token_ids)
+    if tokens == 0 or tokens > MAX_TOKENS:
+        raise InvalidArgument(
+            f"token_ids must hold 1..{MAX_TOKENS} tokens, got {tokens}", field="token_ids"
+        )
+    full_chunk = chunk_raw_size(fp, header.chunk_tokens)
+    if full_chunk > max_chunk_bytes:
+        raise InvalidArgument(
+            f"a chunk of {header.chunk_tokens} tokens would be {full_chunk} bytes; this "
+            f"manager accepts at most {max_chunk_bytes}: use fewer chunk_tokens",
+            field="chunk_tokens",
+        )
+    spans = token_spans(tokens, header.chunk_tokens)
+    if len(header.chunk_digests) != len(spans):
+        raise InvalidArgument(
+            f"{tokens} tokens in chunks of {header.chunk_tokens} make {len(spans)} chunks, "
+            f"but chunk_digests lists {len(header.chunk_digests)}",
+            field="chunk_digests",
+        )
+    for index, digest in enumerate(header.chunk_digests):
+        if len(digest) != DIGEST_SIZE:
+            raise InvalidArgument(
+                f"chunk_digests[{index}] is {len(digest)} bytes; BLAKE3 digests are {DIGEST_SIZE}",
+                field=f"chunk_digests[{index}]",
+            )
+    expiry_from_ttl(header.ttl_seconds)
+    check_upload(header)
+    return spans
+
+
+@dataclass
+class _Received:
+    chunks: dict[bytes, NewChunk] = field(default_factory=dict)
+    count: int = 0
+    encoded_bytes: int = 0
+    started: set[bytes] = field(default_factory=set)
+    """Digests whose store began: their files may exist even if the stream fails."""
+    writes: list[concurrent.futures.Future[object]] = field(default_factory=list)
+    """Every disk write submitted, so a failed stream can wait for them before cleaning."""
+
+
+class FreezeSession:
+    def __init__(self, manager: WindowManager, tenant: str) -> None:
+        self._manager = manager
+        self._tenant = tenant
+        self._received = _Received()
+        self._pins: list[tuple[str, bytes]] = []
+        self._abandoned = threading.Event()
+        """Set when the stream fails or is cancelled; a commit still running rolls back."""
+        self._reservation = Reservation(None, (tenant, ""))
+        """What this freeze holds of its tenant's quota until it commits or fails."""
+
+    async def run(self, requests: AsyncIterator[pb.FreezeRequest]) -> pb.FreezeResponse:
+        first = await anext(requests, None)
+        if first is None or first.WhichOneof("payload") != "header":
+            raise InvalidArgument(
+                "the first Freeze message must be a header (FreezeHeader)", field="header"
+            )
+        header = first.header
+        spans = validate_header(header, self._manager.config.max_chunk_bytes)
+        uploads = self._manager.uploads
+        upload = uploads.join(self._tenant, header) if header.upload_id else None
+        self._pins = self._manager.pin(self._tenant, header.chunk_digests)
+        committed = False
+        try:
+            if not header.replace and await self._manager.db(
+                self._manager.catalog.window_exists, self._tenant, header.name
+            ):
+                raise window_exists_error(header.name)
+            self._reservation = await self._reserve_quota(header, spans)
+            await self._receive(requests, header, spans)
+            await asyncio.sleep(CANCEL_SETTLE_S)
+            if header.stage_only:
+                assert upload is not None
+                uploads.stage(upload, dict(self._received.chunks))
+                log.info(
+                    "staged",
+                    tenant=self._tenant,
+                    window=header.name,
+                    upload=header.upload_id,
+                    received=self._received.count,
+                )
+                return pb.FreezeResponse(
+                    chunks_received=self._received.count,
+                    bytes_received=self._received.encoded_bytes,
+                )
+            staged = dict(upload.chunks) if upload is not None else {}
+            window, freed, from_staged = await self._commit(header, spans, staged)
+            committed = True
+        except BaseException:
+            self._abandoned.set()
+            await self._discard()
+            if upload is not None:
+                # Files this stream wrote that its upload's other streams still pin: the
+                # upload collects them when it closes.
+                uploads.add_leftovers(upload, self._received.started)
+            raise
+        finally:
+            self._reservation.release()
+            self._manager.unpin(self._pins)
+            if upload is not None:
+                uploads.leave(upload, close=not header.stage_only, committed=committed)
+        await self._manager.collect(self._tenant, freed)
+        log.info(
+            "frozen",
+            tenant=self._tenant,
+            window=window.name,
+            chunks=window.chunk_count,
+            received=self._received.count,
+            staged=from_staged,
+            raw_bytes=window.raw_bytes,
+        )
+        return pb.FreezeResponse(
+            window=basic_view(window),
+            chunks_received=self._received.count,
+            chunks_reused=max(0, window.chunk_count - self._received.count - from_staged),
+            bytes_received=self._received.encoded_bytes,
+            chunks_staged=from_staged,
+        )
+
+    async def _reserve_quota(
+        self, header: pb.FreezeHeader, spans: list[tuple[int, int]]
+    ) -> Reservation:
+        """Reserve the chunks the header declares that the tenant does not store yet, and
+        one window unless it replaces one, against the tenant's quota: RESOURCE_EXHAUSTED
+        (QUOTA_EXCEEDED) before any byte is received if they do not fit. Runs on the
+        catalog thread, so no commit lands between reading the usage and reserving."""
+        manager = self._manager
+        tenant = self._tenant
+        if not manager.quotas.limited(tenant):
+            return Reservation(None, (tenant, ""))
+        sizes = [chunk_raw_size(header.fingerprint, count) for _, count in spans]
+        key = f"upload:{header.upload_id}" if header.upload_id else f"stream:{id(self):x}"
+        catalog = manager.catalog
+
+        def _reserve() -> Reservation:
+            replaces = header.replace and catalog.window_exists(tenant, header.name)
+            return manager.quotas.reserve(
+                tenant,
+                key,
+                usage=lambda: catalog.tenant_usage(tenant),
+                new_chunks=lambda: declared_chunks(
+                    header.chunk_digests, sizes, lambda ds: catalog.has_chunk_rows(tenant, ds)
+                ),
+                new_windows=0 if replaces else 1,
+            )
+
+        # Not a plain `manager.db(_reserve)`: a stream cancelled while `_reserve` runs
+        # must still release what it reserved (the `finally` in `run` only sees a handle
+        # that reached it).
+        return await manager.after_collecting_expired(
+            tenant, lambda: reserve_on_catalog_thread(manager.db, _reserve)
+        )
+
+    async def _receive(
+        self,
+        requests: AsyncIterator[pb.FreezeRequest],
+        header: pb.FreezeHeader,
+        spans: list[tuple[int, int]],
+    ) -> None:
+        config = self._manager.config
+        word = DTYPE_SIZE[header.fingerprint.kv_dtype]
+        assembler = ChunkAssembler(max_encoded_size=config.max_chunk_bytes + (1 << 16))
+        queue: asyncio.Queue[AssembledChunk | None] = asyncio.Queue(config.stream_window_chunks)
+        storer = asyncio.ensure_future(self._store_all(queue, word))
+        last_index = -1
+        try:
+            async for request in requests:
+                if request.WhichOneof("payload") != "chunk":
+                    raise InvalidArgument(
+                        "a Freeze stream carries one header, then only chunks", field="header"
+                    )
+                part = request.chunk
+                if not assembler.in_progress:
+                    self._check_chunk_start(part, header, spans, last_index)
+                    last_index = part.index
+                whole = assembler.add(part)
+                if whole is not None:
+                    self._received.encoded_bytes += len(whole.data)
+                    await _put_or_fail(queue, whole, storer)
+            if assembler.in_progress:
+                raise InvalidArgument(
+                    f"the stream ended in the middle of chunk {last_index}", field="chunk.data"
+                )
+            await _put_or_fail(queue, None, storer)
+            await storer
+        finally:
+            if not storer.done():
+                storer.cancel()
+                await asyncio.gather(storer, return_exceptions=True)
+
+    def _check_chunk_start(
+        self,
+        part: pb.Chunk,
+        header: pb.FreezeHeader,
+        spans: list[tuple[int, int]],
+        last_index: int,
+    ) -> None:
+        index = part.index
+        if index >= len(spans):
+            raise InvalidArgument(
+                f"chunk index {index} is out of range: the header describes {len(spans)} chunks",
+                field="chunk.index",
+            )
+        if index <= last_index:
+            raise InvalidArgument(
+                f"chunk {index} arrived after chunk {last_index}: chunks must be sent once "
+                "each, in increasing index order",
+                field="chunk.index",
+            )
+        start, count = spans[index]
+        if part.token_start != start or part.token_count != count:
+            raise InvalidArgument(
+                f"chunk {index} claims tokens [{part.token_start}, +{part.token_count}) but "
+                f"the header puts it at [{start}, +{count})",
+                field="chunk.token_start",
+            )
+        expected = chunk_raw_size(header.fingerprint, count)
+        if part.raw_size != expected:
+            raise InvalidArgument(
+                f"chunk {index}: raw_size {part.raw_size} does not match the fingerprint "
+                f"(2 x {header.fingerprint.num_layers} layers x {count} tokens x "
+                f"{header.fingerprint.num_kv_heads} heads x {header.fingerprint.head_dim} dim "
+                f"x {DTYPE_SIZE[header.fingerprint.kv_dtype]} bytes = {expected})",
+                field="chunk.raw_size",
+            )
+        if part.digest != header.chunk_digests[index]:
+            raise InvalidArgument(
+                f"chunk {index}: its digest differs from chunk_digests[{index}] in the header",
+                field="chunk.digest",
+            )
+        if part.codec not in pb.ChunkCodec.values() or part.codec == 0:
+            raise InvalidArgument(f"chunk {index}: unknown codec {part.codec}", field="chunk.codec")
+
+    async def _store_all(self, queue: asyncio.Queue[AssembledChunk | None], word: int) -> None:
+        """Verify and store queued chunks, up to `parallel` at once on the I/O threads.
+
+        Every chunk being stored also takes one of the manager's store slots (as many as
+        I/O threads, shared by all streams), so the chunks held by N concurrent streams --
+        the streams of one parallel freeze, say -- grow by one queue per stream, not by one
+        queue and a full set of workers each."""
+        parallel = max(1, min(self._manager.config.io_threads, 4))
+        slots = self._manager.store_slots()
+        in_flight: set[asyncio.Future[None]] = set()
+        try:
+            while (chunk := await queue.get()) is not None:
+                while len(in_flight) >= parallel:
+                    done, in_flight = await asyncio.wait(
+                        in_flight, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    for finished in done:
+                        finished.result()
+                await slots.acquire()
+                try:
+                    task = asyncio.ensure_future(self._store_one(chunk, word))
+                except BaseException:
+                    slots.release()
+                    raise
+                task.add_done_callback(lambda _: slots.release())
+                in_flight.add(task)
+                del chunk
+            for finished in asyncio.as_completed(in_flight):
+                await finished
+        finally:
+            for task in in_flight:
+                task.cancel()
+
+    async def _store_one(self, chunk: AssembledChunk, word: int) -> None:
+        manager = self._manager
+        self._received.started.add(chunk.digest)
+        work = manager.submit_io(_decode_and_store, manager, self._tenant, chunk, word)
+        self._received.writes.append(work)
+        result = await asyncio.wrap_future(work)
+        self._received.chunks[chunk.digest] = NewChunk(
+            digest=chunk.digest,
+            raw_size=chunk.raw_size,
+            stored_size=result.stored_size,
+            codec=result.codec,
+        )
+        self._received.count += 1
+
+    async def _commit(
+        self,
+        header: pb.FreezeHeader,
+        spans: list[tuple[int, int]],
+        staged: dict[bytes, NewChunk],
+    ) -> tuple[pb.WindowInfo, list[bytes], int]:
+        """Commit the window; returns it, the digests a replace freed, and how many of its
+        chunks came from the upload's staging streams."""
+        manager = self._manager
+        tenant = self._tenant
+        received = dict(self._received.chunks)
+        from_staged = {d: c for d, c in staged.items() if d not in received}
+        expires = expiry_from_ttl(header.ttl_seconds)
+
+        def _commit_sync() -> tuple[pb.WindowInfo, list[bytes], int]:
+            known: dict[bytes, NewChunk] = {**from_staged, **received}
+            for index, digest in enumerate(header.chunk_digests):
+                if digest in known:
+                    continue
+                row = manager.catalog.chunk(tenant, digest)
+                if row is not None:
+                    known[digest] = NewChunk(digest, row.raw_size, row.stored_size, row.codec)
+                elif manager.store.verify_on_disk(tenant, digest):
+                    stored = manager.disk.read(tenant, digest)
+                    known[digest] = NewChunk(
+                        digest,
+                        stored.raw_size,
+                        HEADER_SIZE + len(stored.data),
+                        plain_codec(stored.codec),
+                    )
+                else:
+                    hint = (
+                        f"; upload {header.upload_id!r} did not stage it (expired, or a "
+                        "staging stream failed?)"
+                        if header.upload_id
+                        else ""
+                    )
+                    raise FailedPrecondition(
+                        f"chunk {index} ({digest.hex()[:16]}…) was neither sent nor stored"
+                        f"{hint}; ask FindMissingChunks again and send every chunk it lists",
+                        field=f"chunk_digests[{index}]",
+                        reason="CHUNK_NOT_SENT",
+                    )
+            window = _window_info(tenant, header, spans, known, expires)
+            try:
+                freed = manager.catalog.commit_window(
+                    window, known, header.replace, still_wanted=self._still_wanted
+                )
+            except WindowExists:
+                raise window_exists_error(header.name) from None
+            used = set(header.chunk_digests)
+            return window, freed, sum(1 for d in from_staged if d in used)
+
+        return await manager.db(_commit_sync)
+
+    def _still_wanted(self) -> bool:
+        return not self._abandoned.is_set()
+
+    async def _discard(self) -> None:
+        """After a failed stream: collect the files it wrote that no window references.
+
+        Writes already running on I/O threads cannot be cancelled, so this waits for them
+        first; otherwise a file could land after the clean-up and stay until a restart.
+        """
+        self._manager.unpin(self._pins)
+        self._pins = []
+        writes = list(self._received.writes)
+        try:
+            if writes:
+                await asyncio.shield(asyncio.to_thread(concurrent.futures.wait, writes))
+            await asyncio.shield(self._manager.collect(self._tenant, self._received.started))
+        except Exception:  # noqa: BLE001 - start-up recovery collects whatever is left
+            log.warning("discard_failed", tenant=self._tenant, chunks=len(writes))
+
+
+async def _put_or_fail(
+    queue: asyncio.Queue[AssembledChunk | None],
+    item: AssembledChunk | None,
+    storer: asyncio.Future[None],
+) -> None:
+    """Queue a chunk for storing, but fail at once if the storer has failed."""
+    if storer.done():
+        storer.result()
+    put = asyncio.ensure_future(queue.put(item))
+    await asyncio.wait({put, storer}, return_when=asyncio.FIRST_COMPLETED)
+    if not put.done():
+        put.cancel()
+    if storer.done():
+        storer.result()
+
+
+def _decode_and_store(
+    manager: WindowManager, tenant: str, chunk: AssembledChunk, word: int
+) -> StoreResult:
+    """Decode (if the sender compressed), verify against the digest, store durably.
+
+    A chunk that came compressed enough to pay is stored as it came: the manager does not
+    spend the CPU to compress it again (the sender's codec is recorded for it)."""
+    try:
+        raw = decode(chunk.data, chunk.codec, chunk.raw_size, word)
+    except ValueError as exc:
+        raise InvalidArgument(
+            f"chunk {chunk.index}: data does not decode with its codec ({exc})",
+            field="chunk.data",
+        ) from None
+    if chunk.codec != RAW and manager.config.compress and pays(len(chunk.data), chunk.raw_size):
+        return _store_as_received(manager, tenant, chunk, raw, word)
+    return manager.store.put(tenant, chunk.digest, raw, word, chunk.index)
+
+
+def _store_as_received(
+    manager: WindowManager, tenant: str, chunk: AssembledChunk, raw: bytes, word: int
+) -> StoreResult:
+    """`ChunkStore.put` for bytes already encoded: verify the decoded bytes, then write the
+    encoded ones."""
+    if blake3_digest(raw) != chunk.digest:
+        raise DataLoss(
+            f"chunk {chunk.index}: its bytes do not match its BLAKE3 digest "
+            f"{chunk.digest.hex()[:16]}…; it was corrupted on the way or the digest was "
+            "computed over other bytes",
+            field="chunk.data",
+            reason="DIGEST_MISMATCH",
+        )
+    seal = manager.memory.seal_for(raw)  # now: the bytes the BLAKE3 check just passed
+    stored = manager.store.write_encoded(
+        tenant, chunk.digest, chunk.codec, word, len(raw), chunk.data, chunk.index
+    )
+    manager.memory.put((tenant, chunk.digest), raw, seal)
+    return StoreResult(codec=chunk.codec, stored_size=stored)
+
+
+def _window_info(
+    tenant: str,
+    header: pb.FreezeHeader,
+    spans: list[tuple[int, int]],
+    chunks: dict[bytes, NewChunk],
+    expires: object,
+) -> pb.WindowInfo:
+    refs = []
+    for index, (digest, (start, count)) in enumerate(zip(header.chunk_digests, spans, strict=True)):
+        stored = chunks[digest]
+        refs.append(
+            pb.ChunkRef(
+                index=index,
+                token_start=start,
+                token_count=count,
+                digest=digest,
+                raw_size=stored.raw_size,
+                stored_size=stored.stored_size,
+                stored_codec=stored.codec,  # type: ignore[arg-type]
+            )
+        )
+    window = pb.WindowInfo(
+        name=header.name,
+        tenant=tenant,
+        session_id=header.session_id,
+        cache_salt=header.cache_salt,
+        fingerprint=header.fingerprint,
+        token_ids=header.token_ids,
+        token_count=len(header.token_ids),
+        chunk_tokens=header.chunk_tokens,
+        chunks=refs,
+        chunk_count=len(refs),
+        raw_bytes=sum(r.raw_size for r in refs),
+        stored_bytes=sum(r.stored_size for r in refs),
+        parent=header.parent,
+        tags=dict(header.tags),
+        description=header.description,
+        created_at=now_timestamp(),
+        pinned=header.pinned,
+    )
+    if expires is not None:
+        window.expires_at.CopyFrom(expires)  # type: ignore[arg-type]
+    return window
