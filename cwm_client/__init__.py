@@ -6,9 +6,10 @@ No torch and no server code is imported here.
 """
 
 from cwm_client import pb
-from cwm_client._common import Credentials, FreezeResult, ThawedChunk
+from cwm_client._common import FreezeResult, ThawedChunk
 from cwm_client.allocator import tune_allocator
 from cwm_client.async_client import AsyncSessionClient, AsyncThawStream, AsyncWindowClient
+from cwm_client.channels import Credentials
 from cwm_client.chunks import (
     ChunkPayload,
     InMemoryChunk,

@@ -1,5 +1,8 @@
-"""Logic shared by the sync and asyncio clients: channel options, building freeze streams
-and decoding thaw streams. The two client modules only differ in how they wait."""
+"""Logic shared by the sync and asyncio clients: building freeze streams and decoding thaw
+streams. The two client modules only differ in how they wait.
+
+Channel defaults and credentials live in the public `cwm_client.channels`; they are
+re-exported here for code that still imports them from this module."""
 
 from __future__ import annotations
 
@@ -8,13 +11,15 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
-
-import grpc
-import grpc.aio
 
 from cwm_client import pb
+from cwm_client.channels import AUTHORIZATION_KEY as AUTHORIZATION_KEY
+from cwm_client.channels import CHANNEL_OPTIONS as CHANNEL_OPTIONS
+from cwm_client.channels import DEFAULT_TARGET as DEFAULT_TARGET
+from cwm_client.channels import EXTRA_CHANNEL_OPTIONS as EXTRA_CHANNEL_OPTIONS
+from cwm_client.channels import MAX_MESSAGE_BYTES as MAX_MESSAGE_BYTES
+from cwm_client.channels import Credentials as Credentials
+from cwm_client.channels import resolve_credentials as resolve_credentials
 from cwm_client.chunks import (
     DEFAULT_CHUNK_TOKENS,
     DEFAULT_PART_BYTES,
@@ -26,24 +31,6 @@ from cwm_client.chunks import (
 )
 from cwm_client.codecs import CODECS, RAW, decode, encode_for_wire
 from cwm_client.errors import Aborted, DataLoss, InvalidArgument
-
-DEFAULT_TARGET = "127.0.0.1:50051"
-MAX_MESSAGE_BYTES = 16 << 20
-"""Large enough for a 1 MiB part and for a WindowInfo listing ~4M token ids; the gRPC
-default (4 MiB) is raised only this far."""
-
-CHANNEL_OPTIONS: list[tuple[str, int]] = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-]
-
-EXTRA_CHANNEL_OPTIONS: list[tuple[str, int]] = [
-    *CHANNEL_OPTIONS,
-    ("grpc.use_local_subchannel_pool", 1),
-]
-"""For the extra channels of a parallel freeze or thaw: a private subchannel pool gives each
-its own TCP connection, so the streams do not share one connection's flow control and
-one-thread-at-a-time processing."""
 
 MAX_AUTO_STREAMS = 4
 PARALLEL_MIN_BYTES = 64 << 20
@@ -57,105 +44,6 @@ CORES_PER_STREAM = 2
 reading and sending), so auto mode opens one stream per two client cores: on a 2-core
 machine one stream was faster than two or four (docs/BENCHMARKS.md), the extra streams only
 adding context switches between threads that share the cores."""
-
-AUTHORIZATION_KEY = "authorization"
-
-
-@dataclass(frozen=True)
-class Credentials:
-    """How a client proves who it is: a bearer token, TLS, or both.
-
-    With no root certificates, client certificate or `tls=True` the channel is plaintext
-    (a manager on loopback); a token is then still sent, as metadata.
-    """
-
-    token: str | None = None
-    """Sent as ``authorization: Bearer <token>`` on every call."""
-    root_certificates: bytes | None = None
-    """PEM CA bundle that signed the manager's certificate (None with tls: system roots)."""
-    certificate_chain: bytes | None = None
-    """PEM client certificate, for a manager that requires one (mutual TLS)."""
-    private_key: bytes | None = None
-    """PEM key of the client certificate."""
-    tls: bool = False
-    """Use TLS even without any of the PEM options (trusting the system's roots)."""
-
-    @classmethod
-    def from_files(
-        cls,
-        token: str | None = None,
-        ca_file: str | Path | None = None,
-        cert_file: str | Path | None = None,
-        key_file: str | Path | None = None,
-    ) -> Credentials:
-        """Credentials from PEM file paths (empty or None: not used)."""
-
-        def read(path: str | Path | None) -> bytes | None:
-            return Path(path).expanduser().read_bytes() if path else None
-
-        return cls(
-            token=token or None,
-            root_certificates=read(ca_file),
-            certificate_chain=read(cert_file),
-            private_key=read(key_file),
-        )
-
-    @property
-    def secure(self) -> bool:
-        return self.tls or any(
-            v is not None
-            for v in (self.root_certificates, self.certificate_chain, self.private_key)
-        )
-
-    def metadata(self) -> tuple[tuple[str, str], ...]:
-        return ((AUTHORIZATION_KEY, f"Bearer {self.token}"),) if self.token else ()
-
-    def channel_credentials(self) -> grpc.ChannelCredentials | None:
-        if not self.secure:
-            return None
-        if (self.certificate_chain is None) != (self.private_key is None):
-            raise InvalidArgument(
-                "a client certificate needs both its chain and its private key",
-                field="certificate_chain",
-            )
-        return grpc.ssl_channel_credentials(
-            root_certificates=self.root_certificates,
-            private_key=self.private_key,
-            certificate_chain=self.certificate_chain,
-        )
-
-    def channel(self, target: str, options: Sequence[tuple[str, Any]]) -> grpc.Channel:
-        """A blocking channel to `target` with these credentials."""
-        creds = self.channel_credentials()
-        if creds is None:
-            return grpc.insecure_channel(target, options=options)
-        return grpc.secure_channel(target, creds, options=options)
-
-    def aio_channel(self, target: str, options: Sequence[tuple[str, Any]]) -> grpc.aio.Channel:
-        """An asyncio channel to `target` with these credentials."""
-        creds = self.channel_credentials()
-        if creds is None:
-            return grpc.aio.insecure_channel(target, options=options)
-        return grpc.aio.secure_channel(target, creds, options=options)
-
-
-def resolve_credentials(
-    credentials: Credentials | None,
-    token: str | None,
-    root_certificates: bytes | None,
-    certificate_chain: bytes | None,
-    private_key: bytes | None,
-) -> Credentials:
-    """The clients' keyword options folded into one Credentials (`credentials` first)."""
-    base = credentials or Credentials()
-    return Credentials(
-        token=token if token is not None else base.token,
-        root_certificates=root_certificates or base.root_certificates,
-        certificate_chain=certificate_chain or base.certificate_chain,
-        private_key=private_key or base.private_key,
-        tls=base.tls,
-    )
-
 
 Progress = Callable[[int, int], None]
 """Called with (bytes_done, bytes_total) as a freeze or thaw moves chunk bytes."""
