@@ -3,7 +3,8 @@
 The manager raises these exceptions from its domain code and an interceptor turns them into
 a `google.rpc.Status` (code, message, ErrorInfo and BadRequest details); the SDK turns a
 failed call back into the same class. One table serves both directions, so a code can never
-mean one thing on the server and another in the client.
+mean one thing on the server and another in the client; each class declares its code and
+registers itself in that table, so a class and its table entry cannot drift apart.
 """
 
 from __future__ import annotations
@@ -18,11 +19,29 @@ from google.rpc import error_details_pb2, status_pb2
 ERROR_DOMAIN = "cwm.v1"
 _STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
+_BY_CODE: dict[grpc.StatusCode, type[CwmError]] = {}
+"""Filled by `CwmError.__init_subclass__` from each class that declares its own `code`."""
+
 
 class CwmError(Exception):
     """Base of every error the SDK raises for a failed call."""
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Register a class that declares its own `code` as the one for that code, so the
+        table is written once, by the class definitions. A subclass that keeps its parent's
+        code (a more specific error of the same kind) is not registered; two classes
+        declaring one code is a mistake caught at import."""
+        super().__init_subclass__(**kwargs)
+        if "code" not in cls.__dict__:
+            return
+        taken = _BY_CODE.get(cls.code)
+        if taken is not None:
+            raise TypeError(
+                f"{cls.__qualname__} declares {cls.code.name}, already {taken.__qualname__}'s"
+            )
+        _BY_CODE[cls.code] = cls
 
     def __init__(
         self,
@@ -119,26 +138,6 @@ class Internal(CwmError):
 class Unimplemented(CwmError):
     code = grpc.StatusCode.UNIMPLEMENTED
 
-
-_BY_CODE: dict[grpc.StatusCode, type[CwmError]] = {
-    cls.code: cls
-    for cls in (
-        InvalidArgument,
-        NotFound,
-        AlreadyExists,
-        FailedPrecondition,
-        ResourceExhausted,
-        Unauthenticated,
-        PermissionDenied,
-        DataLoss,
-        Unavailable,
-        DeadlineExceeded,
-        Cancelled,
-        Aborted,
-        Internal,
-        Unimplemented,
-    )
-}
 
 _CODE_BY_NUMBER: dict[int, grpc.StatusCode] = {c.value[0]: c for c in grpc.StatusCode}
 
