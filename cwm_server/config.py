@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cwm_client._common import DEFAULT_TARGET
+from cwm_client.channels import DEFAULT_TARGET
 from cwm_server.manager.config import ManagerConfig, MiB, default_data_dir
 
 CONFIG_ENV = "CWM_CONFIG"

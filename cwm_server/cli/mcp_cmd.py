@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-from cwm_client._common import DEFAULT_TARGET
+from cwm_client.channels import DEFAULT_TARGET
 from cwm_server.cli.options import Subparsers, add_auth_options, client_credentials
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")

@@ -19,8 +19,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from cwm_client import pb
-from cwm_client._common import MAX_MESSAGE_BYTES
 from cwm_client.allocator import tune_allocator
+from cwm_client.channels import MAX_MESSAGE_BYTES
 from cwm_server.manager import health
 from cwm_server.manager.agents import AgentRegistry
 from cwm_server.manager.config import ManagerConfig
