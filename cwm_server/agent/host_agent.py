@@ -21,7 +21,7 @@ import grpc.aio
 import structlog
 
 from cwm_client import AsyncWindowClient, chunks_from_bytes, pb
-from cwm_client._common import CHANNEL_OPTIONS, Credentials
+from cwm_client.channels import CHANNEL_OPTIONS, Credentials
 from cwm_client.errors import (
     AlreadyExists,
     CwmError,

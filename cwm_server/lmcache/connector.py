@@ -33,7 +33,7 @@ from lmcache.v1.memory_management import MemoryObj
 from lmcache.v1.protocol import RemoteMetadata
 from lmcache.v1.storage_backend.connector.base_connector import RemoteConnector
 
-from cwm_client._common import DEFAULT_TARGET
+from cwm_client.channels import DEFAULT_TARGET
 from cwm_client.keyed import KeyedChunkClient, KeyedValue
 
 log = logging.getLogger("cwm.lmcache")
