@@ -5,43 +5,29 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
-from typing import TYPE_CHECKING
 
+from cwm_server.agent.engines.base import EngineAdapter, EngineSettings, EngineSettingsError
+from cwm_server.agent.engines.factory import create_engine, engine_names
 from cwm_server.cli.options import Subparsers, add_command, client_credentials
 from cwm_server.logs import configure_logging
 from cwm_server.manager.config import default_data_dir
 
-if TYPE_CHECKING:
-    from cwm_server.agent.engines.base import EngineAdapter
-
-TINY = "tiny"
-
-
-def _model_dir(value: str) -> str:
-    """A model directory, or `tiny` for the built-in random-weight Llama (built on first use)."""
-    if value != TINY:
-        return value
-    from cwm_server.agent.engines.reference.tiny_model import ensure_tiny_model
-
-    return str(ensure_tiny_model(default_data_dir() / "models" / "tiny-llama"))
-
 
 def _engine(args: argparse.Namespace) -> EngineAdapter:
-    if args.engine == "vllm":
-        from cwm_server.agent.engines.vllm.adapter import VllmAdapter
-
-        if not args.vllm_url or not args.vllm_dir:
-            raise SystemExit(
-                "cwm agent --engine vllm needs --vllm-url (the vLLM server) and --vllm-dir "
-                "(the connector's cwm_dir); see docs/VLLM.md"
-            )
-        return VllmAdapter(args.vllm_url, args.vllm_dir, args.model)
-    from cwm_server.agent.engines.reference.adapter import ReferenceAdapter
-
+    """The engine `--engine` names, built by the factory (which imports only that one)."""
     host, _, port = args.http.rpartition(":")
-    return ReferenceAdapter.from_model_dir(
-        _model_dir(args.model or TINY), host or "127.0.0.1", int(port)
+    settings = EngineSettings(
+        model=args.model,
+        http_host=host or "127.0.0.1",
+        http_port=int(port),
+        vllm_url=args.vllm_url,
+        vllm_dir=args.vllm_dir,
+        models_dir=default_data_dir() / "models",
     )
+    try:
+        return create_engine(args.engine, settings)
+    except EngineSettingsError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
@@ -77,7 +63,7 @@ def add_parser(sub: Subparsers) -> None:
     agent = add_command(sub, "agent", help="run a host agent beside an engine")
     agent.add_argument(
         "--engine",
-        choices=["reference", "vllm"],
+        choices=engine_names(),
         default="reference",
         help="reference: HF transformers in this process; vllm: a vLLM server with the cwm "
         "connector (--vllm-url, --vllm-dir)",

@@ -16,7 +16,6 @@ from pathlib import Path
 import blake3
 
 from cwm_client import pb
-from cwm_server.agent.engines.reference.tiny_model import STAMP_FILE
 
 ENGINE_NAME = "reference"
 REFERENCE_BLOCK_SIZE = 16
@@ -41,6 +40,11 @@ _TOKENIZER_FILES = (
 # config.json keys that record who saved the file rather than what the model is; dropping
 # them lets the same model saved by two transformers releases keep one digest.
 _CONFIG_VOLATILE_KEYS = ("transformers_version", "_name_or_path")
+
+STAMP_FILE = "cwm_tiny_model.json"
+"""A build stamp a model maker leaves in the model directory (the tiny model's does); its
+`model_id` names the model wherever the directory lives. Defined here, not by the maker, so
+fingerprinting imports no engine."""
 
 _KV_DTYPES: dict[str, int] = {
     "float32": pb.KvDtype.KV_DTYPE_FLOAT32,

@@ -12,13 +12,23 @@ from pathlib import Path
 
 from cwm_client import pb
 from cwm_client.errors import AlreadyExists, InvalidArgument, NotFound
-from cwm_server.agent.engines.base import EngineAdapter, EngineSession, ExportedKV
+from cwm_server.agent.engines.base import (
+    EngineAdapter,
+    EngineSession,
+    EngineSettings,
+    EngineSettingsError,
+    ExportedKV,
+)
 from cwm_server.agent.engines.reference.engine import (
     EngineInputError,
     ReferenceEngine,
     SessionNotFound,
 )
 from cwm_server.agent.engines.reference.http_api import serve_http
+
+TINY_MODEL = "tiny"
+"""The model name that stands for the built-in random-weight Llama, built on first use."""
+TINY_MODEL_DIR = "tiny-llama"
 
 
 class ReferenceAdapter(EngineAdapter):
@@ -33,6 +43,22 @@ class ReferenceAdapter(EngineAdapter):
         cls, model_dir: str | Path, http_host: str = "127.0.0.1", http_port: int = 0
     ) -> ReferenceAdapter:
         return cls(ReferenceEngine(model_dir), http_host, http_port)
+
+    @classmethod
+    def from_settings(cls, settings: EngineSettings) -> ReferenceAdapter:
+        """Run `settings.model` (the tiny Llama when it is None or `tiny`), serving its
+        OpenAI-style API on `settings.http_host:http_port`."""
+        model = settings.model or TINY_MODEL
+        if model == TINY_MODEL:
+            if settings.models_dir is None:
+                raise EngineSettingsError(
+                    "the reference engine needs a model directory (no models_dir to build the "
+                    "tiny model in)"
+                )
+            from cwm_server.agent.engines.reference.tiny_model import ensure_tiny_model
+
+            model = str(ensure_tiny_model(settings.models_dir / TINY_MODEL_DIR))
+        return cls.from_model_dir(model, settings.http_host, settings.http_port)
 
     @property
     def fingerprint(self) -> pb.ModelFingerprint:

@@ -23,9 +23,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from cwm_server.agent.engines.fingerprint import STAMP_FILE
+
 # Bump when anything below changes what gets written: a stale build is then rebuilt.
 RECIPE_VERSION = 1
-STAMP_FILE = "cwm_tiny_model.json"
 MODEL_ID = "cwm-tiny-llama"
 
 RECIPE: dict[str, Any] = {

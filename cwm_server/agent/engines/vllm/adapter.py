@@ -42,7 +42,13 @@ from cwm_client.errors import (
     NotFound,
     Unavailable,
 )
-from cwm_server.agent.engines.base import EngineAdapter, EngineSession, ExportedKV
+from cwm_server.agent.engines.base import (
+    EngineAdapter,
+    EngineSession,
+    EngineSettings,
+    EngineSettingsError,
+    ExportedKV,
+)
 from cwm_server.agent.engines.fingerprint import kv_dtype_from_name, model_fingerprint
 from cwm_server.agent.engines.vllm import staging
 
@@ -94,6 +100,17 @@ class VllmAdapter(EngineAdapter):
                 "pass --model with the model's directory so its weights can be fingerprinted"
             )
         self._fingerprint = self._make_fingerprint()
+
+    @classmethod
+    def from_settings(cls, settings: EngineSettings) -> VllmAdapter:
+        """Drive the vLLM server at `settings.vllm_url` through the staging directory
+        `settings.vllm_dir` it shares with the connector."""
+        if not settings.vllm_url or not settings.vllm_dir:
+            raise EngineSettingsError(
+                "cwm agent --engine vllm needs --vllm-url (the vLLM server) and --vllm-dir "
+                "(the connector's cwm_dir); see docs/VLLM.md"
+            )
+        return cls(settings.vllm_url, settings.vllm_dir, settings.model)
 
     # -- discovery ----------------------------------------------------------------------
 
@@ -384,7 +401,8 @@ class VllmAdapter(EngineAdapter):
             "cache_salt": cache_salt,
             "kv_transfer_params": {staging.DIRECTIVE_KEY: {"op": op, "id": op_id}},
         }
-        return self._post("/v1/completions", body)
+        answer: dict[str, Any] = self._post("/v1/completions", body)
+        return answer
 
     def _get(self, path: str) -> Any:
         with urllib.request.urlopen(f"{self.url}{path}", timeout=30) as reply:
