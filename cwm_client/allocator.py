@@ -1,18 +1,19 @@
-"""An opt-in glibc malloc setting for processes that move many MiB-sized buffers.
+"""Opt-in glibc malloc settings for processes that move many MiB-sized buffers.
 
-Every message of a thaw or freeze passes through buffers of about its size: gRPC's read
-buffers, the bytes object Python makes of them, the chunk handed to the caller. With
-glibc's defaults, memory freed at the top of a heap beyond the trim threshold goes back to
-the kernel, and the next message faults it in again page by page: a fresh client thawing
-from a local manager took ~80 minor page faults per MiB, and on the benchmark VM each one
-costs microseconds (docs/BENCHMARKS.md). Fixing the mmap threshold (so such buffers come
-from the heap) and raising the trim threshold keeps those pages mapped and reused: in paired
-runs the client's CPU per MiB thawed fell by a fifth and thaw throughput rose 1.26x.
+- `tune_allocator()`: every message of a thaw or freeze passes through buffers of about
+  its size: gRPC's read buffers, the bytes object Python makes of them, the chunk handed to
+  the caller. With glibc's defaults, memory freed at the top of a heap beyond the trim
+  threshold goes back to the kernel, and the next message faults it in again page by page.
+  Fixing the mmap threshold (so such buffers come from the heap) and raising the trim
+  threshold keeps those pages mapped and reused (the measured effect on thaw is in
+  docs/BENCHMARKS.md). The price is that up to `keep_mib` of freed memory per heap stays in
+  the process instead of going back to the system.
+- `use_one_malloc_arena()`: for a server whose buffers are allocated on one thread and freed
+  on another (the manager calls it).
 
-The price is that up to `keep_mib` of freed memory per heap stays in the process instead of
-going back to the system. A library must not change its host process's allocator behind its
-back, so nothing here runs on import: an application calls `tune_allocator()` once, early
-(every `cwm` command and the manager do).
+A library must not change its host process's allocator behind its back, so nothing here
+runs on import: an application calls these once, early (every `cwm` command calls
+`tune_allocator()`, the manager both).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from collections.abc import Callable
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
 """glibc's mallopt parameter numbers."""
 
 MMAP_THRESHOLD_BYTES = 32 << 20
@@ -45,6 +47,21 @@ def tune_allocator(keep_mib: int = 64) -> bool:
         mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
         and mallopt(_M_TRIM_THRESHOLD, keep_mib << 20) == 1
     )
+
+
+def use_one_malloc_arena() -> bool:
+    """Make glibc malloc use a single arena for this process; call it before threads start.
+
+    In the manager, chunk buffers are allocated on one thread and freed on another: I/O
+    threads read and verify, the event loop builds messages, gRPC threads serialize. With
+    glibc's default of one arena per thread, every arena keeps its own high-water mark of
+    such buffers and the hot tier's long-lived entries pin the holes between them, so the
+    resident set grows well beyond what the manager holds. With one arena, whichever thread
+    allocates next reuses the freed buffers. Returns False where the C library is not glibc
+    or refuses (nothing changes then).
+    """
+    mallopt = glibc_mallopt()
+    return bool(mallopt is not None and mallopt(_M_ARENA_MAX, 1) == 1)
 
 
 def glibc_mallopt() -> Callable[[int, int], int] | None:

@@ -16,8 +16,8 @@ import numpy as np
 
 from cwm_client import InMemoryChunk, chunks_from_bytes, pb
 from cwm_client.chunks import bytes_per_token
-from cwm_server.manager.config import ManagerConfig
-from cwm_server.manager.server import ManagerServer, ServerOptions
+from cwm_server.manager.config import ManagerConfig, ServerOptions
+from cwm_server.manager.server import ManagerServer
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -14,8 +14,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from cwm_server.manager.config import ManagerConfig
-from cwm_server.manager.server import ManagerServer, ServerOptions
+from cwm_server.manager.config import ManagerConfig, ServerOptions
+from cwm_server.manager.server import ManagerServer
 from tests.helpers import ThreadedManager
 
 

@@ -22,8 +22,8 @@ import pytest
 import redis
 
 from cwm_client import pb
-from cwm_server.manager.config import ManagerConfig
-from cwm_server.manager.server import ManagerServer, ServerOptions
+from cwm_server.manager.config import ManagerConfig, ServerOptions
+from cwm_server.manager.server import ManagerServer
 from tests.helpers import ThreadedManager, free_port
 
 REDIS_SERVER = shutil.which("redis-server")

@@ -28,7 +28,7 @@ import pytest
 from cwm_client import WindowClient
 from cwm_server import config
 from cwm_server.cli.main import build_parser
-from cwm_server.manager.server import ServerOptions
+from cwm_server.manager.config import ServerOptions
 from tests.helpers import FINGERPRINT, ROOT, synthetic_chunks, token_ids
 from tests.ops_helpers import OpsManager
 

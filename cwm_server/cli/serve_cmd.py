@@ -14,7 +14,7 @@ from pathlib import Path
 from cwm_server import config as cwm_config
 from cwm_server.cli.options import Subparsers, add_command
 from cwm_server.logs import configure_logging
-from cwm_server.manager.config import ManagerConfig
+from cwm_server.manager.config import ManagerConfig, ServerOptions
 
 MiB = 1 << 20
 
@@ -60,7 +60,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except cwm_config.ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from cwm_server.manager.server import ServerOptions, check_server_options, serve
+    from cwm_server.manager.rpc.transport_security import check_server_options
+    from cwm_server.manager.server import serve
 
     configure_logging("json", effective["serve.log_level"])
     options = ServerOptions(

@@ -1,4 +1,6 @@
-"""Manager configuration: every bound on memory and size lives here, not in the code."""
+"""Manager configuration: every bound on memory and size lives here, not in the code
+(`ManagerConfig`), and how the manager's server reports on itself and admits callers
+(`ServerOptions`)."""
 
 from __future__ import annotations
 
@@ -60,3 +62,28 @@ class ManagerConfig:
     (UNAVAILABLE) until the health check, or this long, finds it back."""
     redis_prefix: str = "cwm"
     """First part of every Redis key (several fleets can share one Redis)."""
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """How the manager reports on itself and who may call it (the storage bounds live in
+    ManagerConfig); checked before serving by `rpc.transport_security.check_server_options`."""
+
+    metrics_listen: str = ""
+    """HOST:PORT of the Prometheus endpoint (/metrics); empty: no endpoint."""
+    health_interval_s: float = 5.0
+    """Seconds between health checks of the tiers and the catalog."""
+    min_free_bytes: int = 1 << 30
+    """Below this much free space on the data dir's filesystem the disk tier is DEGRADED."""
+    auth_file: Path | None = None
+    """Token hashes -> tenant and role (rpc/auth.py); None with no client CA: auth is off."""
+    tls_cert: Path | None = None
+    """PEM certificate chain of the server; with tls_key, the port speaks TLS."""
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    """PEM CA bundle for client certificates: set, every client must present one (mTLS),
+    and one with a SAN URI cwm://TENANT/ROLE acts as that tenant and role."""
+
+    @property
+    def auth_enabled(self) -> bool:
+        return self.auth_file is not None or self.tls_client_ca is not None

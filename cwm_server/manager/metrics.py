@@ -213,10 +213,11 @@ class CallMetrics:
         self._chunks_in = metrics.chunks_in.labels(label)
         self._chunks_out = metrics.chunks_out.labels(label)
 
-    def received(self, raw_size: int, message: Any, raw: Any = None) -> None:
-        """One request message; `raw`: its serialized bytes, if at hand."""
+    def received(self, message: Any, raw: Any) -> None:
+        """One request message; `raw`: the bytes it was parsed from (counted as 0 bytes
+        when not bytes)."""
         self._msgs_in.inc()
-        self._msg_bytes_in.inc(raw_size)
+        self._msg_bytes_in.inc(len(raw) if isinstance(raw, bytes) else 0)
         chunk = chunk_of(message)
         if chunk is not None:
             self._chunk_bytes_in.inc(chunk_data_size(message, chunk, raw))

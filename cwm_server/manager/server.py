@@ -8,9 +8,7 @@ import fcntl
 import os
 import signal
 import socket
-import sys
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc.aio
@@ -19,18 +17,18 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from cwm_client import pb
-from cwm_client.allocator import tune_allocator
+from cwm_client.allocator import tune_allocator, use_one_malloc_arena
 from cwm_client.channels import MAX_MESSAGE_BYTES
 from cwm_server.manager import health
 from cwm_server.manager.agents import AgentRegistry
-from cwm_server.manager.config import ManagerConfig
+from cwm_server.manager.config import ManagerConfig, ServerOptions
 from cwm_server.manager.housekeeping.ttl import TtlCollector
-from cwm_server.manager.malloc import use_one_malloc_arena
 from cwm_server.manager.metrics import ManagerMetrics, StateCollector
 from cwm_server.manager.rpc.auth import Authenticator
-from cwm_server.manager.rpc.interceptors import ErrorMappingInterceptor
+from cwm_server.manager.rpc.interceptors.interceptor import RpcInterceptor
 from cwm_server.manager.rpc.keyed_servicer import KeyedChunkServicer
 from cwm_server.manager.rpc.session_servicer import SessionServicer
+from cwm_server.manager.rpc.transport_security import server_credentials, warn_if_exposed
 from cwm_server.manager.rpc.window_servicer import WindowServicer
 from cwm_server.manager.windows.manager import WindowManager
 
@@ -51,30 +49,6 @@ SERVICE_NAMES = (
     reflection.SERVICE_NAME,
 )
 """What server reflection lists: cwm's three services, health, and reflection itself."""
-
-
-@dataclass(frozen=True)
-class ServerOptions:
-    """How the manager reports on itself (the storage bounds live in ManagerConfig)."""
-
-    metrics_listen: str = ""
-    """HOST:PORT of the Prometheus endpoint (/metrics); empty: no endpoint."""
-    health_interval_s: float = 5.0
-    """Seconds between health checks of the tiers and the catalog."""
-    min_free_bytes: int = 1 << 30
-    """Below this much free space on the data dir's filesystem the disk tier is DEGRADED."""
-    auth_file: Path | None = None
-    """Token hashes -> tenant and role (auth.py); None with no client CA: auth is off."""
-    tls_cert: Path | None = None
-    """PEM certificate chain of the server; with tls_key, the port speaks TLS."""
-    tls_key: Path | None = None
-    tls_client_ca: Path | None = None
-    """PEM CA bundle for client certificates: set, every client must present one (mTLS),
-    and one with a SAN URI cwm://TENANT/ROLE acts as that tenant and role."""
-
-    @property
-    def auth_enabled(self) -> bool:
-        return self.auth_file is not None or self.tls_client_ca is not None
 
 
 class ManagerServer:
@@ -132,8 +106,10 @@ class ManagerServer:
             if self.options.auth_enabled
             else None
         )
+        # One interceptor runs every call through request context, metrics, error mapping,
+        # authentication and request parsing, in that order (rpc/interceptors/).
         self.server = grpc.aio.server(
-            interceptors=[ErrorMappingInterceptor(self.metrics.rpc, auth)], options=SERVER_OPTIONS
+            interceptors=[RpcInterceptor(self.metrics.rpc, auth)], options=SERVER_OPTIONS
         )
         pb.add_WindowServiceServicer_to_server(WindowServicer(self.manager), self.server)
         pb.add_SessionServiceServicer_to_server(
@@ -142,7 +118,7 @@ class ManagerServer:
         pb.add_KeyedChunkServiceServicer_to_server(KeyedChunkServicer(self.manager), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health_servicer, self.server)
         reflection.enable_server_reflection(SERVICE_NAMES, self.server)
-        credentials = _server_credentials(self.options)
+        credentials = server_credentials(self.options)
         if credentials is None:
             self.port = self.server.add_insecure_port(self.config.listen)
         else:
@@ -155,7 +131,7 @@ class ManagerServer:
         self._health_task = asyncio.ensure_future(self.health.run_forever())
         self.ttl_collector.start()
         host = self.config.listen.rsplit(":", 1)[0]
-        _warn_if_exposed(host, self.options, credentials is not None)
+        warn_if_exposed(host, self.options, credentials is not None)
         log.info(
             "serving",
             address=f"{host}:{self.port}",
@@ -199,58 +175,6 @@ class ManagerServer:
                 "--data-dir"
             ) from None
         self._lock_fd = fd
-
-
-LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
-
-
-def is_loopback(host: str) -> bool:
-    host = host.strip("[]")
-    return host in LOOPBACK_HOSTS or host.startswith("127.")
-
-
-def _warn_if_exposed(host: str, options: ServerOptions, tls: bool) -> None:
-    """Loudly (log and stderr): a manager off loopback without authentication, or sending
-    tokens in the clear."""
-    if is_loopback(host):
-        return
-    if not options.auth_enabled:
-        why = (
-            f"the manager listens on {host} with NO AUTHENTICATION: anyone who reaches the "
-            "port can read, write and delete every window; pass --auth-file (and TLS), or "
-            "listen on 127.0.0.1"
-        )
-    elif not tls:
-        why = (
-            f"the manager listens on {host} without TLS: bearer tokens and KV bytes cross "
-            "the network in the clear; pass --tls-cert and --tls-key"
-        )
-    else:
-        return
-    log.warning("insecure_listen", address=host, detail=why)
-    print(f"WARNING: {why}", file=sys.stderr, flush=True)
-
-
-def check_server_options(options: ServerOptions) -> None:
-    """Fail early, with a message naming the flag, on auth and TLS files that cannot work."""
-    _server_credentials(options)
-    if options.auth_file is not None:
-        Authenticator.from_file(options.auth_file)
-
-
-def _server_credentials(options: ServerOptions) -> grpc.ServerCredentials | None:
-    if options.tls_cert is None and options.tls_key is None:
-        if options.tls_client_ca is not None:
-            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
-        return None
-    if options.tls_cert is None or options.tls_key is None:
-        raise ValueError("TLS needs both --tls-cert and --tls-key")
-    client_ca = options.tls_client_ca.read_bytes() if options.tls_client_ca else None
-    return grpc.ssl_server_credentials(
-        [(options.tls_key.read_bytes(), options.tls_cert.read_bytes())],
-        root_certificates=client_ca,
-        require_client_auth=client_ca is not None,
-    )
 
 
 async def serve(

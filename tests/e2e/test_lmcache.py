@@ -31,8 +31,8 @@ from lmcache.v1.gpu_connector.mock_gpu_connector import MockGPUConnector  # noqa
 from lmcache.v1.metadata import LMCacheMetadata  # noqa: E402
 
 from cwm_client import KeyedChunkClient, WindowClient, digest, pb  # noqa: E402
-from cwm_server.manager.config import ManagerConfig  # noqa: E402
-from cwm_server.manager.server import ManagerServer, ServerOptions  # noqa: E402
+from cwm_server.manager.config import ManagerConfig, ServerOptions  # noqa: E402
+from cwm_server.manager.server import ManagerServer  # noqa: E402
 
 LAYERS, HEADS, HEAD_DIM, CHUNK = 4, 2, 32, 16
 TOKENS = 40  # two full chunks of 16 and one of 8 (save_unfull_chunk)

@@ -23,9 +23,8 @@ from cwm_client._common import build_header, freeze_requests
 from cwm_client.errors import from_rpc_error
 from cwm_server.agent.engines.base import EngineAdapter, EngineSession, ExportedKV
 from cwm_server.agent.host_agent import HostAgent
-from cwm_server.manager.config import ManagerConfig
+from cwm_server.manager.config import ManagerConfig, ServerOptions
 from cwm_server.manager.rpc import auth
-from cwm_server.manager.server import ServerOptions
 from tests.helpers import (
     FINGERPRINT,
     ThreadedAgent,

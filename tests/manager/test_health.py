@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 
 from cwm_client import WindowClient
 from cwm_client.errors import Unavailable
-from cwm_server.manager.server import ServerOptions
+from cwm_server.manager.config import ServerOptions
 from tests.helpers import FINGERPRINT, ROOT, ManagerProcess, synthetic_chunks, token_ids
 from tests.ops_helpers import OpsManager, health_status, wait_for
 

@@ -16,7 +16,7 @@ import pytest
 
 from cwm_client import WindowClient, pb
 from cwm_client._common import build_header, freeze_requests
-from cwm_server.manager.server import ServerOptions
+from cwm_server.manager.config import ServerOptions
 from tests.helpers import FINGERPRINT, ManagerProcess, free_port, synthetic_chunks, token_ids
 from tests.ops_helpers import OpsManager, scrape
 

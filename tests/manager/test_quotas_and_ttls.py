@@ -29,10 +29,9 @@ from cwm_client.chunks import ChunkPayload
 from cwm_client.errors import NotFound, ResourceExhausted
 from cwm_client.ttl import TTL_CLASSES, Ttl, parse_ttl
 from cwm_server.cli.main import build_parser
-from cwm_server.manager.config import ManagerConfig
+from cwm_server.manager.config import ManagerConfig, ServerOptions
 from cwm_server.manager.quotas import Quota, QuotaFileError, QuotaPolicy, Usage, parse_size
 from cwm_server.manager.rpc import auth
-from cwm_server.manager.server import ServerOptions
 from tests.helpers import (
     FINGERPRINT,
     ROOT,

@@ -18,8 +18,9 @@
 - **Auth off** (no auth file, no client CA): every call is tenant ``default`` as admin,
   as before authentication existed.
 
-The caller is resolved by `ErrorMappingInterceptor` before the request is parsed and kept
-in a context variable for the call, which `tenancy.current_tenant` reads (see tenancy.py).
+The caller is resolved by the RPC interceptor (`interceptors/authentication.py`) before the
+request is parsed and kept in a context variable for the call, which
+`tenancy.current_tenant` reads (see tenancy.py).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """KeyedChunkService over gRPC: thin methods over `keyed.KeyedChunks`. Errors are mapped by
-`errors_interceptor`; nothing here catches them."""
+`interceptors/error_mapping.py`; nothing here catches them."""
 
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """Which tenant a call runs as: the one seam every servicer asks.
 
 Servicers never decide a tenant themselves; they call `current_tenant(context)`. The
-authentication layer (`auth.py`, run by `errors_interceptor.ErrorMappingInterceptor`)
-resolves the caller before the servicer method starts and sets it in a context variable
-for the call. Every RPC runs in its own asyncio task and a task copies the context it was
+authentication layer (`auth.py`, run by `interceptors/authentication.py`) resolves the
+caller before the servicer method starts and sets it in a context variable for the call.
+Every RPC runs in its own asyncio task and a task copies the context it was
 created in, so the value is the call's own: a unary method, the body of a streaming
 method's async generator (iterated by the same task), and tasks it starts (Connect's
 reader) all see it, and no call sees another's.

@@ -1,5 +1,6 @@
 """WindowService over gRPC: thin methods that unpack a request, call the WindowManager and
-pack the answer. Errors are mapped by `errors_interceptor`; nothing here catches them."""
+pack the answer. Errors are mapped by `interceptors/error_mapping.py`; nothing here catches
+them."""
 
 from __future__ import annotations
 

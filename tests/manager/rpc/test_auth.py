@@ -20,9 +20,9 @@ from cwm_client import Credentials, SessionClient, WindowClient, pb
 from cwm_client._common import build_header, freeze_requests
 from cwm_client.errors import PermissionDenied, Unauthenticated, from_rpc_error
 from cwm_server.cli.main import main as cwm_main
-from cwm_server.manager.config import ManagerConfig
+from cwm_server.manager.config import ManagerConfig, ServerOptions
 from cwm_server.manager.rpc import auth
-from cwm_server.manager.server import ManagerServer, ServerOptions
+from cwm_server.manager.server import ManagerServer
 from tests.helpers import (
     FINGERPRINT,
     ROOT,

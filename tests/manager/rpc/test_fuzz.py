@@ -39,9 +39,8 @@ from hypothesis import strategies as st
 from cwm_client import SessionClient, WindowClient, pb
 from cwm_client._common import build_header, freeze_requests
 from cwm_client.chunks import chunks_from_bytes
-from cwm_server.manager.config import ManagerConfig
+from cwm_server.manager.config import ManagerConfig, ServerOptions
 from cwm_server.manager.rpc import auth
-from cwm_server.manager.server import ServerOptions
 from tests.helpers import ThreadedManager
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "1000"))

@@ -28,9 +28,8 @@ from cwm_client.chunks import InMemoryChunk
 from cwm_client.codecs import BYTEPLANE_ZSTD, LZ4
 from cwm_client.errors import DataLoss, FailedPrecondition
 from cwm_server.fsck import UNVERIFIABLE, run_fsck
-from cwm_server.manager.config import ManagerConfig
+from cwm_server.manager.config import ManagerConfig, ServerOptions
 from cwm_server.manager.rpc import auth
-from cwm_server.manager.server import ServerOptions
 from cwm_server.manager.tiers.disk import HEADER_SIZE
 from cwm_server.manager.tiers.sealing import (
     SEALED,
