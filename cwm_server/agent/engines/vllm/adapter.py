@@ -1,7 +1,7 @@
 """The vLLM engine behind the agent's `EngineAdapter` contract.
 
-The agent runs beside a vLLM server that loaded `CwmConnector` (see `vllm_connector`); the
-two share a staging directory (`vllm_staging`). This adapter never touches vLLM's memory:
+The agent runs beside a vLLM server that loaded `CwmConnector` (see `connector`); the
+two share a staging directory (`staging`). This adapter never touches vLLM's memory:
 
 - `sessions()` reads the records the connector writes for every finished request that had a
   `cache_salt` (session id == cache_salt, as with the reference engine). `token_count` is

@@ -48,6 +48,43 @@ class LayoutError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class KVGeometry:
+    """The shape of the engine's one KV cache group: what every staged window must match and
+    what sizes every chunk."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    block_size: int
+
+    @property
+    def dtype_name(self) -> str:
+        """The dtype as the staging files spell it ("bfloat16")."""
+        return str(self.dtype).removeprefix("torch.")
+
+    @property
+    def hidden(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Canonical bytes of one token's K and V over all layers."""
+        element = torch.empty(0, dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.hidden * element
+
+    def staging_layout(self) -> dict[str, int | str]:
+        """The fields a staged window's manifest records under "layout"."""
+        return {
+            "num_layers": self.num_layers,
+            "num_kv_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "kv_dtype": self.dtype_name,
+            "block_size": self.block_size,
+        }
+
+
+@dataclass(frozen=True)
 class BlockLayout:
     num_kv_heads: int
     block_size: int

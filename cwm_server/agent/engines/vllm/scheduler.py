@@ -1,0 +1,258 @@
+"""The connector's scheduler side, in vLLM's engine-core process: which requests load or
+save KV, and the session records the agent lists.
+
+- Every finished request that carries a `cache_salt` and no cwm directive is recorded in
+  `sessions/` (salt, all token ids, how many have KV), which is how the agent lists
+  sessions. Records are written by a background thread: the scheduler never waits on disk.
+- A request with `{"cwm": {"op": "load", "id": ID}}` is matched against the window staged in
+  `load/ID/` (`transfers.check_load_manifest`): only a request whose `cache_salt` is the
+  staged session's salt and whose prompt starts with the staged tokens gets a hit, of whole
+  blocks only, loaded synchronously into the blocks vLLM allocated. vLLM then hashes those
+  blocks under the request's salt like any prefill, so later requests of the session hit
+  them in the prefix cache.
+- A request with `{"cwm": {"op": "save", "id": ID}}` that the agent registered in `save/ID/`
+  has its first N tokens' blocks handed to the worker once they are all computed (normally
+  at once: the agent re-submits a session's tokens, a prefix-cache hit).
+
+What the scheduler decides reaches the agent as `scheduler.json` (a load's claim or refusal)
+or `result.json` (a refused or abandoned save).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from vllm.logger import init_logger
+
+from cwm_server.agent.engines.vllm import staging
+from cwm_server.agent.engines.vllm.layout import KVGeometry
+from cwm_server.agent.engines.vllm.transfers import (
+    ChunkRef,
+    LoadOp,
+    SaveOp,
+    check_load_manifest,
+    check_save_order,
+)
+
+if TYPE_CHECKING:
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.request import Request
+
+logger = init_logger(__name__)
+
+
+@dataclass
+class _PendingSave:
+    op_id: str
+    num_tokens: int
+    chunk_tokens: int
+    block_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _LoadPlan:
+    op_id: str
+    tokens: int
+    chunks: list[ChunkRef]
+    refusal: str = ""
+
+
+class CwmConnectorScheduler:
+    """The scheduler-side half of `CwmConnector` (which forwards vLLM's calls here)."""
+
+    def __init__(self, root: Path, geometry: KVGeometry) -> None:
+        self.root = root
+        self.geometry = geometry
+        self.block_size = geometry.block_size
+        self._layout = geometry.staging_layout()
+        self._plans: dict[str, _LoadPlan] = {}
+        self._pending_loads: list[LoadOp] = []
+        self._saves: dict[str, _PendingSave] = {}
+        self._records: queue.Queue[tuple[Path, dict[str, Any]]] = queue.Queue()
+        self._record_thread: threading.Thread | None = None
+
+    # -- matching a request --------------------------------------------------------------
+
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
+        command = staging.directive(request.kv_transfer_params)
+        if command is None:
+            return 0, False
+        if command["op"] == "save":
+            self._register_save(request, command["id"])
+            return 0, False
+        plan = self._plan_load(request, command["id"])
+        if plan.refusal or plan.tokens <= num_computed_tokens:
+            return 0, False
+        return plan.tokens - num_computed_tokens, False
+
+    def _plan_load(self, request: Request, op_id: str) -> _LoadPlan:
+        cached = self._plans.get(request.request_id)
+        if cached is not None and cached.op_id == op_id:
+            return cached
+        plan = _LoadPlan(op_id=op_id, tokens=0, chunks=[])
+        try:
+            manifest = staging.read_json(
+                staging.op_dir(self.root, staging.LOAD_DIR, op_id) / staging.MANIFEST_FILE
+            )
+            plan.tokens, plan.chunks = check_load_manifest(
+                manifest,
+                request.cache_salt,
+                list(request.prompt_token_ids or []),
+                self._layout,
+                self.block_size,
+            )
+        except ValueError as exc:
+            plan.refusal = str(exc)
+            logger.warning("cwm load %s refused: %s", op_id, exc)
+        self._plans[request.request_id] = plan
+        return plan
+
+    def _register_save(self, request: Request, op_id: str) -> None:
+        if request.request_id in self._saves:
+            return
+        directory = staging.op_dir(self.root, staging.SAVE_DIR, op_id)
+        order = staging.read_json(directory / staging.REQUEST_FILE)
+        try:
+            tokens, chunk_tokens = check_save_order(
+                order, request.cache_salt, len(request.prompt_token_ids or []), self.block_size
+            )
+        except ValueError as exc:
+            logger.warning("cwm save %s refused: %s", op_id, exc)
+            if directory.is_dir():
+                staging.write_json_atomic(directory / staging.RESULT_FILE, {"error": str(exc)})
+            return
+        self._saves[request.request_id] = _PendingSave(op_id, tokens, chunk_tokens)
+
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
+        command = staging.directive(request.kv_transfer_params)
+        if command is None or command["op"] != "load":
+            return
+        plan = self._plans.get(request.request_id)
+        if plan is None:
+            return
+        directory = staging.op_dir(self.root, staging.LOAD_DIR, plan.op_id)
+        note: dict[str, Any] = {"claimed_tokens": num_external_tokens, "refusal": plan.refusal}
+        if num_external_tokens > 0:
+            block_ids = blocks.get_block_ids()[0]
+            first_token = plan.tokens - num_external_tokens
+            first = first_token // self.block_size
+            count = num_external_tokens // self.block_size
+            self._pending_loads.append(
+                LoadOp(
+                    op_id=plan.op_id,
+                    directory=str(directory),
+                    block_ids=list(block_ids[first : first + count]),
+                    first_token=first_token,
+                    chunks=plan.chunks,
+                )
+            )
+            note["first_token"] = first_token
+        elif not plan.refusal:
+            note["already_cached"] = True
+        if directory.is_dir():
+            staging.write_json_atomic(directory / staging.SCHEDULER_FILE, note)
+
+    # -- each step's orders to the worker ------------------------------------------------
+
+    def take_step_orders(
+        self, scheduler_output: SchedulerOutput
+    ) -> tuple[list[LoadOp], list[SaveOp]]:
+        """The loads planned since the last step and the saves whose blocks are now all
+        computed: what this step's connector metadata carries to the worker."""
+        loads, self._pending_loads = self._pending_loads, []
+        saves: list[SaveOp] = []
+        if not self._saves:
+            return loads, saves
+        for new in scheduler_output.scheduled_new_reqs:
+            pending = self._saves.get(new.req_id)
+            if pending is not None:
+                pending.block_ids = list(new.block_ids[0])
+                self._maybe_emit_save(saves, new.req_id, new.num_computed_tokens, scheduler_output)
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            pending = self._saves.get(req_id)
+            if pending is None:
+                continue
+            new_ids = cached.new_block_ids[i]
+            if req_id in cached.resumed_req_ids:
+                pending.block_ids = list(new_ids[0]) if new_ids else []
+            elif new_ids:
+                pending.block_ids.extend(new_ids[0])
+            self._maybe_emit_save(saves, req_id, cached.num_computed_tokens[i], scheduler_output)
+        return loads, saves
+
+    def _maybe_emit_save(
+        self,
+        saves: list[SaveOp],
+        req_id: str,
+        num_computed: int,
+        scheduler_output: SchedulerOutput,
+    ) -> None:
+        pending = self._saves[req_id]
+        scheduled = scheduler_output.num_scheduled_tokens.get(req_id, 0)
+        if num_computed + scheduled < pending.num_tokens:
+            return
+        needed = pending.num_tokens // self.block_size
+        if len(pending.block_ids) < needed:
+            return
+        del self._saves[req_id]
+        saves.append(
+            SaveOp(
+                op_id=pending.op_id,
+                directory=str(staging.op_dir(self.root, staging.SAVE_DIR, pending.op_id)),
+                block_ids=pending.block_ids[:needed],
+                num_tokens=pending.num_tokens,
+                chunk_tokens=pending.chunk_tokens,
+            )
+        )
+
+    # -- a finished request --------------------------------------------------------------
+
+    def request_finished(self, request: Request) -> None:
+        self._plans.pop(request.request_id, None)
+        pending = self._saves.pop(request.request_id, None)
+        if pending is not None:
+            directory = staging.op_dir(self.root, staging.SAVE_DIR, pending.op_id)
+            staging.write_json_atomic(
+                directory / staging.RESULT_FILE,
+                {"error": "the request finished before its KV was complete"},
+            )
+        if request.cache_salt and staging.directive(request.kv_transfer_params) is None:
+            self._record_session(request)
+
+    def _record_session(self, request: Request) -> None:
+        assert request.cache_salt is not None
+        token_ids = list(request.all_token_ids)
+        # The last sampled token has not been through the model yet: it has no KV.
+        kv_tokens = max(0, min(request.num_computed_tokens, len(token_ids) - 1))
+        record = {
+            "cache_salt": request.cache_salt,
+            "token_ids": token_ids,
+            "kv_tokens": kv_tokens,
+            "block_size": self.block_size,
+            "finished_at": time.time(),
+        }
+        if self._record_thread is None:
+            self._record_thread = threading.Thread(
+                target=self._record_loop, name="cwm-sessions", daemon=True
+            )
+            self._record_thread.start()
+        self._records.put((staging.session_path(self.root, request.cache_salt), record))
+
+    def _record_loop(self) -> None:
+        while True:
+            path, record = self._records.get()
+            try:
+                staging.write_json_atomic(path, record)
+            except OSError as exc:
+                logger.error("cwm: cannot record session in %s: %s", path, exc)

@@ -1,0 +1,143 @@
+"""vLLM's paged KV blocks and cwm's canonical chunks, without vLLM: the layout probe finds
+where a cache writer puts every element, and gathering and scattering through it move bits
+exactly where that writer would have put them."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from cwm_server.agent.engines.vllm.layout import (  # noqa: E402
+    KVGeometry,
+    LayoutError,
+    PagedKV,
+    from_canonical_bytes,
+    probe_block_layout,
+    to_canonical_bytes,
+)
+
+HEADS, BLOCK, HEAD_DIM, LAYERS = 2, 16, 8, 3
+CONTENT = 2 * HEAD_DIM
+
+
+def vec_writer(key: torch.Tensor, value: torch.Tensor, block: torch.Tensor) -> None:
+    """The CPU `vec` kernels' block: per head, K as [head_dim, block_size] (transposed),
+    then V as [block_size, head_dim]."""
+    tokens = key.shape[0]
+    for head in range(key.shape[1]):
+        page = block[0, head].view(-1)
+        page[: HEAD_DIM * tokens] = key[:, head, :].t().reshape(-1)
+        page[HEAD_DIM * tokens :] = value[:, head, :].reshape(-1)
+
+
+def random_kv(dtype: torch.dtype, tokens: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(2, LAYERS, tokens, HEADS * HEAD_DIM, generator=generator).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_scattered_kv_sits_where_the_backend_writer_puts_it(dtype: torch.dtype) -> None:
+    layout = probe_block_layout(vec_writer, HEADS, BLOCK, HEAD_DIM, CONTENT, dtype)
+    caches = [torch.zeros(5, HEADS, BLOCK, CONTENT, dtype=dtype) for _ in range(LAYERS)]
+    paged = PagedKV(caches, layout)
+    kv = random_kv(dtype, 2 * BLOCK)
+    paged.scatter([3, 1], kv)
+    for layer, cache in enumerate(caches):
+        for block_id, first in ((3, 0), (1, BLOCK)):
+            expected = torch.zeros(1, HEADS, BLOCK, CONTENT, dtype=dtype)
+            span = kv[:, layer, first : first + BLOCK].view(2, BLOCK, HEADS, HEAD_DIM)
+            vec_writer(span[0], span[1], expected)
+            assert torch.equal(cache[block_id].view(torch.uint8), expected[0].view(torch.uint8))
+    untouched = [0, 2, 4]
+    assert all(not cache[untouched].any() for cache in caches)
+
+
+def test_gathered_blocks_give_back_the_scattered_bits() -> None:
+    dtype = torch.bfloat16
+    layout = probe_block_layout(vec_writer, HEADS, BLOCK, HEAD_DIM, CONTENT, dtype)
+    caches = [torch.zeros(4, HEADS, BLOCK, CONTENT, dtype=dtype) for _ in range(LAYERS)]
+    paged = PagedKV(caches, layout)
+    kv = random_kv(dtype, 3 * BLOCK, seed=1)
+    paged.scatter([2, 0, 3], kv)
+    assert torch.equal(paged.gather([2, 0, 3]).view(torch.int16), kv.view(torch.int16))
+    assert torch.equal(
+        paged.gather([0]).view(torch.int16), kv[:, :, BLOCK : 2 * BLOCK].view(torch.int16)
+    )
+
+
+def test_kv_that_does_not_fit_the_blocks_is_refused() -> None:
+    dtype = torch.bfloat16
+    layout = probe_block_layout(vec_writer, HEADS, BLOCK, HEAD_DIM, CONTENT, dtype)
+    paged = PagedKV([torch.zeros(2, HEADS, BLOCK, CONTENT, dtype=dtype)], layout)
+    with pytest.raises(LayoutError, match="does not fit 1 blocks"):
+        paged.scatter([0], torch.zeros(2, 1, BLOCK + 1, HEADS * HEAD_DIM, dtype=dtype))
+    with pytest.raises(LayoutError, match="does not fit 1 blocks"):
+        paged.scatter([0], torch.zeros(2, 1, BLOCK, HEADS * HEAD_DIM, dtype=torch.float16))
+
+
+def test_a_writer_that_converts_values_fails_the_probe() -> None:
+    """A cache that rescales what it stores (as a quantised one does) cannot be copied bit
+    for bit: refused, whether the values leave the probe's range or only stop being whole."""
+
+    def halving(key: torch.Tensor, value: torch.Tensor, block: torch.Tensor) -> None:
+        vec_writer(key / 2, value / 2, block)
+
+    def rescaling(key: torch.Tensor, value: torch.Tensor, block: torch.Tensor) -> None:
+        vec_writer(key * 0.75 + 0.5, value * 0.75 + 0.5, block)
+
+    with pytest.raises(LayoutError, match="changed values"):
+        probe_block_layout(halving, HEADS, BLOCK, HEAD_DIM, CONTENT, torch.float32)
+    with pytest.raises(LayoutError, match="converts values"):
+        probe_block_layout(rescaling, HEADS, BLOCK, HEAD_DIM, CONTENT, torch.float32)
+
+
+def test_a_writer_that_leaves_elements_unwritten_fails_the_probe() -> None:
+    def keys_only(key: torch.Tensor, value: torch.Tensor, block: torch.Tensor) -> None:
+        vec_writer(key, torch.zeros_like(value), block)
+
+    with pytest.raises(LayoutError, match="unwritten"):
+        probe_block_layout(keys_only, HEADS, BLOCK, HEAD_DIM, CONTENT, torch.bfloat16)
+
+
+def test_a_block_holding_more_than_k_and_v_fails_the_probe() -> None:
+    with pytest.raises(LayoutError, match="besides plain K and V"):
+        probe_block_layout(vec_writer, HEADS, BLOCK, HEAD_DIM, CONTENT + 1, torch.bfloat16)
+
+
+def test_an_fp8_cache_is_not_supported() -> None:
+    with pytest.raises(LayoutError, match="not supported"):
+        probe_block_layout(vec_writer, HEADS, BLOCK, HEAD_DIM, CONTENT, torch.float8_e4m3fn)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_canonical_bytes_round_trip_bit_for_bit(dtype: torch.dtype) -> None:
+    kv = random_kv(dtype, 24, seed=2)
+    data = to_canonical_bytes(kv)
+    geometry = KVGeometry(LAYERS, HEADS, HEAD_DIM, dtype, BLOCK)
+    assert len(data) == 24 * geometry.bytes_per_token
+    back = from_canonical_bytes(data, dtype, LAYERS, 24, geometry.hidden)
+    assert torch.equal(back.view(torch.uint8), kv.view(torch.uint8))
+    with pytest.raises(ValueError, match="expected"):
+        from_canonical_bytes(data, dtype, LAYERS, 23, geometry.hidden)
+
+
+def test_canonical_bytes_are_little_endian_k_then_v() -> None:
+    kv = torch.zeros(2, 1, 1, 2, dtype=torch.float32)
+    kv[0, 0, 0] = torch.tensor([1.0, 2.0])
+    kv[1, 0, 0] = torch.tensor([3.0, 4.0])
+    data = to_canonical_bytes(kv)
+    assert data[:4] == bytes.fromhex("0000803f")
+    assert data[12:16] == bytes.fromhex("00008040")
+
+
+def test_the_geometry_names_the_fields_a_staged_window_must_match() -> None:
+    geometry = KVGeometry(LAYERS, HEADS, HEAD_DIM, torch.bfloat16, BLOCK)
+    assert geometry.staging_layout() == {
+        "num_layers": LAYERS,
+        "num_kv_heads": HEADS,
+        "head_dim": HEAD_DIM,
+        "kv_dtype": "bfloat16",
+        "block_size": BLOCK,
+    }
+    assert geometry.bytes_per_token == 2 * LAYERS * HEADS * HEAD_DIM * 2
