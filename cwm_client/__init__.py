@@ -1,14 +1,14 @@
 """cwm_client: the typed SDK for the cwm context window manager.
 
 Generated protobuf/gRPC code lives in `cwm_client._generated` (use `cwm_client.pb`);
-the hand-written parts are the sync and asyncio clients, typed errors and chunk framing.
+the hand-written parts are the sync and asyncio clients of each service (`windows`,
+`sessions`, `keyed`, over the bases in `service_client`), channel defaults and credentials
+(`channels`), typed errors (`errors`) and chunk framing (`chunks`, `codecs`).
 No torch and no server code is imported here.
 """
 
 from cwm_client import pb
-from cwm_client._common import FreezeResult, ThawedChunk
 from cwm_client.allocator import tune_allocator
-from cwm_client.async_client import AsyncSessionClient, AsyncThawStream, AsyncWindowClient
 from cwm_client.channels import Credentials
 from cwm_client.chunks import (
     ChunkPayload,
@@ -19,7 +19,15 @@ from cwm_client.chunks import (
     digest,
 )
 from cwm_client.keyed import AsyncKeyedChunkClient, KeyedChunkClient, KeyedValue
-from cwm_client.sync_client import SessionClient, ThawStream, WindowClient
+from cwm_client.sessions import AsyncSessionClient, SessionClient
+from cwm_client.windows import (
+    AsyncThawStream,
+    AsyncWindowClient,
+    FreezeResult,
+    ThawedChunk,
+    ThawStream,
+    WindowClient,
+)
 
 __all__ = [
     "AsyncKeyedChunkClient",
