@@ -10,9 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cwm_client import WindowClient, chunks_from_bytes, codecs, pb
-from cwm_client._common import CHANNEL_OPTIONS, build_header
+from cwm_client.channels import CHANNEL_OPTIONS
 from cwm_client.chunks import DTYPE_SIZE, digest, iter_parts
 from cwm_client.errors import DataLoss, InvalidArgument, from_rpc_error
+from cwm_client.windows.freeze_stream import build_header
 from tests.helpers import FINGERPRINT, ThreadedManager, token_ids
 
 ALL = sorted(codecs.CODECS)

@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from cwm_client import pb
-from cwm_client._common import build_header, freeze_requests
+from cwm_client.windows.freeze_stream import build_header, freeze_requests
 from tests.helpers import FINGERPRINT, ThreadedManager, synthetic_chunks, token_ids
 
 Code = grpc.StatusCode
