@@ -5,8 +5,8 @@ start) run the tiny Llama with the CwmConnector; agents beside them are dialled 
 manager. Sessions are frozen on A and thawed on B through the agents' orders, exactly as in
 production. Runs only where vLLM is installed (`make test-vllm` builds `.venv-vllm`).
 
-The two servers are shared by every test of the module: starting one takes about a minute on
-two cores.
+The two servers are shared by every test of the module: starting a vLLM server is the slowest
+step of the run.
 """
 
 from __future__ import annotations
