@@ -19,12 +19,10 @@ from cwm_server.agent.engines.base import (
     EngineSettingsError,
     ExportedKV,
 )
-from cwm_server.agent.engines.reference.engine import (
-    EngineInputError,
-    ReferenceEngine,
-    SessionNotFound,
-)
+from cwm_server.agent.engines.reference.engine import ReferenceEngine
 from cwm_server.agent.engines.reference.http_api import serve_http
+from cwm_server.agent.engines.reference.inputs import EngineInputError
+from cwm_server.agent.engines.reference.sessions import SessionNotFound
 
 TINY_MODEL = "tiny"
 """The model name that stands for the built-in random-weight Llama, built on first use."""

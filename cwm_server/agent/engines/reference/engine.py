@@ -29,6 +29,9 @@ request's uncached tokens always go in one forward pass, on both sides.
 
 Thread safety: one lock serialises every call. The HTTP server and the agent thread both call
 in; the model runs one forward at a time anyway.
+
+This module runs the model; beside it, `sessions` keeps the session table, `kv_chunks` turns a
+session's KV into canonical chunks and back, and `inputs` checks what callers ask for.
 """
 
 from __future__ import annotations
@@ -36,47 +39,41 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.cache_utils import DynamicLayer
 from transformers.utils import logging as hf_logging
 
 from cwm_client import pb
-from cwm_client.chunks import array_from_chunk, chunk_raw_size, chunks_from_array, token_spans
 from cwm_server.agent.engines.fingerprint import REFERENCE_BLOCK_SIZE, model_fingerprint
+from cwm_server.agent.engines.reference.inputs import (
+    EngineInputError,
+    check_chunk_tokens,
+    check_prompt,
+    check_salt,
+    check_token_ids,
+)
+from cwm_server.agent.engines.reference.kv_chunks import KVChunkCodec
+from cwm_server.agent.engines.reference.sessions import (
+    DEFAULT_MAX_SESSIONS,
+    Session,
+    SessionInfo,
+    SessionTable,
+    common_prefix,
+)
 
 DEFAULT_CHUNK_TOKENS = 256
-DEFAULT_MAX_SESSIONS = 256
-MAX_SALT_LENGTH = 256
 
 _TORCH_DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
     "float32": torch.float32,
 }
-# The integer word each dtype travels as in canonical chunk bytes (numpy has no bfloat16).
-# (torch integer view, numpy integer view, canonical word): bits are moved through the integer
-# views, which both libraries share, and never reinterpreted as numbers.
-_WORD_DTYPES: dict[torch.dtype, tuple[torch.dtype, type[np.integer[Any]], str]] = {
-    torch.bfloat16: (torch.int16, np.int16, "<u2"),
-    torch.float16: (torch.int16, np.int16, "<f2"),
-    torch.float32: (torch.int32, np.int32, "<f4"),
-}
-
-
-class EngineInputError(ValueError):
-    """The caller's request is invalid (bad ids, lengths, salt); HTTP maps it to 400."""
-
-
-class SessionNotFound(KeyError):
-    """No live session has this cache_salt."""
 
 
 @dataclass(frozen=True)
@@ -99,37 +96,6 @@ class GenerationResult:
     finish_reason: str  # "stop" (an EOS token was sampled) or "length"
 
 
-@dataclass(frozen=True)
-class SessionInfo:
-    """What the agent reports about a live session."""
-
-    cache_salt: str
-    num_tokens: int  # tokens whose KV the session holds
-    last_active: float  # time.time() of the last request or import
-
-
-@dataclass
-class _Session:
-    cache: DynamicCache
-    tokens: list[int] = field(default_factory=list)
-    last_active: float = field(default_factory=time.time)
-
-
-def _layer_kv(layer: object) -> tuple[torch.Tensor, torch.Tensor]:
-    """A full-attention cache layer's K and V, [batch=1, kv_heads, tokens, head_dim]."""
-    if type(layer) is not DynamicLayer or layer.keys is None or layer.values is None:
-        raise TypeError(f"unsupported KV cache layer {type(layer).__name__}")
-    return layer.keys, layer.values
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    limit = min(len(a), len(b))
-    for i in range(limit):
-        if a[i] != b[i]:
-            return i
-    return limit
-
-
 class ReferenceEngine:
     """A causal LM from a local directory, with sessions keyed by cache_salt.
 
@@ -148,17 +114,14 @@ class ReferenceEngine:
     ) -> None:
         if dtype not in _TORCH_DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_TORCH_DTYPES)}, got {dtype!r}")
-        if max_sessions < 1:
-            raise ValueError("max_sessions must be at least 1")
         self._model_dir = Path(model_dir).resolve()
         self._device = torch.device(device)
         self._dtype = _TORCH_DTYPES[dtype]
-        self._max_sessions = max_sessions
         self._lock = threading.RLock()
         # The Rust tokenizer can fail with "Already borrowed" when one instance is used from
         # several threads at once; its own lock keeps tokenising off the model lock.
         self._tokenizer_lock = threading.Lock()
-        self._sessions: OrderedDict[str, _Session] = OrderedDict()  # least recently used first
+        self._sessions = SessionTable(self._new_cache, max_sessions)
 
         hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # clutters logs
         self._tokenizer: Any = AutoTokenizer.from_pretrained(self._model_dir)
@@ -194,6 +157,7 @@ class ReferenceEngine:
             or self._fingerprint.head_dim != self._head_dim
         ):
             raise ValueError("model config and loaded model disagree on the KV shape")
+        self._kv = KVChunkCodec(self._fingerprint, self._dtype, self._config, self._device)
 
     # ------------------------------------------------------------------ properties
 
@@ -243,7 +207,7 @@ class ReferenceEngine:
         This is the first step of `generate`, exposed so tests (and the lossless check) can
         compare logits. Afterwards the session covers exactly the prompt.
         """
-        prompt = self._check_prompt(prompt_token_ids, max_tokens=0)
+        prompt = check_prompt(prompt_token_ids, 0, self._vocab_size, self._max_model_len)
         with self._lock:
             session = self._session_for(cache_salt)
             logits, cached = self._extend(cache_salt, session, prompt)
@@ -275,7 +239,7 @@ class ReferenceEngine:
             raise EngineInputError("max_tokens must be an integer >= 1")
         if not math.isfinite(temperature) or temperature < 0:
             raise EngineInputError("temperature must be a finite number >= 0")
-        prompt = self._check_prompt(prompt_token_ids, max_tokens=max_tokens)
+        prompt = check_prompt(prompt_token_ids, max_tokens, self._vocab_size, self._max_model_len)
         generator: torch.Generator | None = None
         if temperature > 0:
             generator = torch.Generator(device="cpu")
@@ -323,9 +287,9 @@ class ReferenceEngine:
         [2, num_layers, tokens, num_kv_heads*head_dim] (K then V), little-endian, C order, bf16
         as uint16 words. `num_tokens` defaults to every token the session's KV covers.
         """
-        self._check_chunk_tokens(chunk_tokens)
+        check_chunk_tokens(chunk_tokens, REFERENCE_BLOCK_SIZE)
         with self._lock:
-            session = self._require(cache_salt)
+            session = self._sessions.require(cache_salt)
             covered = len(session.tokens)
             count = covered if num_tokens is None else num_tokens
             if isinstance(count, bool) or not isinstance(count, int) or not 0 < count <= covered:
@@ -334,17 +298,8 @@ class ReferenceEngine:
                     f"covers), got {num_tokens!r}"
                 )
             token_ids = list(session.tokens[:count])
-            # [L, H, T, D] per K and V, copied so later requests cannot touch what we export.
-            layers = [_layer_kv(layer) for layer in session.cache.layers]
-            keys = torch.stack([k[0, :, :count, :] for k, _ in layers])
-            values = torch.stack([v[0, :, :count, :] for _, v in layers])
-            kv = torch.stack([keys, values]).to("cpu")  # [2, L, H, T, D]
-        # [2, L, H, T, D] -> [2, L, T, H, D] -> [2, L, T, H*D]
-        kv = kv.permute(0, 1, 3, 2, 4).reshape(
-            2, self._num_layers, count, self._num_kv_heads * self._head_dim
-        )
-        array = self._to_words(kv.contiguous())
-        return token_ids, [chunk.raw for chunk in chunks_from_array(array, chunk_tokens)]
+            kv = self._kv.copy_out(session.cache, count)
+        return token_ids, self._kv.to_chunks(kv, chunk_tokens)
 
     def import_chunks(
         self,
@@ -358,101 +313,56 @@ class ReferenceEngine:
         An existing session with that salt is replaced. The next request whose prompt extends
         `token_ids` is served with `cached_tokens == len(token_ids)`.
         """
-        self._check_salt(cache_salt)
-        self._check_chunk_tokens(chunk_tokens)
-        tokens = self._check_token_ids(token_ids, what="token_ids")
+        check_salt(cache_salt)
+        check_chunk_tokens(chunk_tokens, REFERENCE_BLOCK_SIZE)
+        tokens = check_token_ids(token_ids, "token_ids", self._vocab_size)
         if len(tokens) > self._max_model_len:
             raise EngineInputError(
                 f"{len(tokens)} tokens exceed the model's {self._max_model_len} positions"
             )
-        spans = token_spans(len(tokens), chunk_tokens)
-        if len(spans) != len(chunks):
-            raise EngineInputError(
-                f"{len(tokens)} tokens in chunks of {chunk_tokens} need {len(spans)} chunks, "
-                f"got {len(chunks)}"
-            )
-        fingerprint = self._fingerprint
-        arrays = []
-        for index, ((_, count), raw) in enumerate(zip(spans, chunks, strict=True)):
-            expected = chunk_raw_size(fingerprint, count)
-            if len(raw) != expected:
-                raise EngineInputError(
-                    f"chunk {index} has {len(raw)} bytes; {count} tokens need {expected}"
-                )
-            arrays.append(array_from_chunk(memoryview(raw), fingerprint, count))
-        words = np.concatenate(arrays, axis=2)  # [2, L, T, H*D], a fresh, writable copy
-        kv = self._from_words(words).reshape(
-            2, self._num_layers, len(tokens), self._num_kv_heads, self._head_dim
-        )
-        kv = kv.permute(0, 1, 3, 2, 4).unsqueeze(2)  # [2, L, batch=1, H, T, D]
-        layers = [
-            (
-                kv[0, layer].contiguous().to(self._device),
-                kv[1, layer].contiguous().to(self._device),
-            )
-            for layer in range(self._num_layers)
-        ]
-        cache = DynamicCache(ddp_cache_data=layers, config=self._config)
+        cache = self._kv.to_cache(len(tokens), chunks, chunk_tokens)
         with self._lock:
-            session = _Session(cache=cache, tokens=tokens)
-            self._store(cache_salt, session)
+            session = Session(cache=cache, tokens=tokens)
+            self._sessions.store(cache_salt, session)
             return SessionInfo(cache_salt, len(tokens), session.last_active)
 
     # ------------------------------------------------------------------ sessions
 
     def list_sessions(self) -> list[SessionInfo]:
         with self._lock:
-            return [
-                SessionInfo(salt, len(session.tokens), session.last_active)
-                for salt, session in self._sessions.items()
-            ]
+            return self._sessions.infos()
 
     def session_tokens(self, cache_salt: str) -> list[int]:
         """The tokens whose KV the session holds (what a freeze of it would store)."""
         with self._lock:
-            return list(self._require(cache_salt).tokens)
+            return list(self._sessions.require(cache_salt).tokens)
 
     def drop_session(self, cache_salt: str) -> bool:
         """Forget a session and free its KV; False when there was none."""
         with self._lock:
-            return self._sessions.pop(cache_salt, None) is not None
+            return self._sessions.drop(cache_salt)
 
     # ------------------------------------------------------------------ internals
 
-    def _session_for(self, cache_salt: str | None) -> _Session:
+    def _new_cache(self) -> DynamicCache:
+        return DynamicCache(config=self._config)
+
+    def _session_for(self, cache_salt: str | None) -> Session:
         """The salt's session, created empty on first use; a throwaway one for None."""
         if cache_salt is None:
-            return _Session(cache=DynamicCache(config=self._config))
-        self._check_salt(cache_salt)
-        session = self._sessions.get(cache_salt)
-        if session is None:
-            session = _Session(cache=DynamicCache(config=self._config))
-            self._store(cache_salt, session)
-        else:
-            self._sessions.move_to_end(cache_salt)
-        return session
-
-    def _store(self, cache_salt: str, session: _Session) -> None:
-        self._sessions[cache_salt] = session
-        self._sessions.move_to_end(cache_salt)
-        while len(self._sessions) > self._max_sessions:
-            self._sessions.popitem(last=False)  # evict the least recently used, like an engine
-
-    def _require(self, cache_salt: str) -> _Session:
-        session = self._sessions.get(cache_salt)
-        if session is None:
-            raise SessionNotFound(cache_salt)
-        return session
+            return Session(cache=self._new_cache())
+        check_salt(cache_salt)
+        return self._sessions.get_or_create(cache_salt)
 
     def _extend(
-        self, cache_salt: str | None, session: _Session, prompt: list[int]
+        self, cache_salt: str | None, session: Session, prompt: list[int]
     ) -> tuple[torch.Tensor, int]:
         """Reuse the longest covered prefix of `prompt`, feed the rest in one forward pass."""
-        reuse = min(_common_prefix(session.tokens, prompt), len(prompt) - 1)
+        reuse = min(common_prefix(session.tokens, prompt), len(prompt) - 1)
         drop = len(session.tokens) - reuse
         if drop > 0:
             if reuse == 0:
-                session.cache = DynamicCache(config=self._config)
+                session.cache = self._new_cache()
             else:
                 session.cache.crop(-drop)  # transformers 5: a negative count of tokens to drop
             del session.tokens[reuse:]
@@ -460,7 +370,7 @@ class ReferenceEngine:
 
     @torch.inference_mode()
     def _forward(
-        self, cache_salt: str | None, session: _Session, new_tokens: list[int]
+        self, cache_salt: str | None, session: Session, new_tokens: list[int]
     ) -> torch.Tensor:
         """Run `new_tokens` over the session's KV in one pass; return the last logits."""
         input_ids = torch.tensor([new_tokens], dtype=torch.long, device=self._device)
@@ -473,8 +383,8 @@ class ReferenceEngine:
         except BaseException:
             # Some layers may already hold the new tokens' KV: the session is no longer
             # trustworthy, so it goes (a later request starts it afresh).
-            if cache_salt is not None and self._sessions.get(cache_salt) is session:
-                del self._sessions[cache_salt]
+            if cache_salt is not None:
+                self._sessions.discard(cache_salt, session)
             raise
         session.tokens.extend(new_tokens)
         session.last_active = time.time()
@@ -490,60 +400,3 @@ class ReferenceEngine:
             return int(torch.argmax(scores).item())
         probs = torch.softmax(scores / temperature, dim=-1)
         return int(torch.multinomial(probs, 1, generator=generator).item())
-
-    def _to_words(self, kv: torch.Tensor) -> np.ndarray:
-        """KV tensor -> numpy array of the canonical little-endian words."""
-        torch_int, _, word = _WORD_DTYPES[self._dtype]
-        native = kv.view(torch_int).numpy().view(np.dtype(word).newbyteorder("="))
-        return native.astype(word, copy=False)  # a no-op on little-endian hosts
-
-    def _from_words(self, words: np.ndarray) -> torch.Tensor:
-        """Canonical words -> KV tensor in the model's dtype (shares `words`' memory)."""
-        _, numpy_int, word = _WORD_DTYPES[self._dtype]
-        native = words.astype(np.dtype(word).newbyteorder("="), copy=False)
-        return torch.from_numpy(np.ascontiguousarray(native).view(numpy_int)).view(self._dtype)
-
-    def _check_prompt(self, prompt_token_ids: Sequence[int], max_tokens: int) -> list[int]:
-        prompt = self._check_token_ids(prompt_token_ids, what="prompt")
-        if not prompt:
-            raise EngineInputError("prompt must contain at least one token")
-        limit = self._max_model_len
-        if len(prompt) + max_tokens > limit:
-            raise EngineInputError(
-                f"prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens}) exceeds the "
-                f"model's {limit} positions"
-            )
-        return prompt
-
-    def _check_token_ids(self, token_ids: Sequence[int], what: str) -> list[int]:
-        if isinstance(token_ids, str | bytes):
-            raise EngineInputError(f"{what} must be a sequence of token ids")
-        tokens = []
-        for index, token in enumerate(token_ids):
-            if isinstance(token, bool) or not isinstance(token, int | np.integer):
-                raise EngineInputError(f"{what}[{index}] is not an integer token id")
-            if not 0 <= token < self._vocab_size:
-                raise EngineInputError(
-                    f"{what}[{index}] = {token} is outside the vocabulary 0..{self._vocab_size - 1}"
-                )
-            tokens.append(int(token))
-        return tokens
-
-    def _check_chunk_tokens(self, chunk_tokens: int) -> None:
-        if (
-            isinstance(chunk_tokens, bool)
-            or not isinstance(chunk_tokens, int)
-            or chunk_tokens <= 0
-            or chunk_tokens % REFERENCE_BLOCK_SIZE
-        ):
-            raise EngineInputError(
-                f"chunk_tokens must be a positive multiple of the block size "
-                f"{REFERENCE_BLOCK_SIZE}, got {chunk_tokens!r}"
-            )
-
-    @staticmethod
-    def _check_salt(cache_salt: str) -> None:
-        if not isinstance(cache_salt, str) or not 0 < len(cache_salt) <= MAX_SALT_LENGTH:
-            raise EngineInputError(
-                f"cache_salt must be a non-empty string of at most {MAX_SALT_LENGTH} characters"
-            )

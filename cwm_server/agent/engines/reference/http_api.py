@@ -18,7 +18,8 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from cwm_server.agent.engines.reference.engine import EngineInputError, ReferenceEngine
+from cwm_server.agent.engines.reference.engine import ReferenceEngine
+from cwm_server.agent.engines.reference.inputs import EngineInputError
 
 MAX_BODY_BYTES = 16 << 20
 MAX_TEMPERATURE = 100.0
