@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from cwm_server import config
 from cwm_server.cli.main import build_parser
+from cwm_server.settings.loading import ConfigError, load
+from cwm_server.settings.rendering import redact
+from cwm_server.settings.serve import manager_config
 from tests.helpers import ROOT, free_port
 from tests.ops_helpers import health_status, scrape
 
@@ -46,7 +48,7 @@ def write(path: Path, text: str) -> Path:
 def test_precedence_flags_env_file_defaults(tmp_path: Path) -> None:
     path = write(tmp_path / "config.toml", FILE)
     environ = {"CWM_MEMORY_CACHE_MIB": "32", "CWM_STREAM_WINDOW_CHUNKS": "5", "HOME": "/x"}
-    effective = config.load({"serve.memory_cache_mib": 8}, str(path), environ)
+    effective = load({"serve.memory_cache_mib": 8}, str(path), environ)
     assert effective["serve.memory_cache_mib"] == 8  # flag over env over file
     assert effective.sources["serve.memory_cache_mib"] == "flag --memory-cache-mib"
     assert effective["serve.stream_window_chunks"] == 5  # env over file
@@ -59,7 +61,7 @@ def test_precedence_flags_env_file_defaults(tmp_path: Path) -> None:
     assert effective["client.manager"] == "127.0.0.1:1"
     assert set(effective.ignored) == {"redis.url", "redis.password"}
 
-    manager = config.manager_config(effective)
+    manager = manager_config(effective)
     assert manager.memory_cache_bytes == 8 << 20
     assert manager.stream_window_chunks == 5
     assert manager.fsync is False and manager.compress is True
@@ -67,18 +69,18 @@ def test_precedence_flags_env_file_defaults(tmp_path: Path) -> None:
 
 
 def test_upload_ttl_is_a_setting(tmp_path: Path) -> None:
-    effective = config.load({"serve.upload_ttl_seconds": 7.5}, None, {"HOME": str(tmp_path)})
+    effective = load({"serve.upload_ttl_seconds": 7.5}, None, {"HOME": str(tmp_path)})
     assert effective.sources["serve.upload_ttl_seconds"] == "flag --upload-ttl"
-    assert config.manager_config(effective).upload_ttl_s == 7.5
-    from_env = config.load({}, None, {"HOME": str(tmp_path), "CWM_UPLOAD_TTL_SECONDS": "9"})
-    assert config.manager_config(from_env).upload_ttl_s == 9.0
-    with pytest.raises(config.ConfigError):
-        config.load({}, None, {"HOME": str(tmp_path), "CWM_UPLOAD_TTL_SECONDS": "0"})
+    assert manager_config(effective).upload_ttl_s == 7.5
+    from_env = load({}, None, {"HOME": str(tmp_path), "CWM_UPLOAD_TTL_SECONDS": "9"})
+    assert manager_config(from_env).upload_ttl_s == 9.0
+    with pytest.raises(ConfigError):
+        load({}, None, {"HOME": str(tmp_path), "CWM_UPLOAD_TTL_SECONDS": "0"})
 
 
 def test_file_from_env_and_default_location(tmp_path: Path) -> None:
     path = write(tmp_path / "named.toml", '[serve]\nlisten = "127.0.0.1:9"\n')
-    named = config.load(environ={"CWM_CONFIG": str(path)})
+    named = load(environ={"CWM_CONFIG": str(path)})
     assert named.file == path and named["serve.listen"] == "127.0.0.1:9"
     xdg = tmp_path / "xdg"
     (xdg / "cwm").mkdir(parents=True)
@@ -86,7 +88,7 @@ def test_file_from_env_and_default_location(tmp_path: Path) -> None:
     old = os.environ.get("XDG_CONFIG_HOME")
     os.environ["XDG_CONFIG_HOME"] = str(xdg)
     try:
-        found = config.load(environ={})
+        found = load(environ={})
         assert found.file == xdg / "cwm" / "config.toml"
         assert found["serve.listen"] == "127.0.0.1:10"
     finally:
@@ -112,23 +114,23 @@ def test_bad_values_are_named(
     tmp_path: Path, text: str, environ: dict[str, str], message: str
 ) -> None:
     path = write(tmp_path / "bad.toml", text)
-    with pytest.raises(config.ConfigError) as caught:
-        config.load({}, str(path), environ)
+    with pytest.raises(ConfigError) as caught:
+        load({}, str(path), environ)
     assert message in str(caught.value)
     if text:
         assert str(path) in str(caught.value)
 
 
 def test_redaction() -> None:
-    assert config.redact("redis.password", "hunter2") == "***"
-    assert config.redact("auth.api_key", "k-123") == "***"
-    assert config.redact("client.token", "") == ""
-    assert config.redact("redis.url", "redis://cwm:hunter2@h:6379/0") == "redis://cwm:***@h:6379/0"
-    assert config.redact("serve.listen", "127.0.0.1:1") == "127.0.0.1:1"
+    assert redact("redis.password", "hunter2") == "***"
+    assert redact("auth.api_key", "k-123") == "***"
+    assert redact("client.token", "") == ""
+    assert redact("redis.url", "redis://cwm:hunter2@h:6379/0") == "redis://cwm:***@h:6379/0"
+    assert redact("serve.listen", "127.0.0.1:1") == "127.0.0.1:1"
     # Paths to where secrets live are shown: that is what an operator checks.
-    assert config.redact("serve.key_file", "/etc/cwm/keys.toml") == "/etc/cwm/keys.toml"
-    assert config.redact("serve.tls_key", "/etc/cwm/server.key") == "/etc/cwm/server.key"
-    assert config.redact("serve.auth_file", "/etc/cwm/auth.toml") == "/etc/cwm/auth.toml"
+    assert redact("serve.key_file", "/etc/cwm/keys.toml") == "/etc/cwm/keys.toml"
+    assert redact("serve.tls_key", "/etc/cwm/server.key") == "/etc/cwm/server.key"
+    assert redact("serve.auth_file", "/etc/cwm/auth.toml") == "/etc/cwm/auth.toml"
 
 
 def cwm(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

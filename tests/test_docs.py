@@ -26,9 +26,11 @@ import numpy as np
 import pytest
 
 from cwm_client import WindowClient
-from cwm_server import config
 from cwm_server.cli.main import build_parser
 from cwm_server.manager.config import ServerOptions
+from cwm_server.settings.loading import load
+from cwm_server.settings.serve import manager_config
+from cwm_server.settings.table import SETTINGS
 from tests.helpers import FINGERPRINT, ROOT, synthetic_chunks, token_ids
 from tests.ops_helpers import OpsManager
 
@@ -207,7 +209,7 @@ def test_every_documented_subcommand_is_exercised() -> None:
 def test_configuration_table_lists_every_setting() -> None:
     text = (ROOT / "docs" / "OPERATIONS.md").read_text()
     rows = {line.split("|")[1].strip(" `"): line for line in text.splitlines() if "| `" in line}
-    for setting in config.SETTINGS:
+    for setting in SETTINGS:
         row = rows.get(setting.key)
         assert row is not None, f"{setting.key} is missing from the table in OPERATIONS.md"
         assert f"`{setting.env}`" in row and f"`{setting.flag}`" in row, row
@@ -220,9 +222,9 @@ def test_toml_examples_are_valid_configs(tmp_path: Path) -> None:
     for block in configs:
         path = tmp_path / f"example-{block.line}.toml"
         path.write_text(block.text)
-        effective = config.load({}, str(path), environ={})
+        effective = load({}, str(path), environ={})
         assert not effective.ignored, f"{block.path.name}:{block.line}: {effective.ignored}"
-        config.manager_config(effective)
+        manager_config(effective)
 
 
 @pytest.fixture

@@ -9,16 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cwm_server.cli.options import Subparsers
+from cwm_server.cli.options import Subparsers, argument_type
 from cwm_server.cli.render import print_json
 from cwm_server.manager.rpc.auth import ROLES, check_tenant, hash_token, mint_token, token_line
-
-
-def _tenant(value: str) -> str:
-    try:
-        return check_tenant(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def cmd_token(args: argparse.Namespace) -> int:
@@ -54,7 +47,9 @@ def add_parser(sub: Subparsers) -> None:
         description="Print a new random token on stdout (once) and, on stderr, the [[tokens]] "
         "entry (its SHA-256, tenant and role) to add to the manager's --auth-file.",
     )
-    token.add_argument("--tenant", required=True, type=_tenant, help="tenant the token acts as")
+    token.add_argument(
+        "--tenant", required=True, type=argument_type(check_tenant), help="tenant the token acts as"
+    )
     token.add_argument("--role", required=True, choices=ROLES, help="what the token may do")
     token.add_argument("--name", help="a label for the entry (who holds the token)")
     token.add_argument("--json", action="store_true", help="token, hash and entry as JSON")

@@ -1,6 +1,6 @@
 """`cwm config show`: the effective configuration, with the source of every value.
 
-Secrets are redacted (see `cwm_server.config.redact`). The output is TOML, usable as a
+Secrets are redacted (see `cwm_server.settings.rendering`). The output is TOML, usable as a
 starting config file; `--json` gives the same with sources, env names and flags.
 """
 
@@ -9,24 +9,25 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cwm_server import config as cwm_config
 from cwm_server.cli.options import Subparsers, add_command
 from cwm_server.cli.render import print_json
 from cwm_server.cli.serve_cmd import flags_of
+from cwm_server.settings.loading import ConfigError, load
+from cwm_server.settings.rendering import as_dict, to_toml
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
     flags = flags_of(args)
     flags["client.manager"] = args.manager
     try:
-        effective = cwm_config.load(flags, args.config)
-    except cwm_config.ConfigError as exc:
+        effective = load(flags, args.config)
+    except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.json:
-        print_json(effective.as_dict())
+        print_json(as_dict(effective))
     else:
-        sys.stdout.write(effective.to_toml())
+        sys.stdout.write(to_toml(effective))
     return 0
 
 

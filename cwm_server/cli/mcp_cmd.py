@@ -11,8 +11,7 @@ import sys
 
 from cwm_client.channels import DEFAULT_TARGET
 from cwm_server.cli.options import Subparsers, add_auth_options, client_credentials
-
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+from cwm_server.settings.values import LOG_LEVELS
 
 
 def _host_port(value: str) -> tuple[str, int]:

@@ -9,12 +9,42 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import TypeAlias
+from collections.abc import Callable
+from typing import TypeAlias, TypeVar
 
 from cwm_client import Credentials
-from cwm_server.config import client_setting, manager_address
+from cwm_client.ttl import parse_ttl
+from cwm_server.settings.client import client_setting, manager_address
 
 Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+T = TypeVar("T")
+
+
+def argument_type(check: Callable[[str], T]) -> Callable[[str], T]:
+    """An argparse `type` from a check that raises ValueError, so that argparse prints the
+    check's own message."""
+
+    def parse(value: str) -> T:
+        try:
+            return check(value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
+
+
+def _ttl_seconds(value: str) -> int:
+    return parse_ttl(value).seconds
+
+
+ttl_seconds = argument_type(_ttl_seconds)
+"""argparse type of --ttl: a TTL class (5m, 1h, 24h, 7d, never, pinned), <n>s/m/h/d or
+seconds -> seconds (0: no expiry)."""
+
+
+def add_ttl_option(parser: argparse.ArgumentParser, help: str) -> None:
+    """--ttl TTL, parsed by `ttl_seconds` (None when not given)."""
+    parser.add_argument("--ttl", type=ttl_seconds, metavar="TTL", help=help)
 
 
 def _common(client: bool) -> argparse.ArgumentParser:

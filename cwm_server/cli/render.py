@@ -13,10 +13,14 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from cwm_client import pb
 
 
-def _iso(stamp: Timestamp, present: bool = True) -> str | None:
-    if not present:
-        return None
+def iso_time(stamp: Timestamp) -> str:
+    """A protobuf timestamp as ISO 8601 in UTC (the `--json` form)."""
     return datetime.fromtimestamp(stamp.seconds + stamp.nanos / 1e9, UTC).isoformat()
+
+
+def table_time(stamp: Timestamp) -> str:
+    """A protobuf timestamp for a table column: ``YYYY-MM-DD HH:MM:SS`` (UTC)."""
+    return iso_time(stamp)[:19].replace("T", " ")
 
 
 def window_dict(window: pb.WindowInfo, full: bool = False) -> dict[str, Any]:
@@ -33,8 +37,8 @@ def window_dict(window: pb.WindowInfo, full: bool = False) -> dict[str, Any]:
         "parent": window.parent,
         "tags": dict(window.tags),
         "description": window.description,
-        "created_at": _iso(window.created_at),
-        "expires_at": _iso(window.expires_at, window.HasField("expires_at")),
+        "created_at": iso_time(window.created_at),
+        "expires_at": iso_time(window.expires_at) if window.HasField("expires_at") else None,
         "pinned": window.pinned,
         "model": {
             "model_id": fp.model_id,
@@ -74,7 +78,6 @@ def print_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
 
 
 def window_row(window: pb.WindowInfo) -> list[str]:
-    created = _iso(window.created_at) or ""
     return [
         window.name,
         str(window.token_count),
@@ -82,7 +85,7 @@ def window_row(window: pb.WindowInfo) -> list[str]:
         human_bytes(window.raw_bytes),
         human_bytes(window.stored_bytes),
         window.parent or "-",
-        created[:19].replace("T", " "),
+        table_time(window.created_at),
     ]
 
 

@@ -1,7 +1,7 @@
 """`cwm serve`: run the manager.
 
 Every option can also come from the config file or a `CWM_*` variable (see
-`cwm_server.config`; flags win over the environment, which wins over the file).
+`cwm_server.settings`; flags win over the environment, which wins over the file).
 """
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ import asyncio
 import sys
 from pathlib import Path
 
-from cwm_server import config as cwm_config
-from cwm_server.cli.options import Subparsers, add_command
+from cwm_server.cli.options import Subparsers, add_command, argument_type
 from cwm_server.logs import configure_logging
-from cwm_server.manager.config import ManagerConfig, ServerOptions
-
-MiB = 1 << 20
+from cwm_server.manager.config import ManagerConfig
+from cwm_server.settings.loading import ConfigError, load
+from cwm_server.settings.serve import manager_config, server_options
+from cwm_server.settings.values import LOG_LEVELS, host_port
 
 # flag dest -> setting key; flags default to None so that "not given" falls through to the
 # environment, the file and the defaults.
@@ -56,31 +56,26 @@ def flags_of(args: argparse.Namespace) -> dict[str, object]:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        effective = cwm_config.load(flags_of(args), args.config)
-    except cwm_config.ConfigError as exc:
+        effective = load(flags_of(args), args.config)
+    except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     from cwm_server.manager.rpc.transport_security import check_server_options
     from cwm_server.manager.server import serve
 
     configure_logging("json", effective["serve.log_level"])
-    options = ServerOptions(
-        metrics_listen=effective["serve.metrics"],
-        health_interval_s=effective["serve.health_interval_seconds"],
-        min_free_bytes=effective["serve.min_free_mib"] * MiB,
-        **auth_options(effective),
-    )
+    options = server_options(effective)
     try:
         check_server_options(options)
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    manager_config = cwm_config.manager_config(effective)
-    if problem := _check_policy_files(manager_config):
+    config = manager_config(effective)
+    if problem := _check_policy_files(config):
         print(f"error: {problem}", file=sys.stderr)
         return 2
     port_file = Path(args.port_file) if args.port_file else None
-    asyncio.run(serve(manager_config, port_file, options))
+    asyncio.run(serve(config, port_file, options))
     return 0
 
 
@@ -99,19 +94,6 @@ def _check_policy_files(config: ManagerConfig) -> str:
     return ""
 
 
-def auth_options(effective: cwm_config.Effective) -> dict[str, Path | None]:
-    """The ServerOptions fields of authentication and TLS (empty setting: None)."""
-    keys = ("auth_file", "tls_cert", "tls_key", "tls_client_ca")
-    return {k: Path(v).expanduser() if (v := effective[f"serve.{k}"]) else None for k in keys}
-
-
-def _host_port(value: str) -> str:
-    try:
-        return cwm_config._host_port(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def add_parser(sub: Subparsers) -> None:
     serve_p = add_command(sub, "serve", help="run the manager (gRPC WindowService)", client=False)
     serve_p.add_argument(
@@ -121,14 +103,16 @@ def add_parser(sub: Subparsers) -> None:
     )
     serve_p.add_argument("--data-dir", help="where windows live (default ~/.local/share/cwm)")
     serve_p.add_argument(
-        "--listen", type=_host_port, help="HOST:PORT (port 0: any; default 127.0.0.1:50051)"
+        "--listen",
+        type=argument_type(host_port),
+        help="HOST:PORT (port 0: any; default 127.0.0.1:50051)",
     )
     serve_p.add_argument(
         "--port-file", help="write the bound port here once serving (for scripts and tests)"
     )
     serve_p.add_argument(
         "--metrics",
-        type=_host_port,
+        type=argument_type(host_port),
         metavar="HOST:PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics",
     )
@@ -165,9 +149,7 @@ def add_parser(sub: Subparsers) -> None:
         type=int,
         help="free space below which the disk tier reports DEGRADED (default 1024)",
     )
-    serve_p.add_argument(
-        "--log-level", type=str.upper, choices=cwm_config.LOG_LEVELS, help="default INFO"
-    )
+    serve_p.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, help="default INFO")
     redis = serve_p.add_argument_group("Redis (shared tier and fleet catalog; docs/OPERATIONS.md)")
     redis.add_argument(
         "--redis-url",

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import argparse
-from datetime import UTC, datetime
 from typing import Any
 
 from cwm_client import SessionClient, pb
-from cwm_server.cli.options import Subparsers, add_command, client_credentials
-from cwm_server.cli.render import human_bytes, print_json, print_table, window_dict
-from cwm_server.cli.window_cmds import ttl_arg
+from cwm_server.cli.options import Subparsers, add_command, add_ttl_option, client_credentials
+from cwm_server.cli.render import (
+    human_bytes,
+    iso_time,
+    print_json,
+    print_table,
+    table_time,
+    window_dict,
+)
 
 
-def _when(stamp: Any) -> str:
-    return datetime.fromtimestamp(stamp.seconds + stamp.nanos / 1e9, UTC).isoformat()
+def _session_client(args: argparse.Namespace) -> SessionClient:
+    return SessionClient(args.manager, credentials=client_credentials(args))
 
 
 def agent_dict(agent: pb.AgentInfo) -> dict[str, Any]:
@@ -23,7 +28,7 @@ def agent_dict(agent: pb.AgentInfo) -> dict[str, Any]:
         "model_id": agent.fingerprint.model_id,
         "engine": agent.fingerprint.engine_name,
         "sessions": agent.session_count,
-        "connected_at": _when(agent.connected_at),
+        "connected_at": iso_time(agent.connected_at),
     }
 
 
@@ -32,13 +37,13 @@ def session_dict(session: pb.SessionInfo) -> dict[str, Any]:
         "session_id": session.session_id,
         "agent_id": session.agent_id,
         "tokens": session.token_count,
-        "last_active": _when(session.last_active),
+        "last_active": iso_time(session.last_active),
         "last_window": session.last_window,
     }
 
 
 def cmd_agents(args: argparse.Namespace) -> int:
-    with SessionClient(args.manager, credentials=client_credentials(args)) as client:
+    with _session_client(args) as client:
         agents = client.list_agents()
     if args.json:
         print_json([agent_dict(a) for a in agents])
@@ -62,7 +67,7 @@ def cmd_agents(args: argparse.Namespace) -> int:
 
 
 def cmd_sessions(args: argparse.Namespace) -> int:
-    with SessionClient(args.manager, credentials=client_credentials(args)) as client:
+    with _session_client(args) as client:
         sessions = client.list_sessions(args.agent or "")
     if args.json:
         print_json([session_dict(s) for s in sessions])
@@ -74,7 +79,7 @@ def cmd_sessions(args: argparse.Namespace) -> int:
                     s.session_id,
                     s.agent_id,
                     str(s.token_count),
-                    _when(s.last_active)[:19].replace("T", " "),
+                    table_time(s.last_active),
                     s.last_window or "-",
                 ]
                 for s in sessions
@@ -86,7 +91,7 @@ def cmd_sessions(args: argparse.Namespace) -> int:
 
 
 def cmd_freeze(args: argparse.Namespace) -> int:
-    with SessionClient(args.manager, credentials=client_credentials(args)) as client:
+    with _session_client(args) as client:
         response = client.freeze_session(
             args.session,
             args.window,
@@ -113,7 +118,7 @@ def cmd_freeze(args: argparse.Namespace) -> int:
 
 
 def cmd_thaw(args: argparse.Namespace) -> int:
-    with SessionClient(args.manager, credentials=client_credentials(args)) as client:
+    with _session_client(args) as client:
         response = client.thaw_window(
             args.window, agent_id=args.agent or "", new_session_id=args.session or ""
         )
@@ -154,10 +159,8 @@ def add_parsers(sub: Subparsers) -> None:
     freeze.add_argument("window")
     freeze.add_argument("--agent", help="the hosting agent, if several report the session")
     freeze.add_argument("--description")
-    freeze.add_argument(
-        "--ttl",
-        type=ttl_arg,
-        metavar="TTL",
+    add_ttl_option(
+        freeze,
         help="window lifetime: 5m, 1h, 24h, 7d, <n>s/m/h/d or seconds; never/pinned: no expiry",
     )
     freeze.set_defaults(handler=cmd_freeze, needs_client=False)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 
 from cwm_client import WindowClient, pb
-from cwm_client.ttl import parse_ttl
-from cwm_server.cli.options import Subparsers, add_command
+from cwm_server.cli.options import Subparsers, add_command, add_ttl_option
 from cwm_server.cli.render import (
     WINDOW_HEADERS,
     human_bytes,
@@ -15,15 +14,6 @@ from cwm_server.cli.render import (
     window_dict,
     window_row,
 )
-
-
-def ttl_arg(value: str) -> int:
-    """argparse type of --ttl: a TTL class (5m, 1h, 24h, 7d, never, pinned), <n>s/m/h/d or
-    seconds -> seconds (0: no expiry)."""
-    try:
-        return parse_ttl(value).seconds
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _tags(pairs: list[str] | None) -> dict[str, str]:
@@ -125,10 +115,8 @@ def add_parsers(sub: Subparsers) -> None:
     clone.add_argument("dest")
     clone.add_argument("--description")
     clone.add_argument("--tag", action="append", metavar="KEY=VALUE")
-    clone.add_argument(
-        "--ttl",
-        type=ttl_arg,
-        metavar="TTL",
+    add_ttl_option(
+        clone,
         help="expire after this long: 5m, 1h, 24h, 7d, <n>s/m/h/d or seconds; never/pinned: "
         "no expiry",
     )

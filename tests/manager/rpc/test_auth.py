@@ -562,9 +562,9 @@ async def test_mcp_bridge_passes_the_token(
 def test_agent_and_mcp_take_the_auth_options(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from cwm_server import config
     from cwm_server.cli.main import build_parser
     from cwm_server.cli.options import client_credentials
+    from cwm_server.settings.rendering import REDACTED, redact
 
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
     monkeypatch.delenv("CWM_CONFIG", raising=False)
@@ -575,7 +575,7 @@ def test_agent_and_mcp_take_the_auth_options(
     mcp = parser.parse_args(["mcp"])
     assert client_credentials(mcp).token == "from-env"
     assert client_credentials(mcp).metadata() == (("authorization", "Bearer from-env"),)
-    assert config.redact("client.token", "from-env") == config.REDACTED
+    assert redact("client.token", "from-env") == REDACTED
 
 
 def test_role_table() -> None:
@@ -607,21 +607,22 @@ def test_role_table() -> None:
 
 
 def test_auth_settings_come_from_the_config_file(tmp_path: Path) -> None:
-    from cwm_server import config
-    from cwm_server.cli.serve_cmd import auth_options
+    from cwm_server.settings.loading import load
+    from cwm_server.settings.rendering import to_toml
+    from cwm_server.settings.serve import server_options
 
     path = tmp_path / "config.toml"
     path.write_text(
         '[serve]\nauth_file = "/etc/cwm/auth.toml"\ntls_cert = "/etc/cwm/server.crt"\n'
         'tls_key = "/etc/cwm/server.key"\n[client]\ntoken = "abc"\ntls_ca = "/etc/cwm/ca.crt"\n'
     )
-    effective = config.load({}, str(path), environ={})
+    effective = load({}, str(path), environ={})
     assert not effective.ignored
-    options = auth_options(effective)
-    assert options["auth_file"] == Path("/etc/cwm/auth.toml")
-    assert options["tls_client_ca"] is None
+    options = server_options(effective)
+    assert options.auth_file == Path("/etc/cwm/auth.toml")
+    assert options.tls_client_ca is None
     assert effective["client.token"] == "abc"
-    assert "abc" not in effective.to_toml()  # the token is redacted
+    assert "abc" not in to_toml(effective)  # the token is redacted
 
 
 # -- review fixes: tenants of only dots, non-Bearer authorization headers ---------------------
