@@ -19,7 +19,7 @@ from cwm_client import WindowClient, pb
 from cwm_client.archive import export_window
 from cwm_client.errors import DataLoss
 from cwm_server.fsck import run_fsck
-from cwm_server.manager.tiers.disk import HEADER_SIZE
+from cwm_server.manager.tiers.format import HEADER_SIZE
 from tests.helpers import (
     FINGERPRINT,
     ROOT,
