@@ -19,7 +19,7 @@ from cwm_client._common import CHANNEL_OPTIONS, build_header, freeze_requests
 from cwm_client.chunks import ChunkPayload, bytes_per_token, digest
 from cwm_client.codecs import BYTEPLANE_ZSTD, RAW
 from cwm_client.errors import DataLoss
-from cwm_server.manager.tiers.disk import HEADER_SIZE
+from cwm_server.manager.tiers.format import HEADER_SIZE
 from tests.e2e.test_memory_bounds import CHUNK_TOKENS, seeded_token_ids, seeded_window
 from tests.helpers import (
     FINGERPRINT,

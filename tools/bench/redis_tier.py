@@ -7,8 +7,8 @@ free loopback port, no persistence, stopped at the end):
 
 - ``plain set/get``: redis-py ``SET``/``GET`` of each chunk, one round trip each;
 - ``plain pipelined``: the same in one pipeline;
-- ``tier put/get``: `RedisTier.put`/`get` (16-byte header + bytes in, header parsed out);
-- ``tier put_many/get_many``: the tier's pipelined calls;
+- ``tier put/get``: `RedisTier.write`/`read` (16-byte header + bytes in, header parsed out);
+- ``tier put_many/get_many``: the tier's pipelined calls (`write_many`/`read_many`);
 - ``store put/get``: what a manager with ``--redis-policy redis-only`` does per chunk:
   `ChunkStore.put` (BLAKE3 check, then the tier; compression off) and `ChunkStore.get`
   (the tier, then the BLAKE3 check of the bytes read; memory tier off).
@@ -40,8 +40,10 @@ import redis  # noqa: E402
 
 from cwm_client.chunks import digest as blake3_digest  # noqa: E402
 from cwm_server.manager.tiers.disk import DiskTier  # noqa: E402
+from cwm_server.manager.tiers.format import StoredChunk  # noqa: E402
 from cwm_server.manager.tiers.memory import MemoryTier  # noqa: E402
-from cwm_server.manager.tiers.redis import RedisLink, RedisTier  # noqa: E402
+from cwm_server.manager.tiers.redis import RedisTier  # noqa: E402
+from cwm_server.manager.tiers.redis_link import RedisLink  # noqa: E402
 from cwm_server.manager.tiers.store import ChunkStore  # noqa: E402
 from tools.bench.common import BENCH_DIR, free_port, load_average, machine  # noqa: E402
 
@@ -129,22 +131,24 @@ def main() -> int:
 
             def tier_put() -> None:
                 for digest, data in zip(digests, chunks, strict=True):
-                    tier.put(TENANT, digest, 1, 2, len(data), data)
+                    tier.write(TENANT, digest, StoredChunk(1, 2, len(data), data))
 
             def tier_get() -> None:
                 for digest in digests:
-                    assert tier.get(TENANT, digest) is not None
+                    assert tier.read(TENANT, digest) is not None
 
             def tier_put_many() -> None:
-                items = [(d, 1, 2, len(c), c) for d, c in zip(digests, chunks, strict=True)]
-                tier.put_many(TENANT, items)
+                items = [
+                    (d, StoredChunk(1, 2, len(c), c)) for d, c in zip(digests, chunks, strict=True)
+                ]
+                tier.write_many(TENANT, items)
 
             def tier_get_many() -> None:
-                assert all(s is not None for s in tier.get_many(TENANT, digests))
+                assert all(s is not None for s in tier.read_many(TENANT, digests))
 
             def store_put() -> None:
                 for index, (digest, data) in enumerate(zip(digests, chunks, strict=True)):
-                    store.put(TENANT, digest, data, 2, index)
+                    store.put(TENANT, digest, data, 2, f"chunk {index}")
 
             def store_get() -> None:
                 for digest in digests:

@@ -296,6 +296,8 @@ def _disk_reads(ds: Dataset, data_dir: Path, threads: int, repeat: int) -> Timin
 
     def one(digest: bytes) -> int:
         stored = disk.read(TENANT, digest)
+        if stored is None:
+            raise SystemExit(f"chunk {digest.hex()} is missing")
         raw = codecs.decode(stored.data, stored.codec, stored.raw_size, stored.word_size)
         if blake3.blake3(raw).digest() != digest:
             raise SystemExit(f"chunk {digest.hex()} failed verification")

@@ -2,11 +2,9 @@
 
 Files are written tmp -> fsync -> rename -> fsync(dir), so a file under its final name is
 always complete (with fsync on, the tmp file is written with O_DIRECT where the filesystem
-allows it: see `DiskTier.write`). Each starts with a 16-byte header (magic, version, codec,
-word size, raw size) so a file decodes, and fsck checks it, without the catalog. A codec
-with its high bit set (encryption.SEALED) marks a payload sealed in an encryption envelope;
-this tier stores it like any other bytes. Nothing here trusts what it reads: callers verify
-the decoded bytes against the digest.
+allows it: see `DiskTier.write`). Each starts with the tiers' chunk header (`format`), so a
+file decodes, and fsck checks it, without the catalog. Nothing here trusts what it reads:
+the store verifies the decoded bytes against the digest.
 """
 
 from __future__ import annotations
@@ -16,16 +14,14 @@ import errno
 import fcntl
 import mmap
 import os
-import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-MAGIC = b"CWMC"
-VERSION = 1
-_HEADER = struct.Struct("<4sBBHQ")
-HEADER_SIZE = _HEADER.size
+from cwm_server.manager.tiers.base import ChunkCorrupt, ChunkTier
+from cwm_server.manager.tiers.format import HEADER_SIZE, StoredChunk, pack_header, unpack_header
+
 TMP_SUFFIX = ".tmp"
 
 DIRECT_ALIGN = 4096
@@ -70,36 +66,18 @@ class _StagingBuffer(threading.local):
         return self.buffer
 
 
-class ChunkFileMissing(Exception):
-    """The chunk's file does not exist."""
-
-
-class ChunkFileCorrupt(Exception):
-    """The chunk's file exists but its header is unreadable."""
-
-
 @dataclass(frozen=True)
-class StoredChunk:
-    codec: int
-    word_size: int
-    raw_size: int
-    data: bytes
+class DiskFile:
+    """One file under the tier's root, as `DiskTier.files` finds it."""
 
-
-def pack_header(codec: int, word_size: int, raw_size: int, magic: bytes = MAGIC) -> bytes:
-    """The 16-byte header every tier stores before a chunk's bytes; `magic` names the tier
-    (a Redis value is never mistaken for a chunk file)."""
-    return _HEADER.pack(magic, VERSION, codec, word_size, raw_size)
-
-
-def unpack_header(header: bytes, magic: bytes = MAGIC) -> tuple[int, int, int]:
-    """(codec, word size, raw size) of a header; ValueError if it is not one of `magic`."""
-    if len(header) != HEADER_SIZE:
-        raise ValueError("truncated header")
-    found, version, codec, word_size, raw_size = _HEADER.unpack(header)
-    if found != magic or version != VERSION:
-        raise ValueError("bad magic or version")
-    return codec, word_size, raw_size
+    path: Path
+    relative: Path
+    """Its path under the root (<tenant>/<2 hex>/<digest hex> for a chunk file)."""
+    tenant: str = ""
+    digest: bytes | None = None
+    """Set for a chunk file: a file named for a digest in its own place."""
+    temp: bool = False
+    """A tmp file of a write that has not been renamed into place (or never will be)."""
 
 
 def _read_exactly(fd: int, size: int, offset: int) -> bytes:
@@ -118,7 +96,7 @@ def _read_exactly(fd: int, size: int, offset: int) -> bytes:
     return b"".join(pieces)
 
 
-class DiskTier:
+class DiskTier(ChunkTier[StoredChunk]):
     def __init__(self, root: Path, fsync: bool = True) -> None:
         self.root = root / "chunks"
         self.root.mkdir(parents=True, exist_ok=True)
@@ -137,18 +115,10 @@ class DiskTier:
         hexd = digest.hex()
         return self.root / tenant / hexd[:2] / hexd
 
-    def exists(self, tenant: str, digest: bytes) -> bool:
-        return self.path_for(tenant, digest).exists()
+    def contains(self, tenant: str, digests: Sequence[bytes]) -> set[bytes]:
+        return {digest for digest in digests if self.path_for(tenant, digest).exists()}
 
-    def write(
-        self,
-        tenant: str,
-        digest: bytes,
-        codec: int,
-        word_size: int,
-        raw_size: int,
-        encoded: bytes | memoryview,
-    ) -> int:
+    def write(self, tenant: str, digest: bytes, chunk: StoredChunk) -> int:
         """Store a chunk durably; returns the bytes it occupies (header included).
 
         tmp -> fsync -> rename -> fsync(dir), with as few system calls as that allows
@@ -157,12 +127,11 @@ class DiskTier:
 
         With fsync on, the tmp file's whole blocks are written with O_DIRECT from a reused
         page-aligned buffer (one memcpy), its last partial block with an ordinary write,
-        then it is fsynced. Durability is the same; the
-        difference is that a buffered write copies into page-cache pages the kernel has to
-        allocate, and on the benchmark VM first-touching fresh pages cost ~2 ms of CPU per
-        MiB: a freeze's disk writes took 2.7 ms CPU per 1 MiB chunk buffered, 0.3-0.7 ms
-        direct (docs/BENCHMARKS.md). Freshly written chunks are then not in the page cache;
-        the memory tier holds them."""
+        then it is fsynced. Durability is the same; the difference is that a buffered write
+        copies into page-cache pages the kernel has to allocate, and first-touching fresh
+        pages costs a freeze several times the CPU of the direct write (measured in
+        docs/BENCHMARKS.md). Freshly written chunks are then not in the page cache; the
+        memory tier holds them."""
         hexd = digest.hex()
         directory = os.path.join(self._root, tenant, hexd[:2])
         if directory not in self._made_dirs:
@@ -170,7 +139,8 @@ class DiskTier:
             self._made_dirs.add(directory)
         path = os.path.join(directory, hexd)
         tmp = f"{path}.{self._pid}.{threading.get_ident():x}{TMP_SUFFIX}"
-        header = pack_header(codec, word_size, raw_size)
+        header = pack_header(chunk.codec, chunk.word_size, chunk.raw_size)
+        encoded = chunk.data
         total = HEADER_SIZE + len(encoded)
         try:
             if not (self.direct and self._write_direct(tmp, directory, header, encoded, total)):
@@ -266,18 +236,19 @@ class DiskTier:
             os.close(fd)
         return True
 
-    def read(self, tenant: str, digest: bytes) -> StoredChunk:
-        """The chunk file's header and encoded bytes. The bytes are read straight into one
-        object of their exact size (one copy from the page cache, no slicing after)."""
+    def read(self, tenant: str, digest: bytes) -> StoredChunk | None:
+        """The chunk file's header and encoded bytes; None if there is no such file. The
+        bytes are read straight into one object of their exact size (one copy from the page
+        cache, no slicing after)."""
         path = self.path_for(tenant, digest)
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
-            raise ChunkFileMissing(str(path)) from None
+            return None
         try:
             size = os.fstat(fd).st_size
             if size < HEADER_SIZE:
-                raise ChunkFileCorrupt(f"{path}: truncated header")
+                raise ChunkCorrupt(f"{path}: truncated header", "truncated header")
             head = os.pread(fd, HEADER_SIZE, 0)
             data = _read_exactly(fd, size - HEADER_SIZE, HEADER_SIZE)
         finally:
@@ -285,11 +256,12 @@ class DiskTier:
         try:
             codec, word_size, raw_size = unpack_header(head)
         except ValueError as exc:
-            raise ChunkFileCorrupt(f"{path}: {exc}") from None
+            raise ChunkCorrupt(f"{path}: {exc}", str(exc)) from None
         return StoredChunk(codec=codec, word_size=word_size, raw_size=raw_size, data=data)
 
-    def remove(self, tenant: str, digest: bytes) -> None:
-        self.path_for(tenant, digest).unlink(missing_ok=True)
+    def remove(self, tenant: str, digests: Sequence[bytes]) -> None:
+        for digest in digests:
+            self.path_for(tenant, digest).unlink(missing_ok=True)
 
     def iter_chunks(self) -> Iterator[tuple[str, bytes, Path]]:
         """Every chunk file as (tenant, digest, path); skips temp files and stray names."""
@@ -301,11 +273,8 @@ class DiskTier:
             for path in sorted(tenant_dir.glob("*/*")):
                 if path.name.endswith(TMP_SUFFIX):
                     continue
-                try:
-                    digest = bytes.fromhex(path.name)
-                except ValueError:
-                    continue
-                if len(digest) == 32:
+                digest = _digest_named(path.name)
+                if digest is not None:
                     yield tenant_dir.name, digest, path
 
     def remove_temp_files(self) -> int:
@@ -318,3 +287,31 @@ class DiskTier:
 
     def file_count(self) -> int:
         return sum(1 for _ in self.iter_chunks())
+
+    def files(self) -> Iterator[DiskFile]:
+        """Every file under the root, in path order, each told apart as a chunk file, a tmp
+        file, or neither (a stray: nothing the manager writes), for fsck."""
+        if not self.root.exists():
+            return
+        for path in sorted(p for p in self.root.rglob("*") if p.is_file()):
+            relative = path.relative_to(self.root)
+            if path.name.endswith(TMP_SUFFIX):
+                yield DiskFile(path, relative, temp=True)
+                continue
+            parts = relative.parts
+            digest = _digest_named(path.name)
+            if len(parts) == 3 and digest is not None and self.path_for(parts[0], digest) == path:
+                yield DiskFile(path, relative, tenant=parts[0], digest=digest)
+            else:
+                yield DiskFile(path, relative)
+
+
+def _digest_named(name: str) -> bytes | None:
+    """The digest a chunk file's name spells, or None if the name is not one."""
+    if len(name) != 64:
+        return None
+    try:
+        digest = bytes.fromhex(name)
+    except ValueError:
+        return None
+    return digest if len(digest) == 32 else None

@@ -1,12 +1,12 @@
 """The hot tier: a byte-capped LRU of raw chunk bytes that were verified when they entered.
 
-Only bytes already checked against their BLAKE3 digest may be put here (a freeze's received
-chunk, a disk or Redis read). Each entry keeps an XXH3-128 seal of its bytes taken at `put`,
-and `get` checks it, so a memory hit is verified too: bytes that changed after their BLAKE3
-check (a bit flip, a stray write) are dropped and reported as a miss, and the read falls
-through to the tiers below and their BLAKE3 check. The seal costs about a fifth of BLAKE3
-(34 vs 165 us per MiB on the benchmark machine, docs/BENCHMARKS.md), which was a quarter of
-the manager's CPU on a thaw from memory. It needs no cryptographic strength: BLAKE3 already
+Only bytes already checked against their BLAKE3 digest may be written here (a freeze's
+received chunk, a disk or Redis read). Each entry keeps an XXH3-128 seal of its bytes taken
+at `write`, and `read` checks it, so a memory hit is verified too: bytes that changed after
+their BLAKE3 check (a bit flip, a stray write) are dropped and reported as a miss, and the
+read falls through to the tiers below and their BLAKE3 check. The seal costs a fraction of
+BLAKE3 (measured in docs/BENCHMARKS.md), which matters on a thaw from memory, where the
+check is most of the manager's work. It needs no cryptographic strength: BLAKE3 already
 proved the bytes are the chunk their digest names; the seal proves only that they have not
 changed since.
 """
@@ -15,17 +15,22 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 
 import xxhash
+
+from cwm_server.manager.tiers.base import ChunkTier
 
 ChunkKey = tuple[str, bytes]
 
 seal_of = xxhash.xxh3_128_intdigest
-"""The seal of a chunk's bytes: take it right after their BLAKE3 check and hand it to `put`,
-so bytes that change between the check and the put are caught too."""
+"""The seal of a chunk's bytes: take it right after their BLAKE3 check and hand it to
+`write`, so bytes that change between the check and the write are caught too."""
 
 
-class MemoryTier:
+class MemoryTier(ChunkTier[bytes]):
+    """Raw bytes by (tenant, digest); see tiers.base for why its payload is raw bytes."""
+
     def __init__(self, capacity_bytes: int) -> None:
         self._capacity = capacity_bytes
         self._items: OrderedDict[ChunkKey, tuple[bytes, int]] = OrderedDict()
@@ -47,9 +52,10 @@ class MemoryTier:
     def __len__(self) -> int:
         return len(self._items)
 
-    def get(self, key: ChunkKey) -> bytes | None:
+    def read(self, tenant: str, digest: bytes) -> bytes | None:
         """The entry's bytes if they still match their seal; None if absent or changed
         (a changed entry is dropped). The seal is checked outside the lock."""
+        key = (tenant, digest)
         with self._lock:
             entry = self._items.get(key)
             if entry is None:
@@ -69,25 +75,35 @@ class MemoryTier:
         """`seal_of(raw)`, or None where this tier would not keep `raw` (larger than it)."""
         return seal_of(raw) if len(raw) <= self._capacity else None
 
-    def put(self, key: ChunkKey, raw: bytes, seal: int | None = None) -> None:
-        """Keep `raw`, which the caller has verified against the key's digest; `seal` is
-        `seal_of(raw)` taken right after that check (taken here if None)."""
-        if len(raw) > self._capacity:
-            return
-        entry = (raw, seal_of(raw) if seal is None else seal)
+    def write(self, tenant: str, digest: bytes, chunk: bytes, seal: int | None = None) -> int:
+        """Keep `chunk`, raw bytes the caller has verified against `digest`; `seal` is
+        `seal_of(chunk)` taken right after that check (taken here if None). Returns the
+        bytes held for it: 0 if it is larger than the whole tier."""
+        size = len(chunk)
+        if size > self._capacity:
+            return 0
+        entry = (chunk, seal_of(chunk) if seal is None else seal)
+        key = (tenant, digest)
         with self._lock:
             old = self._items.pop(key, None)
             if old is not None:
                 self._bytes -= len(old[0])
             self._items[key] = entry
-            self._bytes += len(raw)
+            self._bytes += size
             while self._bytes > self._capacity:
                 _, (evicted, _) = self._items.popitem(last=False)
                 self._bytes -= len(evicted)
                 self.evictions += 1
+        return size
 
-    def discard(self, key: ChunkKey) -> None:
+    def contains(self, tenant: str, digests: Sequence[bytes]) -> set[bytes]:
+        """Which of `digests` have an entry (their seals are checked when read, not here)."""
         with self._lock:
-            old = self._items.pop(key, None)
-            if old is not None:
-                self._bytes -= len(old[0])
+            return {digest for digest in digests if (tenant, digest) in self._items}
+
+    def remove(self, tenant: str, digests: Sequence[bytes]) -> None:
+        with self._lock:
+            for digest in digests:
+                old = self._items.pop((tenant, digest), None)
+                if old is not None:
+                    self._bytes -= len(old[0])

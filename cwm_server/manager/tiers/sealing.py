@@ -1,10 +1,10 @@
 """Encryption at rest: AES-256-GCM per chunk, with per-tenant keys from a key file.
 
 The chunk store seals a chunk's stored bytes *after* compressing them and opens them
-*before* decompressing, so every tier below it (disk today, Redis later) holds only
-ciphertext; the digest still names and verifies the plaintext (BLAKE3 of the raw KV), so
-dedup, FindMissingChunks and every verification work as before. The hot memory tier holds
-plaintext in the manager's RAM.
+*before* decompressing (`seal_chunk`, `open_chunk`: the only places that do), so every tier
+below it (disk, Redis) holds only ciphertext; the digest still names and verifies the
+plaintext (BLAKE3 of the raw KV), so dedup, FindMissingChunks and every verification work
+as before. The hot memory tier holds plaintext in the manager's RAM.
 
 Envelope (what a tier stores in place of the encoded bytes; the stored codec then has its
 high bit `SEALED` set, so any tier that keeps (codec, word size, raw size, bytes) -- the disk
@@ -46,10 +46,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cwm_client.errors import FailedPrecondition
+from cwm_server.manager.tiers.base import ChunkCorrupt
+from cwm_server.manager.tiers.format import StoredChunk
 from cwm_server.manager.toml_file import read_toml
 
 SEALED = 0x80
 """Flag in a stored codec: the bytes are an envelope around bytes in codec `c & ~SEALED`."""
+KEY_UNAVAILABLE = "ENCRYPTION_KEY_UNAVAILABLE"
+"""The reason of the FAILED_PRECONDITION a read of a chunk sealed with a missing key gets."""
 MAGIC = b"CWE1"
 NONCE_SIZE = 12
 TAG_SIZE = 16
@@ -76,7 +81,7 @@ class KeyUnavailable(Exception):
         self.key_id = key_id
 
 
-class SealBroken(ValueError):
+class SealBroken(ChunkCorrupt):
     """An envelope that does not parse or does not authenticate: tampered, swapped or
     corrupt."""
 
@@ -159,8 +164,8 @@ class Keyring:
         key = keys.keys.get(key_id) if keys is not None else None
         if key is None:
             raise KeyUnavailable(tenant, key_id)
-        # Imported here: OpenSSL costs a manager ~8 MiB of RSS, and only a manager with a
-        # key file ever seals or opens a chunk.
+        # Imported here: OpenSSL adds to a manager's RSS, and only a manager with a key
+        # file ever seals or opens a chunk.
         from cryptography.exceptions import InvalidTag
         from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -173,6 +178,43 @@ class Keyring:
                 f"encrypted chunk failed authentication with key {key_id!r} (tampered, "
                 "corrupt, or a file moved from another chunk or tenant)"
             ) from None
+
+
+def seal_chunk(
+    keyring: Keyring | None, tenant: str, digest: bytes, chunk: StoredChunk
+) -> StoredChunk:
+    """`chunk` as a tier must store it: sealed (codec | SEALED) if the tenant has an active
+    key, else `chunk` itself."""
+    if keyring is None or not keyring.encrypts(tenant):
+        return chunk
+    sealed = keyring.seal(
+        tenant, digest, chunk.codec, chunk.word_size, chunk.raw_size, bytes(chunk.data)
+    )
+    return StoredChunk(chunk.codec | SEALED, chunk.word_size, chunk.raw_size, sealed)
+
+
+def open_chunk(
+    keyring: Keyring | None, tenant: str, digest: bytes, chunk: StoredChunk
+) -> StoredChunk:
+    """`chunk` with its bytes opened if a tier held them sealed (else `chunk` itself). A
+    key `keyring` lacks is FAILED_PRECONDITION (ENCRYPTION_KEY_UNAVAILABLE, naming the
+    tenant and key id); an envelope that does not parse or authenticate raises SealBroken
+    (a ChunkCorrupt: the callers' "corrupt")."""
+    if not is_sealed(chunk.codec):
+        return chunk
+    codec = plain_codec(chunk.codec)
+    try:
+        if keyring is None:
+            raise KeyUnavailable(tenant, parse_envelope(chunk.data)[0])
+        data = keyring.open(tenant, digest, codec, chunk.word_size, chunk.raw_size, chunk.data)
+    except KeyUnavailable as exc:
+        raise FailedPrecondition(
+            f"chunk {digest.hex()[:16]}…: {exc}; restore the key to the manager's "
+            "--key-file and restart it, or delete the window if its data was shredded",
+            reason=KEY_UNAVAILABLE,
+            metadata={"tenant": tenant, "key_id": exc.key_id},
+        ) from None
+    return StoredChunk(codec, chunk.word_size, chunk.raw_size, data)
 
 
 def is_sealed(codec: int) -> bool:
@@ -242,8 +284,11 @@ __all__ = [
     "Keyring",
     "SealBroken",
     "TenantKeys",
+    "KEY_UNAVAILABLE",
     "SEALED",
     "is_sealed",
+    "open_chunk",
+    "seal_chunk",
     "parse_envelope",
     "plain_codec",
     "parse_key",

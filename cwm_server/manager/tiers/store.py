@@ -1,43 +1,46 @@
-"""The tiers behind one interface: put verifies and stores durably, get reads memory then
-disk and verifies whatever it returns. These calls block; the manager runs them on its I/O
-threads."""
+"""ChunkStore: the only way into the tiers. Whatever enters is verified against its digest
+first; whatever leaves is verified (BLAKE3 for disk and Redis, the seal for memory) before
+anyone sees it; sealing, compression and the metrics hooks happen here and nowhere else.
+
+Freeze and keyed puts store through `put`; thaw, keyed gets and the catalog's Redis copy
+read through `get`, `get_from_memory`, `get_as_stored` and `ensure_in_redis`; commits and
+fsck check a disk copy with `verified_on_disk` and `check_disk_copy`; collection removes
+through `remove*`. These calls block; the manager runs them on its I/O threads (except
+`get_from_memory`, cheap enough for the event loop).
+"""
 
 from __future__ import annotations
 
 import errno
 import time
+from collections.abc import Container, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import structlog
 
 from cwm_client.chunks import digest as blake3_digest
-from cwm_client.codecs import RAW, decode, encode_if_smaller
-from cwm_client.errors import (
-    CwmError,
-    DataLoss,
-    FailedPrecondition,
-    ResourceExhausted,
-    Unavailable,
-)
-from cwm_server.manager.tiers.disk import ChunkFileCorrupt, ChunkFileMissing, DiskTier, StoredChunk
+from cwm_client.codecs import RAW, decode, encode_if_smaller, pays
+from cwm_client.errors import CwmError, DataLoss, ResourceExhausted, Unavailable
+from cwm_server.manager.tiers.base import ChunkCorrupt
+from cwm_server.manager.tiers.disk import DiskFile, DiskTier
+from cwm_server.manager.tiers.format import StoredChunk
 from cwm_server.manager.tiers.memory import MemoryTier
 from cwm_server.manager.tiers.redis import RedisTier
-from cwm_server.manager.tiers.sealing import (
-    SEALED,
-    Keyring,
-    KeyUnavailable,
-    is_sealed,
-    parse_envelope,
-    plain_codec,
-)
+from cwm_server.manager.tiers.redis_link import tenant_from_tag
+from cwm_server.manager.tiers.sealing import Keyring, open_chunk, plain_codec, seal_chunk
 
 log = structlog.get_logger("cwm.store")
 
 
 @dataclass(frozen=True)
 class StoreResult:
+    """How a chunk is stored: what its catalog row records."""
+
     codec: int
+    """Its codec as stored, before sealing."""
     stored_size: int
+    raw_size: int
 
 
 class StoreObserver:
@@ -62,6 +65,17 @@ class StoreObserver:
         """A best-effort Redis copy was skipped (Redis away or refusing: `reason`)."""
 
 
+def digest_mismatch(subject: str, digest: bytes, field: str = "chunk.data") -> DataLoss:
+    """The refusal of bytes that arrived for storing under a digest they do not match;
+    `subject` names them for the sender ("chunk 3", "the value of key 'k'")."""
+    return DataLoss(
+        f"{subject}: its bytes do not match its BLAKE3 digest {digest.hex()[:16]}…; it was "
+        "corrupted on the way or the digest was computed over other bytes",
+        field=field,
+        reason="DIGEST_MISMATCH",
+    )
+
+
 class ChunkStore:
     def __init__(
         self,
@@ -77,197 +91,77 @@ class ChunkStore:
         durable tier (policy redis-only: no chunk files). `redis_required`: a chunk write
         that cannot reach Redis fails (shared catalog, or no disk); otherwise Redis is a
         best-effort copy and the manager goes on from its disk while Redis is away."""
-        self.disk = disk
-        self.memory = memory
+        self._disk = disk
+        self._memory = memory
+        self._redis = redis
         self._compress = compress
         self.observer = StoreObserver()
-        self.redis = redis
         self.disk_enabled = disk_enabled or redis is None
         self.redis_required = redis is not None and (redis_required or not self.disk_enabled)
         self.redis_skips = 0
         """Best-effort Redis copies skipped since start (Redis away, full or refusing)."""
         self.keyring: Keyring | None = None
-        """Per-tenant keys (encryption.py): chunks of tenants with an active key are sealed
-        before they reach any tier, and sealed chunks are opened on the way out."""
+        """Per-tenant keys (`sealing`): chunks of tenants with an active key are sealed
+        before they reach any tier below memory, and opened on the way out."""
+
+    @property
+    def has_redis(self) -> bool:
+        return self._redis is not None
+
+    # -- into the store ---------------------------------------------------------------------
 
     def put(
-        self, tenant: str, digest: bytes, raw: bytes, word_size: int, index: int
+        self,
+        tenant: str,
+        digest: bytes,
+        raw: bytes,
+        word_size: int,
+        subject: str,
+        *,
+        field: str = "chunk.data",
+        received: tuple[int, bytes | memoryview] | None = None,
     ) -> StoreResult:
-        """Verify raw bytes against their digest, then store them durably and in memory."""
+        """Verify raw bytes against their digest (DATA_LOSS DIGEST_MISMATCH naming `subject`
+        and `field` if they differ, and nothing is stored), then store them durably and in
+        memory. `received`: (codec, bytes) as the sender encoded them; with compression on,
+        bytes compressed enough to pay are stored as they came (no CPU spent compressing
+        them again), any others are compressed here when that pays."""
         observer = self.observer
         started = time.perf_counter()
         matches = blake3_digest(raw) == digest
         verified = time.perf_counter()
         observer.verified("store", verified - started)
         if not matches:
-            raise DataLoss(
-                f"chunk {index}: its bytes do not match its BLAKE3 digest {digest.hex()[:16]}…; "
-                "it was corrupted on the way or the digest was computed over other bytes",
-                field="chunk.data",
-                reason="DIGEST_MISMATCH",
-            )
-        seal = self.memory.seal_for(raw)  # now: the bytes the BLAKE3 check just passed
-        codec, encoded = encode_if_smaller(raw, word_size) if self._compress else (RAW, raw)
-        stored = self.write_encoded(tenant, digest, codec, word_size, len(raw), encoded, index)
+            raise digest_mismatch(subject, digest, field)
+        seal = self._memory.seal_for(raw)  # now: the bytes the BLAKE3 check just passed
+        codec: int
+        encoded: bytes | memoryview
+        if not self._compress:
+            codec, encoded = RAW, raw
+        elif received is not None and received[0] != RAW and pays(len(received[1]), len(raw)):
+            codec, encoded = received
+        else:
+            codec, encoded = encode_if_smaller(raw, word_size)
+        chunk = StoredChunk(codec, word_size, len(raw), encoded)
+        stored = self._write_durably(tenant, digest, chunk, subject)
         observer.stored(time.perf_counter() - verified)
-        self.memory.put((tenant, digest), raw, seal)
-        return StoreResult(codec=codec, stored_size=stored)
+        self._memory.write(tenant, digest, raw, seal)
+        return StoreResult(codec=codec, stored_size=stored, raw_size=len(raw))
 
-    def get(self, tenant: str, digest: bytes, where: str) -> bytes:
-        """Raw bytes of a chunk, verified; DATA_LOSS naming `where` if they cannot be had."""
-        cached = self.get_from_memory(tenant, digest)
-        if cached is not None:
-            return cached
-        observer = self.observer
-        observer.miss("memory")
-        started = time.perf_counter()
-        try:
-            if not self.disk_enabled:
-                raise ChunkFileMissing(digest.hex())
-            raw = self._read_disk(tenant, digest)
-        except ChunkFileMissing:
-            if self.disk_enabled:
-                observer.miss("disk")
-            if self.redis is not None:
-                return self._get_redis(tenant, digest, where)
-            raise DataLoss(
-                f"{where}: chunk file {digest.hex()} is missing from the store; "
-                "run `cwm fsck` to see what else is affected",
-                reason="CHUNK_MISSING",
-            ) from None
-        except (ChunkFileCorrupt, ValueError) as exc:
-            raise DataLoss(
-                f"{where}: chunk {digest.hex()} is corrupt on disk ({exc}); "
-                "run `cwm fsck` to see what else is affected",
-                reason="CHUNK_CORRUPT",
-            ) from None
-        return self._verified_hit(
-            tenant, digest, raw, "disk", started, f"{where}: chunk {digest.hex()} failed "
-            "verification (stored bytes do not match the digest); refusing to serve it; run "
-            "`cwm fsck`",
-        )  # fmt: skip
-
-    def get_from_memory(self, tenant: str, digest: bytes) -> bytes | None:
-        """The chunk's raw bytes if the memory tier holds them unchanged (its seal checked,
-        see memory_tier), else None; no miss is counted. Cheap enough for the event loop,
-        which a thaw uses to send memory hits without a round trip to an I/O thread."""
-        started = time.perf_counter()
-        cached = self.memory.get((tenant, digest))
-        if cached is None:
-            return None
-        done = time.perf_counter()
-        self.observer.verified("load", done - started)
-        self.observer.hit("memory", done - started)
-        return cached
-
-    def _verified_hit(
-        self, tenant: str, digest: bytes, raw: bytes, tier: str, started: float, refusal: str
-    ) -> bytes:
-        """`raw` read from `tier` if it matches its digest (then also kept in memory);
-        DATA_LOSS with `refusal` if not. Every tier below memory ends its read here."""
-        observer = self.observer
-        checked = time.perf_counter()
-        matches = blake3_digest(raw) == digest
-        done = time.perf_counter()
-        observer.verified("load", done - checked)
-        if not matches:
-            raise DataLoss(refusal, reason="CHUNK_CORRUPT")
-        observer.hit(tier, done - started)
-        self.memory.put((tenant, digest), raw)
-        return raw
-
-    def _read_disk(self, tenant: str, digest: bytes) -> bytes:
-        stored = self.read_stored(tenant, digest)
-        return decode(stored.data, stored.codec, stored.raw_size, stored.word_size)
-
-    # -- encryption at rest (cwm_server.manager.tiers.sealing) --------------------------------
-
-    def seal(
-        self,
-        tenant: str,
-        digest: bytes,
-        codec: int,
-        word_size: int,
-        raw_size: int,
-        encoded: bytes | memoryview,
-    ) -> tuple[int, bytes | memoryview]:
-        """(codec, bytes) as a tier must store them: sealed (codec | SEALED) if the tenant
-        has an active key, else unchanged."""
-        keyring = self.keyring
-        if keyring is None or not keyring.encrypts(tenant):
-            return codec, encoded
-        sealed = keyring.seal(tenant, digest, codec, word_size, raw_size, bytes(encoded))
-        return codec | SEALED, sealed
-
-    def open_stored(self, tenant: str, digest: bytes, stored: StoredChunk) -> StoredChunk:
-        """`stored` with its bytes unsealed if a tier held them sealed. A key this manager
-        lacks is FAILED_PRECONDITION (ENCRYPTION_KEY_UNAVAILABLE); an envelope that does
-        not authenticate raises SealBroken (a ValueError: the callers' "corrupt")."""
-        if not is_sealed(stored.codec):
-            return stored
-        codec = plain_codec(stored.codec)
-        try:
-            if self.keyring is None:
-                raise KeyUnavailable(tenant, _key_id_of(stored.data))
-            data = self.keyring.open(
-                tenant, digest, codec, stored.word_size, stored.raw_size, stored.data
-            )
-        except KeyUnavailable as exc:
-            raise FailedPrecondition(
-                f"chunk {digest.hex()[:16]}…: {exc}; restore the key to the manager's "
-                "--key-file and restart it, or delete the window if its data was shredded",
-                reason="ENCRYPTION_KEY_UNAVAILABLE",
-                metadata={"tenant": tenant, "key_id": exc.key_id},
-            ) from None
-        return StoredChunk(codec, stored.word_size, stored.raw_size, data)
-
-    def read_stored(self, tenant: str, digest: bytes) -> StoredChunk:
-        """The disk's copy of a chunk, unsealed: encoded bytes and their codec."""
-        return self.open_stored(tenant, digest, self.disk.read(tenant, digest))
-
-    def verify_on_disk(self, tenant: str, digest: bytes) -> bool:
-        """True if the disk holds the chunk and it decodes to bytes matching the digest."""
-        try:
-            raw = self._read_disk(tenant, digest)
-        except (ChunkFileMissing, ChunkFileCorrupt, ValueError):
-            return False
-        return blake3_digest(raw) == digest
-
-    def remove(self, tenant: str, digest: bytes) -> None:
-        self.remove_local(tenant, digest)
-        if self.redis is not None:
-            self.redis.remove_many(tenant, [digest])
-
-    def remove_local(self, tenant: str, digest: bytes) -> None:
-        """Drop a chunk from this manager's own tiers (memory, disk), not from Redis."""
-        self.memory.discard((tenant, digest))
-        if self.disk_enabled:
-            self.disk.remove(tenant, digest)
-
-    # -- the Redis tier (cwm_server.manager.tiers.redis) ---------------------------------
-
-    def write_encoded(
-        self,
-        tenant: str,
-        digest: bytes,
-        codec: int,
-        word_size: int,
-        raw_size: int,
-        encoded: bytes | memoryview,
-        index: int,
-    ) -> int:
-        """Write one encoded chunk to the durable tiers the policy names: the disk (unless
-        it is off) and Redis (write-through; required, or best effort, see __init__)."""
+    def _write_durably(self, tenant: str, digest: bytes, chunk: StoredChunk, subject: str) -> int:
+        """Write one encoded chunk, sealed if its tenant encrypts, to the durable tiers the
+        policy names: the disk (unless it is off) and Redis (write-through; required, or
+        best effort, see __init__). Returns the bytes it occupies in the durable tier."""
         stored = 0
-        codec, encoded = self.seal(tenant, digest, codec, word_size, raw_size, encoded)
+        chunk = seal_chunk(self.keyring, tenant, digest, chunk)
         if self.disk_enabled:
             try:
-                stored = self.disk.write(tenant, digest, codec, word_size, raw_size, encoded)
+                stored = self._disk.write(tenant, digest, chunk)
             except OSError as exc:
-                raise _write_error(index, exc) from None
-        if self.redis is not None:
+                raise _write_error(subject, exc) from None
+        if self._redis is not None:
             try:
-                in_redis = self.redis.put(tenant, digest, codec, word_size, raw_size, encoded)
+                in_redis = self._redis.write(tenant, digest, chunk)
             except CwmError as exc:  # away (UNAVAILABLE) or refusing (REDIS_FULL, ...)
                 if self.redis_required:
                     raise
@@ -285,75 +179,250 @@ class ChunkStore:
                     stored = in_redis
         return stored
 
-    def _get_redis(self, tenant: str, digest: bytes, where: str) -> bytes:
-        """Read memory and disk missed: Redis, verified, promoted to the memory tier."""
-        assert self.redis is not None
+    # -- out of the store -------------------------------------------------------------------
+
+    def get(self, tenant: str, digest: bytes, where: str) -> bytes:
+        """Raw bytes of a chunk, verified, from memory, else disk, else Redis (a hit below
+        memory enters memory); DATA_LOSS naming `where` if they cannot be had."""
+        cached = self.get_from_memory(tenant, digest)
+        if cached is not None:
+            return cached
         observer = self.observer
+        observer.miss("memory")
+        started = time.perf_counter()
+        raw = None
+        if self.disk_enabled:
+            try:
+                found = self._disk.read(tenant, digest)
+                if found is not None:
+                    raw = self._decoded(tenant, digest, found)
+            except ValueError as exc:  # ChunkCorrupt, or bytes that do not decode
+                raise DataLoss(
+                    f"{where}: chunk {digest.hex()} is corrupt on disk ({exc}); "
+                    "run `cwm fsck` to see what else is affected",
+                    reason="CHUNK_CORRUPT",
+                ) from None
+            if raw is None:
+                observer.miss("disk")
+        if raw is None:
+            if self._redis is not None:
+                return self._get_redis(tenant, digest, where)
+            raise DataLoss(
+                f"{where}: chunk file {digest.hex()} is missing from the store; "
+                "run `cwm fsck` to see what else is affected",
+                reason="CHUNK_MISSING",
+            )
+        if not self._verify_load(digest, raw):
+            raise DataLoss(
+                f"{where}: chunk {digest.hex()} failed verification (stored bytes do not "
+                "match the digest); refusing to serve it; run `cwm fsck`",
+                reason="CHUNK_CORRUPT",
+            )
+        self._loaded(tenant, digest, raw, "disk", started)
+        return raw
+
+    def get_from_memory(self, tenant: str, digest: bytes) -> bytes | None:
+        """The chunk's raw bytes if the memory tier holds them unchanged (its seal checked,
+        see memory), else None; no miss is counted. Cheap enough for the event loop, which
+        a thaw uses to send memory hits without a round trip to an I/O thread."""
+        started = time.perf_counter()
+        cached = self._memory.read(tenant, digest)
+        if cached is None:
+            return None
+        done = time.perf_counter()
+        self.observer.verified("load", done - started)
+        self.observer.hit("memory", done - started)
+        return cached
+
+    def get_as_stored(
+        self, tenant: str, digest: bytes, accept: Container[int]
+    ) -> StoredChunk | None:
+        """The disk's copy of a chunk, opened but still encoded, if its codec is one of
+        `accept` and it decodes to bytes matching the digest (which then enter memory);
+        None to take `get` instead, which reports whatever is wrong. A thaw whose client
+        takes the stored codec sends these bytes as they are, without encoding them again."""
+        if not self.disk_enabled:
+            return None
         started = time.perf_counter()
         try:
-            stored = self.redis.get(tenant, digest)
-            if stored is None:
-                observer.miss("redis")
+            found = self._disk.read(tenant, digest)
+            if found is None:
+                return None
+            stored = open_chunk(self.keyring, tenant, digest, found)
+            if stored.codec not in accept:
+                return None
+            raw = decode(stored.data, stored.codec, stored.raw_size, stored.word_size)
+        except ValueError:
+            return None
+        if not self._verify_load(digest, raw):
+            return None
+        self._loaded(tenant, digest, raw, "disk", started)
+        return stored
+
+    def _get_redis(self, tenant: str, digest: bytes, where: str) -> bytes:
+        """Read memory and disk missed: Redis, verified, promoted to the memory tier."""
+        assert self._redis is not None
+        started = time.perf_counter()
+        try:
+            found = self._redis.read(tenant, digest)
+            if found is None:
+                self.observer.miss("redis")
                 raise DataLoss(
                     f"{where}: chunk {digest.hex()} is in neither this manager's tiers nor "
                     "Redis; run `cwm fsck` to see what else is affected",
                     reason="CHUNK_MISSING",
                 )
-            stored = self.open_stored(tenant, digest, stored)
-            raw = decode(stored.data, stored.codec, stored.raw_size, stored.word_size)
+            raw = self._decoded(tenant, digest, found)
         except ValueError as exc:
             raise DataLoss(
                 f"{where}: chunk {digest.hex()} is corrupt in Redis ({exc})",
                 reason="CHUNK_CORRUPT",
             ) from None
-        return self._verified_hit(
-            tenant, digest, raw, "redis", started, f"{where}: chunk {digest.hex()} failed "
-            "verification (the bytes in Redis do not match the digest); refusing to serve it",
-        )  # fmt: skip
+        if not self._verify_load(digest, raw):
+            raise DataLoss(
+                f"{where}: chunk {digest.hex()} failed verification (the bytes in Redis do "
+                "not match the digest); refusing to serve it",
+                reason="CHUNK_CORRUPT",
+            )
+        self._loaded(tenant, digest, raw, "redis", started)
+        return raw
+
+    def _decoded(self, tenant: str, digest: bytes, found: StoredChunk) -> bytes:
+        """The raw bytes of a chunk as a tier below memory holds it (ValueError if they
+        cannot be had: a broken seal, or bytes that do not decode)."""
+        stored = open_chunk(self.keyring, tenant, digest, found)
+        return decode(stored.data, stored.codec, stored.raw_size, stored.word_size)
+
+    def _verify_load(self, digest: bytes, raw: bytes) -> bool:
+        """Whether `raw`, read from a tier below memory, matches its digest (timed)."""
+        checked = time.perf_counter()
+        matches: bool = blake3_digest(raw) == digest
+        self.observer.verified("load", time.perf_counter() - checked)
+        return matches
+
+    def _loaded(self, tenant: str, digest: bytes, raw: bytes, tier: str, started: float) -> None:
+        """A verified read from `tier`: counted, and kept in memory for the next one."""
+        self.observer.hit(tier, time.perf_counter() - started)
+        self._memory.write(tenant, digest, raw)
+
+    # -- checks of the disk's copy ------------------------------------------------------------
+
+    def check_disk_copy(self, tenant: str, digest: bytes) -> StoredChunk | None:
+        """The disk's copy of a chunk exactly as it rests (sealed if it is), once one read
+        has shown that it opens, decodes and matches its digest; None if there is no file.
+        ChunkCorrupt says why a copy is unsound (`why`: its header, its seal, "does not
+        decode: ...", "digest mismatch"); FAILED_PRECONDITION if it is sealed with a key
+        this store lacks; an unreadable file raises the OSError."""
+        found = self._disk.read(tenant, digest)
+        if found is None:
+            return None
+        stored = open_chunk(self.keyring, tenant, digest, found)
+        try:
+            raw = decode(stored.data, stored.codec, stored.raw_size, stored.word_size)
+        except ValueError as exc:
+            raise ChunkCorrupt(f"does not decode: {exc}") from None
+        if blake3_digest(raw) != digest:
+            raise ChunkCorrupt("digest mismatch")
+        return found
+
+    def verified_on_disk(self, tenant: str, digest: bytes) -> StoreResult | None:
+        """How the disk holds a chunk, if it holds a sound copy (see `check_disk_copy`);
+        None if it holds none. A commit counts on such a chunk when no row lists it."""
+        found = self._sound_disk_copy(tenant, digest)
+        if found is None:
+            return None
+        return StoreResult(plain_codec(found.codec), found.stored_size, found.raw_size)
+
+    def described_on_disk(self, tenant: str, digest: bytes) -> StoreResult | None:
+        """How the disk's file of a chunk says the chunk is stored (its header and size;
+        nothing verified, even a sealed file whose key is missing answers); None if there
+        is no file. fsck rebuilds a lost catalog row from it."""
+        found = self._disk.read(tenant, digest)
+        if found is None:
+            return None
+        return StoreResult(plain_codec(found.codec), found.stored_size, found.raw_size)
+
+    def _sound_disk_copy(self, tenant: str, digest: bytes) -> StoredChunk | None:
+        try:
+            return self.check_disk_copy(tenant, digest)
+        except ValueError:
+            return None
+
+    def chunk_path(self, tenant: str, digest: bytes) -> Path:
+        """Where the disk keeps (or would keep) a chunk's file, for messages."""
+        return self._disk.path_for(tenant, digest)
+
+    def disk_files(self) -> Iterator[DiskFile]:
+        """Every file under the disk tier's root, told apart (see `DiskTier.files`)."""
+        return self._disk.files()
+
+    # -- removal ----------------------------------------------------------------------------
+
+    def remove(self, tenant: str, digest: bytes) -> None:
+        """Drop a chunk from every tier."""
+        self.remove_local(tenant, digest)
+        if self._redis is not None:
+            self._redis.remove(tenant, [digest])
+
+    def remove_local(self, tenant: str, digest: bytes) -> None:
+        """Drop a chunk from this manager's own tiers (memory, disk), not from Redis."""
+        self._memory.remove(tenant, [digest])
+        if self.disk_enabled:
+            self._disk.remove(tenant, [digest])
+
+    def remove_from_redis(self, tenant: str, digests: Sequence[bytes]) -> None:
+        """Drop chunks' Redis copies (nothing without a Redis tier); UNAVAILABLE if Redis
+        cannot be reached."""
+        if self._redis is not None:
+            self._redis.remove(tenant, digests)
+
+    # -- the shared tier (Redis) --------------------------------------------------------------
 
     def ensure_in_redis(self, tenant: str, digests: list[bytes]) -> set[bytes]:
         """Which of `digests` Redis holds, after copying there the ones it lacks that this
         manager's memory or disk holds (verified). UNAVAILABLE if Redis cannot be reached."""
-        if self.redis is None:
+        redis = self._redis
+        if redis is None:
             return set(digests)
-        present = self.redis.present(tenant, digests)
+        present = redis.contains(tenant, digests)
         for digest in digests:
             if digest in present:
                 continue
-            raw = self.memory.get((tenant, digest))
+            raw = self._memory.read(tenant, digest)
             if raw is not None:
-                codec, data = self.seal(tenant, digest, RAW, 1, len(raw), raw)
-                self.redis.put(tenant, digest, codec, 1, len(raw), data)
+                chunk = StoredChunk(RAW, 1, len(raw), raw)
+                redis.write(tenant, digest, seal_chunk(self.keyring, tenant, digest, chunk))
                 present.add(digest)
                 continue
-            if self.disk_enabled and self.verify_on_disk(tenant, digest):
-                stored = self.disk.read(tenant, digest)
-                self.redis.put(
-                    tenant, digest, stored.codec, stored.word_size, stored.raw_size, stored.data
-                )
+            found = self._sound_disk_copy(tenant, digest) if self.disk_enabled else None
+            if found is not None:
+                redis.write(tenant, digest, found)  # as it rests: sealed if it is
                 present.add(digest)
         return present
 
+    def chunks_in_redis(self) -> Iterator[tuple[str, bytes]]:
+        """(tenant, digest) of every chunk Redis holds under this manager's prefix (a SCAN
+        of every master: slow on a big keyspace); nothing without a Redis tier."""
+        if self._redis is None:
+            return
+        for tag, digest in self._redis.scan():
+            tenant = tenant_from_tag(tag)
+            if tenant is not None:
+                yield tenant, digest
 
-def _write_error(index: int, exc: OSError) -> CwmError:
+
+def _write_error(subject: str, exc: OSError) -> CwmError:
     """A disk that cannot take the chunk is the server's condition, not the client's
     mistake: full → RESOURCE_EXHAUSTED, anything else → UNAVAILABLE (retry elsewhere/later).
     Nothing is committed either way; the freeze's clean-up removes what was written."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return ResourceExhausted(
-            f"chunk {index}: the manager's disk is full ({exc.strerror}); free space or "
+            f"{subject}: the manager's disk is full ({exc.strerror}); free space or "
             "delete windows, then retry",
             reason="DISK_FULL",
         )
     return Unavailable(
-        f"chunk {index}: the manager cannot write to its data dir ({exc.strerror}); `cwm "
+        f"{subject}: the manager cannot write to its data dir ({exc.strerror}); `cwm "
         "status` shows the disk tier's health",
         reason="DISK_UNWRITABLE",
     )
-
-
-def _key_id_of(envelope: bytes | memoryview) -> str:
-    try:
-        return parse_envelope(envelope)[0]
-    except ValueError:
-        return "?"

@@ -12,13 +12,8 @@ from typing import Any
 import pytest
 
 from cwm_client.chunks import digest as blake3_digest
-from cwm_server.manager.tiers.disk import (
-    HEADER_SIZE,
-    STAGING_BYTES,
-    TMP_SUFFIX,
-    DiskTier,
-    pack_header,
-)
+from cwm_server.manager.tiers.disk import STAGING_BYTES, TMP_SUFFIX, DiskTier
+from cwm_server.manager.tiers.format import HEADER_SIZE, StoredChunk, pack_header
 
 SIZES = [
     1,
@@ -47,11 +42,12 @@ def _supports_direct(directory: Path) -> bool:
 def _write_and_check(tier: DiskTier, size: int) -> None:
     data = os.urandom(size)
     digest = blake3_digest(data)
-    stored = tier.write("t", digest, 1, 2, size, data)
+    stored = tier.write("t", digest, StoredChunk(1, 2, size, data))
     path = tier.path_for("t", digest)
     assert stored == HEADER_SIZE + size == path.stat().st_size
     assert path.read_bytes() == pack_header(1, 2, size) + data
-    assert tier.read("t", digest).data == data
+    found = tier.read("t", digest)
+    assert found is not None and found.data == data
     assert not list(path.parent.glob(f"*{TMP_SUFFIX}"))
 
 
@@ -148,7 +144,7 @@ def test_nothing_is_written_past_the_end_and_cut_back(
     for extra in range(16):
         data = os.urandom((256 << 10) + 5 + extra)
         ends.clear()
-        tier.write("t", blake3_digest(data), 1, 2, len(data), data)
+        tier.write("t", blake3_digest(data), StoredChunk(1, 2, len(data), data))
         total = HEADER_SIZE + len(data)
         assert max(ends) == total  # the file was never longer than its bytes
         assert tier.path_for("t", blake3_digest(data)).read_bytes()[HEADER_SIZE:] == data
@@ -166,7 +162,7 @@ def test_other_errors_are_not_swallowed(tmp_path: Path, monkeypatch: pytest.Monk
     tier = DiskTier(tmp_path)
     data = os.urandom(1000)
     with pytest.raises(OSError) as caught:
-        tier.write("t", blake3_digest(data), 1, 2, len(data), data)
+        tier.write("t", blake3_digest(data), StoredChunk(1, 2, len(data), data))
     assert caught.value.errno == errno.ENOSPC
     assert tier.direct
     path = tier.path_for("t", blake3_digest(data))

@@ -29,13 +29,13 @@ def test_a_changed_entry_is_dropped_counted_and_not_served() -> None:
     memory = MemoryTier(1 << 20)
     raw = os.urandom(4096)
     key = ("t", blake3_digest(raw))
-    memory.put(key, raw)
-    assert memory.get(key) == raw
+    memory.write(*key, raw)
+    assert memory.read(*key) == raw
     _flip_in_memory(memory, key)
-    assert memory.get(key) is None
+    assert memory.read(*key) is None
     assert memory.corrupt == 1
     assert len(memory) == 0 and memory.held_bytes == 0
-    assert memory.get(key) is None  # gone, not counted twice
+    assert memory.read(*key) is None  # gone, not counted twice
     assert memory.corrupt == 1
 
 
@@ -44,11 +44,11 @@ def test_store_reads_the_disk_copy_when_memory_changed(tmp_path: Path) -> None:
     store = ChunkStore(DiskTier(tmp_path), memory, compress=False)
     raw = os.urandom(64 << 10)
     digest = blake3_digest(raw)
-    store.put("t", digest, raw, 2, 0)
+    store.put("t", digest, raw, 2, "chunk 0")
     _flip_in_memory(memory, ("t", digest))
     assert store.get("t", digest, "test") == raw
     assert memory.corrupt == 1
-    assert memory.get(("t", digest)) == raw  # the verified disk copy took its place
+    assert memory.read("t", digest) == raw  # the verified disk copy took its place
 
 
 def test_changed_memory_and_no_other_copy_is_data_loss(tmp_path: Path) -> None:
@@ -57,7 +57,7 @@ def test_changed_memory_and_no_other_copy_is_data_loss(tmp_path: Path) -> None:
     store = ChunkStore(disk, memory, compress=False)
     raw = os.urandom(64 << 10)
     digest = blake3_digest(raw)
-    store.put("t", digest, raw, 2, 0)
+    store.put("t", digest, raw, 2, "chunk 0")
     _flip_in_memory(memory, ("t", digest))
     disk.path_for("t", digest).unlink()
     with pytest.raises(DataLoss) as caught:
@@ -72,8 +72,8 @@ def test_bytes_changed_between_their_check_and_the_put_are_caught() -> None:
     seal = memory.seal_for(raw)  # taken right after the BLAKE3 check
     flipped = bytearray(raw)
     flipped[0] ^= 0x80
-    memory.put(key, bytes(flipped), seal)  # changed before it was put
-    assert memory.get(key) is None and memory.corrupt == 1
+    memory.write(*key, bytes(flipped), seal)  # changed before it was written
+    assert memory.read(*key) is None and memory.corrupt == 1
     assert MemoryTier(100).seal_for(raw) is None  # too large to keep: no seal computed
 
 
@@ -91,4 +91,4 @@ def test_a_thaw_serves_the_disk_copy_of_changed_memory_entries(
     assert thawed == [c.raw for c in chunks]
     assert memory.corrupt == len(chunks[::2])
     for chunk in chunks:  # every entry holds verified bytes again
-        assert memory.get(("default", chunk.digest)) == chunk.raw
+        assert memory.read("default", chunk.digest) == chunk.raw

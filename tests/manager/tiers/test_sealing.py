@@ -30,7 +30,7 @@ from cwm_client.errors import DataLoss, FailedPrecondition
 from cwm_server.fsck import UNVERIFIABLE, run_fsck
 from cwm_server.manager.config import ManagerConfig, ServerOptions
 from cwm_server.manager.rpc import auth
-from cwm_server.manager.tiers.disk import HEADER_SIZE
+from cwm_server.manager.tiers.format import HEADER_SIZE
 from cwm_server.manager.tiers.sealing import (
     SEALED,
     KeyFileError,
