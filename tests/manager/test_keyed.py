@@ -21,7 +21,8 @@ from cwm_client.errors import (
 from cwm_client.keyed import put_requests
 from cwm_server.fsck import run_fsck
 from cwm_server.manager.config import ManagerConfig
-from cwm_server.manager.keyed import KeyedChunks
+from cwm_server.manager.keyed.chunks import KeyedChunks
+from cwm_server.manager.keyed.put import IncomingValue
 from tests.helpers import FINGERPRINT, ThreadedManager, synthetic_chunks, token_ids
 
 KEY = "vllm@model@1@0@{:016x}@bfloat16"
@@ -270,3 +271,63 @@ async def test_async_client_round_trip(manager: ThreadedManager) -> None:
         assert [i.key async for i in keyed.list_keys(page_size=2)] == sorted(v.key for v in values)
         assert (await keyed.delete([values[0].key])).keys_deleted == 1
         assert await keyed.contains_prefix([v.key for v in values]) == 0
+
+
+def _first_part(**changes: object) -> pb.KeyedChunkPart:
+    fields: dict[str, object] = {"key": "k", "digest": digest(b"abcdef"), "raw_size": 6}
+    fields.update(changes)
+    return pb.KeyedChunkPart(**fields)  # type: ignore[arg-type]
+
+
+def test_a_value_fills_part_by_part_to_its_raw_size() -> None:
+    incoming = IncomingValue.start(_first_part(data=b"abc", word_size=2), max_chunk_bytes=1024)
+    assert incoming.word_size == 2 and incoming.subject == "the value of key 'k'"
+    assert not incoming.add(b"abc")
+    incoming.check_next(pb.KeyedChunkPart(key="k", data_offset=3, data=b"def"))
+    assert incoming.add(b"def")
+    assert bytes(incoming.buffer) == b"abcdef"
+    assert IncomingValue.start(_first_part(), max_chunk_bytes=6).word_size == 1  # 0: bytes
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"key": ""}, "part.key"),
+        ({"data_offset": 1}, "part.data_offset"),
+        ({"digest": b"short"}, "part.digest"),
+        ({"raw_size": 0}, "part.raw_size"),
+        ({"raw_size": 7}, "part.raw_size"),  # above max_chunk_bytes
+        ({"metadata": bytes(65537)}, "part.metadata"),
+        ({"word_size": 3}, "part.word_size"),
+    ],
+)
+def test_a_first_part_that_cannot_start_a_value_is_refused(
+    changes: dict[str, object], field: str
+) -> None:
+    with pytest.raises(InvalidArgument) as refused:
+        IncomingValue.start(_first_part(**changes), max_chunk_bytes=6)
+    assert refused.value.field == field
+
+
+@pytest.mark.parametrize(
+    ("part", "field"),
+    [
+        (pb.KeyedChunkPart(key="other", data_offset=3), "part.key"),  # values interleave
+        (pb.KeyedChunkPart(key="k", data_offset=2), "part.data_offset"),
+        (pb.KeyedChunkPart(key="k", data_offset=3, raw_size=7), "part.digest"),
+        (pb.KeyedChunkPart(key="k", data_offset=3, digest=bytes(32)), "part.digest"),
+    ],
+)
+def test_a_later_part_must_continue_its_value(part: pb.KeyedChunkPart, field: str) -> None:
+    incoming = IncomingValue.start(_first_part(), max_chunk_bytes=6)
+    incoming.add(b"abc")
+    with pytest.raises(InvalidArgument) as refused:
+        incoming.check_next(part)
+    assert refused.value.field == field
+
+
+def test_parts_past_the_raw_size_are_refused() -> None:
+    incoming = IncomingValue.start(_first_part(), max_chunk_bytes=6)
+    with pytest.raises(InvalidArgument) as refused:
+        incoming.add(b"abcdefg")
+    assert refused.value.field == "part.data" and incoming.filled == 0

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import grpc.aio
 
 from cwm_client import pb
-from cwm_server.manager.keyed import KeyedChunks
+from cwm_server.manager.keyed.chunks import KeyedChunks
 from cwm_server.manager.rpc.tenancy import current_tenant
 from cwm_server.manager.windows.manager import WindowManager
 

@@ -11,7 +11,7 @@ import grpc.aio
 
 from cwm_client import pb
 from cwm_server.manager.rpc.tenancy import current_tenant
-from cwm_server.manager.windows.freeze import FreezeSession
+from cwm_server.manager.windows.freeze import FreezeStream
 from cwm_server.manager.windows.manager import WindowManager
 from cwm_server.manager.windows.thaw import open_thaw
 
@@ -20,56 +20,53 @@ class WindowServicer(pb.WindowServiceServicer):
     def __init__(self, manager: WindowManager) -> None:
         self._manager = manager
 
-    def _tenant(self, context: grpc.aio.ServicerContext) -> str:
-        return current_tenant(context)
-
     async def Freeze(  # noqa: N802 - gRPC method name
         self,
         request_iterator: AsyncIterator[pb.FreezeRequest],
         context: grpc.aio.ServicerContext,
     ) -> pb.FreezeResponse:
-        session = FreezeSession(self._manager, self._tenant(context))
-        return await session.run(request_iterator)
+        stream = FreezeStream(self._manager, current_tenant(context))
+        return await stream.run(request_iterator)
 
     async def Thaw(  # noqa: N802
         self, request: pb.ThawRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[Any]:
         """The window (a ThawResponse), then its chunk parts as wire.PreEncoded
         ThawResponses, which the interceptor's response serializer sends as they are."""
-        plan = await open_thaw(self._manager, self._tenant(context), request)
+        stream = await open_thaw(self._manager, current_tenant(context), request)
         try:
-            yield pb.ThawResponse(window=plan.window)
-            async for response in plan.responses():
+            yield pb.ThawResponse(window=stream.window)
+            async for response in stream.responses():
                 yield response
         finally:
-            plan.close()
+            stream.close()
 
     async def FindMissingChunks(  # noqa: N802
         self, request: pb.FindMissingChunksRequest, context: grpc.aio.ServicerContext
     ) -> pb.FindMissingChunksResponse:
-        missing = await self._manager.find_missing(self._tenant(context), list(request.digests))
+        missing = await self._manager.find_missing(current_tenant(context), list(request.digests))
         return pb.FindMissingChunksResponse(missing_digests=missing)
 
     async def ListWindows(  # noqa: N802
         self, request: pb.ListWindowsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListWindowsResponse:
-        windows, token = await self._manager.list(self._tenant(context), request)
+        windows, token = await self._manager.list(current_tenant(context), request)
         return pb.ListWindowsResponse(windows=windows, next_page_token=token)
 
     async def GetWindow(  # noqa: N802
         self, request: pb.GetWindowRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetWindowResponse:
-        window = await self._manager.get(self._tenant(context), request.name, request.view)
+        window = await self._manager.get(current_tenant(context), request.name, request.view)
         return pb.GetWindowResponse(window=window)
 
     async def CloneWindow(  # noqa: N802
         self, request: pb.CloneWindowRequest, context: grpc.aio.ServicerContext
     ) -> pb.CloneWindowResponse:
-        window = await self._manager.clone(self._tenant(context), request)
+        window = await self._manager.clone(current_tenant(context), request)
         return pb.CloneWindowResponse(window=window)
 
     async def DeleteWindow(  # noqa: N802
         self, request: pb.DeleteWindowRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteWindowResponse:
-        freed, freed_bytes = await self._manager.delete(self._tenant(context), request.name)
+        freed, freed_bytes = await self._manager.delete(current_tenant(context), request.name)
         return pb.DeleteWindowResponse(chunks_freed=freed, bytes_freed=freed_bytes)

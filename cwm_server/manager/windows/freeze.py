@@ -17,94 +17,27 @@ from dataclasses import dataclass, field
 import structlog
 
 from cwm_client import pb
-from cwm_client.chunks import (
-    DIGEST_SIZE,
-    DTYPE_SIZE,
-    AssembledChunk,
-    ChunkAssembler,
-    chunk_raw_size,
-    token_spans,
-)
-from cwm_client.chunks import digest as blake3_digest
-from cwm_client.codecs import RAW, decode, pays
-from cwm_client.errors import DataLoss, FailedPrecondition, InvalidArgument
-from cwm_client.names import check_window_name
-from cwm_server.manager.catalog.sqlite import NewChunk, WindowExists, basic_view
+from cwm_client.chunks import DTYPE_SIZE, AssembledChunk, ChunkAssembler, chunk_raw_size
+from cwm_client.codecs import decode
+from cwm_client.errors import FailedPrecondition, InvalidArgument
+from cwm_server.manager.catalog.base import NewChunk, WindowExists, basic_view
 from cwm_server.manager.quotas import Reservation, declared_chunks, reserve_on_catalog_thread
-from cwm_server.manager.tiers.disk import HEADER_SIZE
-from cwm_server.manager.tiers.sealing import plain_codec
 from cwm_server.manager.tiers.store import StoreResult
-from cwm_server.manager.windows.checks import check_labels, expiry_from_ttl, now_timestamp
+from cwm_server.manager.windows.checks import expiry_from_ttl
+from cwm_server.manager.windows.header import Spans, check_chunk_start, validate_header, window_info
 from cwm_server.manager.windows.manager import WindowManager, window_exists_error
-from cwm_server.manager.windows.uploads import check_upload
 
 log = structlog.get_logger("cwm.freeze")
-
-MAX_TOKENS = 16_000_000
 
 CANCEL_SETTLE_S = 0.005
 """How long a freeze waits after its request stream ends before committing.
 
 grpc.aio ends the request iterator the same way for a client's half-close (the stream is
 complete) and for a client's cancel (it is not); the cancel itself reaches the handler as a
-CancelledError a fraction of a millisecond later. Committing at once let a cancelled freeze
-become visible (2 of 12 tries when the client cancelled after its last chunk). Waiting this
-long lets the cancel land first; a cancel that arrives while the commit runs still rolls it
-back (see `FreezeSession._abandoned`)."""
-
-
-def validate_header(header: pb.FreezeHeader, max_chunk_bytes: int) -> list[tuple[int, int]]:
-    """Check a FreezeHeader; returns the (token_start, token_count) span of each chunk."""
-    check_window_name(header.name)
-    if header.parent:
-        check_window_name(header.parent, "parent")
-    check_labels(header.tags, header.description)
-    fp = header.fingerprint
-    if not header.HasField("fingerprint"):
-        raise InvalidArgument("header.fingerprint is required", field="fingerprint")
-    if fp.kv_dtype not in DTYPE_SIZE:
-        raise InvalidArgument("fingerprint.kv_dtype must be set", field="fingerprint.kv_dtype")
-    for name in ("num_layers", "num_kv_heads", "head_dim"):
-        if getattr(fp, name) == 0:
-            raise InvalidArgument(
-                f"fingerprint.{name} must be positive", field=f"fingerprint.{name}"
-            )
-    if header.chunk_tokens == 0:
-        raise InvalidArgument("chunk_tokens must be positive", field="chunk_tokens")
-    if fp.block_size and header.chunk_tokens % fp.block_size:
-        raise InvalidArgument(
-            f"chunk_tokens {header.chunk_tokens} is not a multiple of the engine block size "
-            f"{fp.block_size}",
-            field="chunk_tokens",
-        )
-    tokens = len(header.token_ids)
-    if tokens == 0 or tokens > MAX_TOKENS:
-        raise InvalidArgument(
-            f"token_ids must hold 1..{MAX_TOKENS} tokens, got {tokens}", field="token_ids"
-        )
-    full_chunk = chunk_raw_size(fp, header.chunk_tokens)
-    if full_chunk > max_chunk_bytes:
-        raise InvalidArgument(
-            f"a chunk of {header.chunk_tokens} tokens would be {full_chunk} bytes; this "
-            f"manager accepts at most {max_chunk_bytes}: use fewer chunk_tokens",
-            field="chunk_tokens",
-        )
-    spans = token_spans(tokens, header.chunk_tokens)
-    if len(header.chunk_digests) != len(spans):
-        raise InvalidArgument(
-            f"{tokens} tokens in chunks of {header.chunk_tokens} make {len(spans)} chunks, "
-            f"but chunk_digests lists {len(header.chunk_digests)}",
-            field="chunk_digests",
-        )
-    for index, digest in enumerate(header.chunk_digests):
-        if len(digest) != DIGEST_SIZE:
-            raise InvalidArgument(
-                f"chunk_digests[{index}] is {len(digest)} bytes; BLAKE3 digests are {DIGEST_SIZE}",
-                field=f"chunk_digests[{index}]",
-            )
-    expiry_from_ttl(header.ttl_seconds)
-    check_upload(header)
-    return spans
+CancelledError a moment later. Committing at once let a cancelled freeze become visible
+now and then when the client cancelled after its last chunk. Waiting this long lets the
+cancel land first; a cancel that arrives while the commit runs still rolls it
+back (see `FreezeStream._abandoned`)."""
 
 
 @dataclass
@@ -114,11 +47,14 @@ class _Received:
     encoded_bytes: int = 0
     started: set[bytes] = field(default_factory=set)
     """Digests whose store began: their files may exist even if the stream fails."""
-    writes: list[concurrent.futures.Future[object]] = field(default_factory=list)
+    writes: list[concurrent.futures.Future[StoreResult]] = field(default_factory=list)
     """Every disk write submitted, so a failed stream can wait for them before cleaning."""
 
 
-class FreezeSession:
+class FreezeStream:
+    """One Freeze call (not to be confused with SessionService.FreezeSession, an order to
+    an agent, which ends in such a stream from the agent)."""
+
     def __init__(self, manager: WindowManager, tenant: str) -> None:
         self._manager = manager
         self._tenant = tenant
@@ -197,9 +133,7 @@ class FreezeSession:
             chunks_staged=from_staged,
         )
 
-    async def _reserve_quota(
-        self, header: pb.FreezeHeader, spans: list[tuple[int, int]]
-    ) -> Reservation:
+    async def _reserve_quota(self, header: pb.FreezeHeader, spans: Spans) -> Reservation:
         """Reserve the chunks the header declares that the tenant does not store yet, and
         one window unless it replaces one, against the tenant's quota: RESOURCE_EXHAUSTED
         (QUOTA_EXCEEDED) before any byte is received if they do not fit. Runs on the
@@ -235,7 +169,7 @@ class FreezeSession:
         self,
         requests: AsyncIterator[pb.FreezeRequest],
         header: pb.FreezeHeader,
-        spans: list[tuple[int, int]],
+        spans: Spans,
     ) -> None:
         config = self._manager.config
         word = DTYPE_SIZE[header.fingerprint.kv_dtype]
@@ -251,7 +185,7 @@ class FreezeSession:
                     )
                 part = request.chunk
                 if not assembler.in_progress:
-                    self._check_chunk_start(part, header, spans, last_index)
+                    check_chunk_start(part, header, spans, last_index)
                     last_index = part.index
                 whole = assembler.add(part)
                 if whole is not None:
@@ -267,49 +201,6 @@ class FreezeSession:
             if not storer.done():
                 storer.cancel()
                 await asyncio.gather(storer, return_exceptions=True)
-
-    def _check_chunk_start(
-        self,
-        part: pb.Chunk,
-        header: pb.FreezeHeader,
-        spans: list[tuple[int, int]],
-        last_index: int,
-    ) -> None:
-        index = part.index
-        if index >= len(spans):
-            raise InvalidArgument(
-                f"chunk index {index} is out of range: the header describes {len(spans)} chunks",
-                field="chunk.index",
-            )
-        if index <= last_index:
-            raise InvalidArgument(
-                f"chunk {index} arrived after chunk {last_index}: chunks must be sent once "
-                "each, in increasing index order",
-                field="chunk.index",
-            )
-        start, count = spans[index]
-        if part.token_start != start or part.token_count != count:
-            raise InvalidArgument(
-                f"chunk {index} claims tokens [{part.token_start}, +{part.token_count}) but "
-                f"the header puts it at [{start}, +{count})",
-                field="chunk.token_start",
-            )
-        expected = chunk_raw_size(header.fingerprint, count)
-        if part.raw_size != expected:
-            raise InvalidArgument(
-                f"chunk {index}: raw_size {part.raw_size} does not match the fingerprint "
-                f"(2 x {header.fingerprint.num_layers} layers x {count} tokens x "
-                f"{header.fingerprint.num_kv_heads} heads x {header.fingerprint.head_dim} dim "
-                f"x {DTYPE_SIZE[header.fingerprint.kv_dtype]} bytes = {expected})",
-                field="chunk.raw_size",
-            )
-        if part.digest != header.chunk_digests[index]:
-            raise InvalidArgument(
-                f"chunk {index}: its digest differs from chunk_digests[{index}] in the header",
-                field="chunk.digest",
-            )
-        if part.codec not in pb.ChunkCodec.values() or part.codec == 0:
-            raise InvalidArgument(f"chunk {index}: unknown codec {part.codec}", field="chunk.codec")
 
     async def _store_all(self, queue: asyncio.Queue[AssembledChunk | None], word: int) -> None:
         """Verify and store queued chunks, up to `parallel` at once on the I/O threads.
@@ -341,8 +232,8 @@ class FreezeSession:
             for finished in asyncio.as_completed(in_flight):
                 await finished
         finally:
-            for task in in_flight:
-                task.cancel()
+            for running in in_flight:
+                running.cancel()
 
     async def _store_one(self, chunk: AssembledChunk, word: int) -> None:
         manager = self._manager
@@ -361,7 +252,7 @@ class FreezeSession:
     async def _commit(
         self,
         header: pb.FreezeHeader,
-        spans: list[tuple[int, int]],
+        spans: Spans,
         staged: dict[bytes, NewChunk],
     ) -> tuple[pb.WindowInfo, list[bytes], int]:
         """Commit the window; returns it, the digests a replace freed, and how many of its
@@ -380,13 +271,9 @@ class FreezeSession:
                 row = manager.catalog.chunk(tenant, digest)
                 if row is not None:
                     known[digest] = NewChunk(digest, row.raw_size, row.stored_size, row.codec)
-                elif manager.store.verify_on_disk(tenant, digest):
-                    stored = manager.disk.read(tenant, digest)
+                elif (on_disk := manager.store.verified_on_disk(tenant, digest)) is not None:
                     known[digest] = NewChunk(
-                        digest,
-                        stored.raw_size,
-                        HEADER_SIZE + len(stored.data),
-                        plain_codec(stored.codec),
+                        digest, on_disk.raw_size, on_disk.stored_size, on_disk.codec
                     )
                 else:
                     hint = (
@@ -401,7 +288,7 @@ class FreezeSession:
                         field=f"chunk_digests[{index}]",
                         reason="CHUNK_NOT_SENT",
                     )
-            window = _window_info(tenant, header, spans, known, expires)
+            window = window_info(tenant, header, spans, known, expires)
             try:
                 freed = manager.catalog.commit_window(
                     window, known, header.replace, still_wanted=self._still_wanted
@@ -452,10 +339,8 @@ async def _put_or_fail(
 def _decode_and_store(
     manager: WindowManager, tenant: str, chunk: AssembledChunk, word: int
 ) -> StoreResult:
-    """Decode (if the sender compressed), verify against the digest, store durably.
-
-    A chunk that came compressed enough to pay is stored as it came: the manager does not
-    spend the CPU to compress it again (the sender's codec is recorded for it)."""
+    """Decode (if the sender compressed), then verify against the digest and store durably
+    (`ChunkStore.put`, which keeps the sender's encoding where it pays)."""
     try:
         raw = decode(chunk.data, chunk.codec, chunk.raw_size, word)
     except ValueError as exc:
@@ -463,72 +348,6 @@ def _decode_and_store(
             f"chunk {chunk.index}: data does not decode with its codec ({exc})",
             field="chunk.data",
         ) from None
-    if chunk.codec != RAW and manager.config.compress and pays(len(chunk.data), chunk.raw_size):
-        return _store_as_received(manager, tenant, chunk, raw, word)
-    return manager.store.put(tenant, chunk.digest, raw, word, chunk.index)
-
-
-def _store_as_received(
-    manager: WindowManager, tenant: str, chunk: AssembledChunk, raw: bytes, word: int
-) -> StoreResult:
-    """`ChunkStore.put` for bytes already encoded: verify the decoded bytes, then write the
-    encoded ones."""
-    if blake3_digest(raw) != chunk.digest:
-        raise DataLoss(
-            f"chunk {chunk.index}: its bytes do not match its BLAKE3 digest "
-            f"{chunk.digest.hex()[:16]}…; it was corrupted on the way or the digest was "
-            "computed over other bytes",
-            field="chunk.data",
-            reason="DIGEST_MISMATCH",
-        )
-    seal = manager.memory.seal_for(raw)  # now: the bytes the BLAKE3 check just passed
-    stored = manager.store.write_encoded(
-        tenant, chunk.digest, chunk.codec, word, len(raw), chunk.data, chunk.index
+    return manager.store.put(
+        tenant, chunk.digest, raw, word, f"chunk {chunk.index}", received=(chunk.codec, chunk.data)
     )
-    manager.memory.put((tenant, chunk.digest), raw, seal)
-    return StoreResult(codec=chunk.codec, stored_size=stored)
-
-
-def _window_info(
-    tenant: str,
-    header: pb.FreezeHeader,
-    spans: list[tuple[int, int]],
-    chunks: dict[bytes, NewChunk],
-    expires: object,
-) -> pb.WindowInfo:
-    refs = []
-    for index, (digest, (start, count)) in enumerate(zip(header.chunk_digests, spans, strict=True)):
-        stored = chunks[digest]
-        refs.append(
-            pb.ChunkRef(
-                index=index,
-                token_start=start,
-                token_count=count,
-                digest=digest,
-                raw_size=stored.raw_size,
-                stored_size=stored.stored_size,
-                stored_codec=stored.codec,  # type: ignore[arg-type]
-            )
-        )
-    window = pb.WindowInfo(
-        name=header.name,
-        tenant=tenant,
-        session_id=header.session_id,
-        cache_salt=header.cache_salt,
-        fingerprint=header.fingerprint,
-        token_ids=header.token_ids,
-        token_count=len(header.token_ids),
-        chunk_tokens=header.chunk_tokens,
-        chunks=refs,
-        chunk_count=len(refs),
-        raw_bytes=sum(r.raw_size for r in refs),
-        stored_bytes=sum(r.stored_size for r in refs),
-        parent=header.parent,
-        tags=dict(header.tags),
-        description=header.description,
-        created_at=now_timestamp(),
-        pinned=header.pinned,
-    )
-    if expires is not None:
-        window.expires_at.CopyFrom(expires)  # type: ignore[arg-type]
-    return window

@@ -22,24 +22,24 @@ from collections.abc import AsyncIterator, Iterator
 
 from cwm_client import pb
 from cwm_client.chunks import DTYPE_SIZE
-from cwm_client.chunks import digest as blake3_digest
-from cwm_client.codecs import CODECS, RAW, decode, encode_for_wire
+from cwm_client.codecs import CODECS, RAW, encode_for_wire
 from cwm_client.errors import InvalidArgument
 from cwm_client.names import check_window_name
-from cwm_server.manager.catalog.sqlite import basic_view
-from cwm_server.manager.tiers.disk import ChunkFileCorrupt, ChunkFileMissing
+from cwm_server.manager.catalog.base import basic_view
 from cwm_server.manager.windows.manager import WindowManager, window_not_found
-from cwm_server.manager.windows.wire import PreEncoded, thaw_parts
+from cwm_server.manager.windows.wire import PreEncoded, part_size, thaw_parts
 
 INLINE_MEMORY_BYTES = 4 << 20
-"""Largest chunk whose memory-tier hit is checked on the event loop (~0.15 ms of XXH3)."""
+"""Largest chunk whose memory-tier hit is checked on the event loop: a larger one's seal
+check would hold the loop (and every other stream) too long."""
 
 Fetched = tuple[int, bytes | memoryview]
 """(codec, data) of one chunk as it goes on the wire."""
 
 
-class ThawPlan:
-    """A thaw that has been checked and pinned; `close()` must follow, whatever happens."""
+class ThawStream:
+    """One Thaw call, checked and its chunks pinned (`open_thaw`); `close()` must follow,
+    whatever happens."""
 
     def __init__(
         self,
@@ -108,9 +108,9 @@ class ThawPlan:
 
     def _from_memory(self, ref: pb.ChunkRef) -> Fetched | None:
         """A raw-codec stream's chunk from the memory tier, checked there on the event loop
-        (its seal costs ~34 us per MiB): a hit skips two thread hand-offs, which on a
-        thaw from memory cost more than the check. None: read it on an I/O thread (also
-        chunks over INLINE_MEMORY_BYTES, whose check would hold the loop too long)."""
+        (its seal is cheap): a hit skips two thread hand-offs, which on a thaw from memory
+        cost more than the check. None: read it on an I/O thread (also chunks over
+        INLINE_MEMORY_BYTES, whose check would hold the loop too long)."""
         if self._accept or ref.raw_size > INLINE_MEMORY_BYTES:
             return None
         raw = self._manager.store.get_from_memory(self._tenant, ref.digest)
@@ -123,30 +123,14 @@ class ThawPlan:
         if not self._accept:
             return RAW, manager.store.get(self._tenant, ref.digest, where)
         if ref.stored_codec in self._accept:
-            sent = self._stored_as_accepted(ref)
-            if sent is not None:
-                return sent
+            stored = manager.store.get_as_stored(self._tenant, ref.digest, self._accept)
+            if stored is not None:
+                return stored.codec, stored.data
         raw = manager.store.get(self._tenant, ref.digest, where)
         return encode_for_wire(raw, self._accept, self._word)
 
-    def _stored_as_accepted(self, ref: pb.ChunkRef) -> Fetched | None:
-        """The stored encoding of a chunk, if it is one the client accepts and decodes to
-        the digest; None to take the ordinary path (which reports what is wrong)."""
-        manager = self._manager
-        try:
-            stored = manager.store.read_stored(self._tenant, ref.digest)  # unsealed
-            if stored.codec not in self._accept:
-                return None
-            raw = decode(stored.data, stored.codec, stored.raw_size, stored.word_size)
-        except (ChunkFileMissing, ChunkFileCorrupt, ValueError):
-            return None
-        if blake3_digest(raw) != ref.digest:
-            return None
-        manager.memory.put((self._tenant, ref.digest), raw)
-        return stored.codec, stored.data
 
-
-async def open_thaw(manager: WindowManager, tenant: str, request: pb.ThawRequest) -> ThawPlan:
+async def open_thaw(manager: WindowManager, tenant: str, request: pb.ThawRequest) -> ThawStream:
     """Check the request and pin the chunks it will send."""
     check_window_name(request.name)
     window = await manager.db(manager.catalog.get_window, tenant, request.name, True)
@@ -164,8 +148,8 @@ async def open_thaw(manager: WindowManager, tenant: str, request: pb.ThawRequest
         else min(window.chunk_count, request.first_chunk + request.chunk_count)
     )
     stride = max(1, request.chunk_stride)
-    part_bytes = request.max_part_bytes or manager.config.part_bytes
-    part_bytes = max(64 << 10, min(part_bytes, manager.config.part_bytes))
+    configured = manager.config.part_bytes
+    part_bytes = part_size(request.max_part_bytes, configured, ceiling=configured)
     refs = list(window.chunks[request.first_chunk : end : stride])
     # Codecs this manager does not know are skipped, not refused: a newer client may list
     # them first and still take what this manager can send.
@@ -173,4 +157,4 @@ async def open_thaw(manager: WindowManager, tenant: str, request: pb.ThawRequest
     first_message = (
         basic_view(window) if request.window_view == pb.WindowView.WINDOW_VIEW_BASIC else None
     )
-    return ThawPlan(manager, tenant, window, refs, part_bytes, accept, first_message)
+    return ThawStream(manager, tenant, window, refs, part_bytes, accept, first_message)

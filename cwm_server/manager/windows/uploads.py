@@ -23,7 +23,7 @@ import structlog
 
 from cwm_client import pb
 from cwm_client.errors import FailedPrecondition, InvalidArgument
-from cwm_server.manager.catalog.sqlite import NewChunk
+from cwm_server.manager.catalog.base import NewChunk
 
 log = structlog.get_logger("cwm.uploads")
 

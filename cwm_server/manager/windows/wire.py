@@ -8,7 +8,7 @@ appended after its length prefix: one copy of the bytes, and the sizes are known
 
 The bytes are exactly a serialized ThawResponse (the same fields, the data last, which every
 protobuf parser accepts in any order), so clients see no difference. The manager's
-interceptor (errors_interceptor) hands a `PreEncoded` to gRPC as it is.
+serialization interceptor (`rpc.interceptors.serialization`) hands a `PreEncoded` to gRPC as it is.
 """
 
 from __future__ import annotations
@@ -16,6 +16,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from cwm_client import pb
+
+MIN_PART_BYTES = 64 << 10
+"""Streams send chunk parts of at least this many bytes, whatever a request asks: a tiny
+max_part_bytes must not turn one chunk into millions of messages."""
+
+
+def part_size(asked: int, default: int, ceiling: int) -> int:
+    """The part size a stream sends: what the request `asked` (0: `default`), at most
+    `ceiling`, at least MIN_PART_BYTES. Thaw and GetKeyedChunks both size parts here."""
+    return max(MIN_PART_BYTES, min(asked or default, ceiling))
 
 
 class PreEncoded:

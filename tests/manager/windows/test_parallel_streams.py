@@ -134,9 +134,9 @@ def test_abandoned_parallel_thaw_releases_its_streams(
     next(chunks)
     stream.close()
     deadline = time.monotonic() + 10
-    while manager.manager._pins and time.monotonic() < deadline:
+    while manager.manager.pins.held() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not manager.manager._pins  # every stream's pins are gone: the calls ended
+    assert not manager.manager.pins.held()  # every stream's pins are gone: the calls ended
 
 
 def test_closing_a_parallel_thaw_from_another_thread_ends_the_iteration(

@@ -9,7 +9,7 @@ import pytest
 
 from cwm_client import codecs, pb
 from cwm_client.chunks import fill_parts
-from cwm_server.manager.windows.wire import thaw_parts
+from cwm_server.manager.windows.wire import MIN_PART_BYTES, part_size, thaw_parts
 
 
 def _response() -> tuple[pb.ThawResponse, pb.Chunk]:
@@ -45,3 +45,13 @@ def test_pre_encoded_parts_equal_built_messages(
         assert len(pre.wire) == message.ByteSize()
         assert pre.chunk_bytes == len(message.chunk.data)
         assert pre.first_part == (message.chunk.data_offset == 0)
+
+
+def test_part_size_takes_what_is_asked_within_its_bounds() -> None:
+    mib = 1 << 20
+    assert part_size(0, mib, ceiling=mib) == mib  # nothing asked: the default
+    assert part_size(256 << 10, mib, ceiling=mib) == 256 << 10
+    assert part_size(8 * mib, mib, ceiling=4 * mib) == 4 * mib  # capped
+    assert part_size(2 * mib, mib, ceiling=4 * mib) == 2 * mib  # above the default is fine
+    assert part_size(1, mib, ceiling=mib) == MIN_PART_BYTES  # never tiny
+    assert part_size(0, 1024, ceiling=1024) == MIN_PART_BYTES

@@ -34,6 +34,12 @@ Prepare = Callable[[Any, CallMetrics | None], Any]
 servicer method takes."""
 
 
+def _start(
+    method: str, context: grpc.aio.ServicerContext, metrics: CallMetrics | None, streaming: bool
+) -> Call:
+    return Call(method, context, request_id_from(context.invocation_metadata()), metrics, streaming)
+
+
 class RpcInterceptor(grpc.aio.ServerInterceptor):
     """Request context, metrics, error mapping, authentication and request parsing for
     every RPC; `metrics` None keeps none, `auth` None runs every call as the default
@@ -105,8 +111,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         auth = self._auth
 
         async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            request_id = request_id_from(context.invocation_metadata())
-            call = Call(method, context, request_id, metrics, streaming)
+            call = _start(method, context, metrics, streaming)
             with in_request_context(call), Recorded(call):
                 async with MappedErrors(call):
                     with as_caller(auth, call):
@@ -126,8 +131,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         auth = self._auth
 
         async def handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            request_id = request_id_from(context.invocation_metadata())
-            call = Call(method, context, request_id, metrics, streaming=True)
+            call = _start(method, context, metrics, streaming=True)
             with in_request_context(call), Recorded(call):
                 async with MappedErrors(call):
                     with as_caller(auth, call):
@@ -154,8 +158,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         metrics, auth = self._metrics, self._auth
 
         async def handler(requests: Any, context: grpc.aio.ServicerContext) -> None:
-            request_id = request_id_from(context.invocation_metadata())
-            call = Call(method, context, request_id, recorder_for(metrics, method), False)
+            call = _start(method, context, recorder_for(metrics, method), streaming=False)
             with in_request_context(call), Recorded(call):
                 try:
                     identify(auth, call)
