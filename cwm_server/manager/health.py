@@ -302,28 +302,24 @@ class MemoryCheck:
         return Level.OK, f"{memory.held_bytes >> 20} of {memory.capacity_bytes >> 20} MiB held"
 
 
-# -- Redis (cwm_server.manager.tiers.redis, redis_catalog) -----------------------------------
+# -- Redis (cwm_server.manager.tiers.redis, catalog.redis) ----------------------------------
 
 REDIS_COMPONENT = "cwm.tier.redis"
-SWEEP_EVERY_S = 10.0
-ORPHAN_SWEEP_EVERY_S = 900.0
-"""Fleet mode: how often the check looks for chunks in Redis that no window references
-(a SCAN of every chunk key; see `WindowManager.sweep_orphan_chunks`)."""
 
 
 class RedisCheck:
     """The Redis tier (and, in fleet mode, the shared catalog): a PING past the link's
     breaker. Not essential: a manager whose Redis is gone is DEGRADED, serves what its
     memory and disk hold, answers what needs Redis with UNAVAILABLE at once, and is OK
-    again by itself at the first check that reaches Redis."""
+    again by itself at the first check that reaches Redis. It only reports: the sweeps
+    that finish collections Redis's absence left run from housekeeping (`sweeper`), which
+    hears from the link when this ping finds Redis back."""
 
     name = REDIS_COMPONENT
     essential = False
 
     def __init__(self, manager: WindowManager) -> None:
         self._manager = manager
-        self._last_sweep = 0.0
-        self._last_orphan_sweep = time.monotonic()
 
     async def run(self) -> tuple[Level, str]:
         manager = self._manager
@@ -338,24 +334,6 @@ class RedisCheck:
                 f"Redis ({link.where}) is unreachable ({detail}); serving what the local tiers "
                 f"hold, {needs}chunks only in Redis answer UNAVAILABLE",
             )
-        if shared and time.monotonic() - self._last_sweep > SWEEP_EVERY_S:
-            self._last_sweep = time.monotonic()
-            try:
-                await manager.db(manager.sweep_stale_claims)
-            except Exception as exc:  # noqa: BLE001 - the next check tries again
-                log.warning("redis_sweep_failed", detail=str(exc))
-        if shared and time.monotonic() - self._last_orphan_sweep > ORPHAN_SWEEP_EVERY_S:
-            self._last_orphan_sweep = time.monotonic()
-            try:
-                await asyncio.to_thread(manager.sweep_orphan_chunks)
-            except Exception as exc:  # noqa: BLE001 - the next sweep tries again
-                log.warning("redis_orphan_sweep_failed", detail=str(exc))
-        if manager.redis_deletes_pending:
-            # Redis copies of chunks collected while Redis was away (local catalog).
-            try:
-                await manager.db(manager.retry_redis_deletes)
-            except Exception as exc:  # noqa: BLE001 - the next check tries again
-                log.warning("redis_deletes_failed", detail=str(exc))
         refused = link.recent_refusal()
         if refused is not None:
             reason, words = refused

@@ -22,6 +22,7 @@ from cwm_client.channels import MAX_MESSAGE_BYTES
 from cwm_server.manager import health
 from cwm_server.manager.agents import AgentRegistry
 from cwm_server.manager.config import ManagerConfig, ServerOptions
+from cwm_server.manager.housekeeping.sweeper import Sweeper
 from cwm_server.manager.housekeeping.ttl import TtlCollector
 from cwm_server.manager.metrics import ManagerMetrics, StateCollector
 from cwm_server.manager.rpc.auth import Authenticator
@@ -86,8 +87,10 @@ class ManagerServer:
             )
         )
         self._health_task: asyncio.Task[None] | None = None
-        self.ttl_collector = TtlCollector(self.manager, config.ttl_interval_s)
+        self.ttl_collector = TtlCollector(self.manager.expiry, config.ttl_interval_s)
         """Deletes expired windows every `config.ttl_interval_s` seconds."""
+        self.sweeper = Sweeper(self.manager.collector.sweeps(), self.manager.redis)
+        """Finishes collections that Redis trouble or a crash left, each on its schedule."""
 
     @property
     def metrics_port(self) -> int:
@@ -130,6 +133,7 @@ class ManagerServer:
         await self.server.start()
         self._health_task = asyncio.ensure_future(self.health.run_forever())
         self.ttl_collector.start()
+        self.sweeper.start()
         host = self.config.listen.rsplit(":", 1)[0]
         warn_if_exposed(host, self.options, credentials is not None)
         log.info(
@@ -147,6 +151,7 @@ class ManagerServer:
 
     async def stop(self, grace: float | None = 2.0) -> None:
         await self.ttl_collector.stop()
+        await self.sweeper.stop()
         if self._health_task is not None:
             self._health_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

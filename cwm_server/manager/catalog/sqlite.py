@@ -2,7 +2,9 @@
 
 A window row and the reference counts of all its chunks change in one transaction, which is
 what makes a commit atomic and a clone O(1) in bytes. Only one thread uses the connection
-(the manager runs every call on a single-worker executor), so there is no locking here.
+(the manager runs every call on its single catalog thread, `executors.Executors.db`), so
+there is no locking here. The tables live in `sqlite_schema`; the key rows of
+KeyedChunkService, which share this connection and its transactions, in `keyed`.
 """
 
 from __future__ import annotations
@@ -12,83 +14,38 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 from cwm_client import pb
+from cwm_server.manager.catalog.base import (
+    ChunkRow,
+    CommitAbandoned,
+    NewChunk,
+    WindowCatalog,
+    WindowExists,
+    WindowGone,
+    basic_view,
+)
+from cwm_server.manager.catalog.sqlite_schema import LIVE, open_catalog_file
 from cwm_server.manager.quotas import Usage
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS windows (
-    tenant TEXT NOT NULL,
-    name TEXT NOT NULL,
-    session_id TEXT NOT NULL,
-    model_id TEXT NOT NULL,
-    description TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    expires_at REAL,
-    basic BLOB NOT NULL,
-    full BLOB NOT NULL,
-    PRIMARY KEY (tenant, name)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS chunks (
-    tenant TEXT NOT NULL,
-    digest BLOB NOT NULL,
-    refcount INTEGER NOT NULL CHECK (refcount > 0),
-    raw_size INTEGER NOT NULL,
-    stored_size INTEGER NOT NULL,
-    codec INTEGER NOT NULL,
-    PRIMARY KEY (tenant, digest)
-) WITHOUT ROWID;
-"""
 
+class SqliteCatalog(WindowCatalog):
+    """`WindowCatalog` in one SQLite file under the data dir (see the module docstring)."""
 
-@dataclass(frozen=True)
-class ChunkRow:
-    digest: bytes
-    refcount: int
-    raw_size: int
-    stored_size: int
-    codec: int
-
-
-@dataclass(frozen=True)
-class NewChunk:
-    """A chunk a commit may have to insert, with what the disk tier stored."""
-
-    digest: bytes
-    raw_size: int
-    stored_size: int
-    codec: int
-
-
-def basic_view(full: pb.WindowInfo) -> pb.WindowInfo:
-    basic = pb.WindowInfo()
-    basic.CopyFrom(full)
-    basic.ClearField("token_ids")
-    basic.ClearField("chunks")
-    return basic
-
-
-class Catalog:
     def __init__(self, path: Path, read_only: bool = False) -> None:
         """`read_only` opens an existing catalog for checks (fsck beside a live manager)."""
-        if read_only:
-            self._db = sqlite3.connect(
-                f"{path.resolve().as_uri()}?mode=ro",
-                uri=True,
-                isolation_level=None,
-                check_same_thread=False,
-            )
-            return
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
-        self._db.executescript(KEYED_SCHEMA)
-        self._db.executescript(TTL_SCHEMA)
-        self._db.executescript(REDIS_PENDING_SCHEMA)
-        self._unexpire_pinned()
+        self._db = open_catalog_file(path, read_only)
+
+    @property
+    def connection(self) -> sqlite3.Connection:
+        """The connection, for `keyed.KeyedCatalog`, whose rows change in this catalog's
+        transactions (a key and a window change chunk references together)."""
+        return self._db
+
+    def transaction(self) -> Transaction:
+        """One write transaction (BEGIN IMMEDIATE; rolled back if the block raises)."""
+        return Transaction(self._db)
 
     @contextmanager
     def snapshot(self) -> Iterator[None]:
@@ -202,7 +159,7 @@ class Catalog:
         and raises CommitAbandoned.
         """
         tenant = window.tenant
-        with self._transaction():
+        with self.transaction():
             exists = self.window_exists(tenant, window.name)
             if exists and not replace:
                 raise WindowExists(window.name)
@@ -227,7 +184,7 @@ class Catalog:
     def clone_window(self, source: pb.WindowInfo, clone: pb.WindowInfo) -> list[bytes]:
         """Insert `clone`, sharing every chunk of `source`; returns the digests freed by
         dropping an expired window of the clone's name (for the caller to collect)."""
-        with self._transaction():
+        with self.transaction():
             if self.window_exists(clone.tenant, clone.name):
                 raise WindowExists(clone.name)
             if not self.window_exists(source.tenant, source.name):
@@ -245,18 +202,10 @@ class Catalog:
 
     def delete_window(self, tenant: str, name: str) -> list[tuple[bytes, int]] | None:
         """Drop a window; returns (digest, stored_size) of chunks it freed, None if absent."""
-        with self._transaction():
+        with self.transaction():
             if not self.window_exists(tenant, name):
                 return None
-            sizes = {}
-            window = self.get_window(tenant, name)
-            assert window is not None
-            for ref in window.chunks:
-                row = self.chunk(tenant, ref.digest)
-                if row is not None:
-                    sizes[ref.digest] = row.stored_size
-            freed = self._drop_window(tenant, name)
-            return [(d, sizes.get(d, 0)) for d in freed]
+            return self._drop_window_with_sizes(tenant, name)
 
     def insert_chunk_row(self, tenant: str, row: ChunkRow) -> None:
         """fsck's repair: give an intact chunk file that windows reference its missing row."""
@@ -267,7 +216,7 @@ class Catalog:
 
     def set_refcount(self, tenant: str, digest: bytes, refcount: int) -> None:
         """fsck's repair: make a row's count what the windows say (0 removes the row)."""
-        with self._transaction():
+        with self.transaction():
             if refcount <= 0:
                 self._db.execute("DELETE FROM chunks WHERE tenant=? AND digest=?", (tenant, digest))
             else:
@@ -276,11 +225,10 @@ class Catalog:
                     (refcount, tenant, digest),
                 )
 
-    # == TTLs and quotas (ttl_collector.py, quotas.py) ====================================
+    # -- TTLs and quotas (housekeeping/ttl.py, quotas.py) ---------------------------------
     # A window whose `expires_at` column is in the past is invisible (get, list, exists,
     # delete, clone and a thaw answer as if it were absent) until the collector deletes it;
-    # a pinned window's column is NULL, so it never expires. A Redis catalog implements
-    # the same three methods with the same meaning.
+    # a pinned window's column is NULL, so it never expires.
 
     def expired_windows(
         self, now: float, limit: int = 100, tenant: str | None = None
@@ -322,7 +270,7 @@ class Catalog:
         """`delete_window` for the collector: drops the window only if it is still expired
         at `now` (a fresh window of the same name may have replaced it meanwhile); returns
         (digest, stored_size) of the chunks freed, None if there was nothing to drop."""
-        with self._transaction():
+        with self.transaction():
             row = self._db.execute(
                 "SELECT 1 FROM windows WHERE tenant=? AND name=? AND expires_at IS NOT NULL "
                 "AND expires_at <= ?",
@@ -330,28 +278,7 @@ class Catalog:
             ).fetchone()
             if row is None:
                 return None
-            window = self._any_window(tenant, name)
-            assert window is not None
-            sizes = {}
-            for ref in window.chunks:
-                chunk = self.chunk(tenant, ref.digest)
-                if chunk is not None:
-                    sizes[ref.digest] = chunk.stored_size
-            freed = self._drop_window(tenant, name)
-            return [(d, sizes.get(d, 0)) for d in freed]
-
-    def _unexpire_pinned(self) -> None:
-        """Catalogs written before TTLs were enforced kept an expiry for pinned windows
-        too; a pinned window never expires, so clear it (once: later inserts store none)."""
-        rows = self._db.execute(
-            "SELECT tenant, name, basic FROM windows WHERE expires_at IS NOT NULL"
-        ).fetchall()
-        pinned = [(t, n) for t, n, blob in rows if pb.WindowInfo.FromString(blob).pinned]
-        if pinned:
-            with self._transaction():
-                self._db.executemany(
-                    "UPDATE windows SET expires_at = NULL WHERE tenant=? AND name=?", pinned
-                )
+            return self._drop_window_with_sizes(tenant, name)
 
     def _any_window(self, tenant: str, name: str) -> pb.WindowInfo | None:
         """The window's row whether or not it has expired."""
@@ -360,16 +287,14 @@ class Catalog:
         ).fetchone()
         return None if row is None else pb.WindowInfo.FromString(row[0])
 
-    # == end of TTLs and quotas ===========================================================
-
-    # == Redis copies still to delete (a Redis tier beside this catalog; windows.py) ======
+    # -- Redis copies still to delete (housekeeping/collector.py, LocalCollector) ----------
     # A chunk collected while Redis was away (or refusing) lost its row and its local file
     # but not its Redis copy. Its digest waits here, in the catalog's own durable file, until
-    # the health check finds Redis again and the manager deletes the copy (unless the chunk
-    # got a row again meanwhile: then the copy is the chunk's and stays).
+    # the sweeper finds Redis again and the collector deletes the copy (unless the chunk got
+    # a row again meanwhile: then the copy is the chunk's and stays).
 
     def add_redis_pending(self, tenant: str, digests: Iterable[bytes]) -> None:
-        with self._transaction():
+        with self.transaction():
             self._db.executemany(
                 "INSERT OR IGNORE INTO redis_pending_deletes VALUES (?, ?, ?)",
                 [(tenant, d, time.time()) for d in digests],
@@ -383,7 +308,7 @@ class Catalog:
         return [(tenant, bytes(digest)) for tenant, digest in rows]
 
     def drop_redis_pending(self, items: Iterable[tuple[str, bytes]]) -> None:
-        with self._transaction():
+        with self.transaction():
             self._db.executemany(
                 "DELETE FROM redis_pending_deletes WHERE tenant=? AND digest=?", list(items)
             )
@@ -412,30 +337,26 @@ class Catalog:
             ),
         )
 
+    def _drop_window_with_sizes(self, tenant: str, name: str) -> list[tuple[bytes, int]]:
+        """`_drop_window`, with the stored size of each chunk it freed (read first)."""
+        window = self._any_window(tenant, name)
+        assert window is not None
+        sizes = {}
+        for ref in window.chunks:
+            row = self.chunk(tenant, ref.digest)
+            if row is not None:
+                sizes[ref.digest] = row.stored_size
+        return [(d, sizes.get(d, 0)) for d in self._drop_window(tenant, name)]
+
     def _drop_window(self, tenant: str, name: str) -> list[bytes]:
         window = self._any_window(tenant, name)
         assert window is not None
         self._db.execute("DELETE FROM windows WHERE tenant=? AND name=?", (tenant, name))
-        freed = []
-        for digest, count in Counter(ref.digest for ref in window.chunks).items():
-            gone = self._db.execute(
-                "DELETE FROM chunks WHERE tenant=? AND digest=? AND refcount <= ?",
-                (tenant, digest, count),
-            ).rowcount
-            if gone:
-                freed.append(digest)
-            else:
-                self._db.execute(
-                    "UPDATE chunks SET refcount = refcount - ? WHERE tenant=? AND digest=?",
-                    (count, tenant, digest),
-                )
-        return freed
-
-    def _transaction(self) -> _Transaction:
-        return _Transaction(self._db)
+        counts = Counter(ref.digest for ref in window.chunks)
+        return [d for d, n in counts.items() if release_chunk(self._db, tenant, d, n)]
 
 
-class _Transaction:
+class Transaction:
     def __init__(self, db: sqlite3.Connection) -> None:
         self._db = db
 
@@ -449,180 +370,7 @@ class _Transaction:
             self._db.execute("ROLLBACK")
 
 
-class WindowExists(Exception):
-    """A window of that name exists (and the request did not ask to replace it)."""
-
-
-class CommitAbandoned(Exception):
-    """The stream behind a commit ended (cancelled) before the transaction committed."""
-
-
-class WindowGone(Exception):
-    """The window disappeared between reading it and changing the catalog."""
-
-
-# == Keyed chunks (KeyedChunkService, cwm_server/manager/keyed.py) ==========================
-# A key row names one chunk by an opaque key (LMCache's CacheEngineKey string) and holds one
-# reference on that chunk's row in `chunks`, exactly as each use by a window does: a chunk
-# that keys and windows share is collected only when the last of them is gone.
-
-KEYED_SCHEMA = """
-CREATE TABLE IF NOT EXISTS keyed_chunks (
-    tenant TEXT NOT NULL,
-    key TEXT NOT NULL,
-    digest BLOB NOT NULL,
-    raw_size INTEGER NOT NULL,
-    metadata BLOB NOT NULL,
-    created_at REAL NOT NULL,
-    PRIMARY KEY (tenant, key)
-) WITHOUT ROWID;
-"""
-
-
-@dataclass(frozen=True)
-class KeyRow:
-    key: str
-    digest: bytes
-    raw_size: int
-    metadata: bytes
-    created_at: float
-    stored_size: int = 0
-
-
-@dataclass(frozen=True)
-class NewKey:
-    """A key a put stores, with the chunk holding its value."""
-
-    key: str
-    digest: bytes
-    raw_size: int
-    metadata: bytes
-
-
-def _keyed_has_table(db: sqlite3.Connection) -> bool:
-    row = db.execute(
-        "SELECT 1 FROM sqlite_master WHERE type='table' AND name='keyed_chunks'"
-    ).fetchone()
-    return row is not None
-
-
-_KEY_COLUMNS = (
-    "SELECT k.key, k.digest, k.raw_size, k.metadata, k.created_at, "
-    "coalesce(c.stored_size, 0) FROM keyed_chunks k LEFT JOIN chunks c "
-    "ON c.tenant = k.tenant AND c.digest = k.digest"
-)
-
-
-class KeyedCatalog:
-    """The key rows, on the same connection and transactions as the `Catalog` they extend
-    (so a key and a window change chunk references in one transaction when they must)."""
-
-    def __init__(self, catalog: Catalog) -> None:
-        self.catalog = catalog
-        self._db = catalog._db
-
-    def get_keys(self, tenant: str, keys: Iterable[str]) -> dict[str, KeyRow]:
-        found: dict[str, KeyRow] = {}
-        for key in keys:
-            row = self._db.execute(
-                f"{_KEY_COLUMNS} WHERE k.tenant=? AND k.key=?", (tenant, key)
-            ).fetchone()
-            if row is not None:
-                found[key] = KeyRow(*row)
-        return found
-
-    def contains_prefix(self, tenant: str, keys: Iterable[str]) -> int:
-        present = 0
-        for key in keys:
-            if not self.key_exists(tenant, key):
-                break
-            present += 1
-        return present
-
-    def key_exists(self, tenant: str, key: str) -> bool:
-        row = self._db.execute(
-            "SELECT 1 FROM keyed_chunks WHERE tenant=? AND key=?", (tenant, key)
-        ).fetchone()
-        return row is not None
-
-    def list_keys(self, tenant: str, *, after: str, key_prefix: str, limit: int) -> list[KeyRow]:
-        sql = [f"{_KEY_COLUMNS} WHERE k.tenant=? AND k.key>?"]
-        args: list[object] = [tenant, after]
-        if key_prefix:
-            sql.append("AND substr(k.key, 1, ?) = ?")
-            args += [len(key_prefix), key_prefix]
-        sql.append("ORDER BY k.key LIMIT ?")
-        args.append(limit)
-        return [KeyRow(*row) for row in self._db.execute(" ".join(sql), args).fetchall()]
-
-    def put_keys(
-        self,
-        tenant: str,
-        entries: list[NewKey],
-        new_chunks: dict[bytes, NewChunk],
-        created_at: float,
-    ) -> list[bytes]:
-        """Store key rows (overwriting), each taking a reference on its chunk, atomically.
-
-        A chunk without a row gets one from `new_chunks` (KeyError if absent: the caller
-        makes sure every value's chunk is stored). Returns the digests of chunks that lost
-        their last reference through an overwrite, for the caller to collect."""
-        freed: list[bytes] = []
-        with self.catalog._transaction():
-            for entry in entries:
-                updated = self._db.execute(
-                    "UPDATE chunks SET refcount = refcount + 1 WHERE tenant=? AND digest=?",
-                    (tenant, entry.digest),
-                ).rowcount
-                if not updated:
-                    new = new_chunks[entry.digest]
-                    self._db.execute(
-                        "INSERT INTO chunks VALUES (?, ?, ?, ?, ?, ?)",
-                        (tenant, entry.digest, 1, new.raw_size, new.stored_size, new.codec),
-                    )
-                old = self._db.execute(
-                    "SELECT digest FROM keyed_chunks WHERE tenant=? AND key=?",
-                    (tenant, entry.key),
-                ).fetchone()
-                if old is not None and _release_chunk(self._db, tenant, old[0], 1):
-                    freed.append(old[0])
-                self._db.execute(
-                    "INSERT OR REPLACE INTO keyed_chunks VALUES (?, ?, ?, ?, ?, ?)",
-                    (tenant, entry.key, entry.digest, entry.raw_size, entry.metadata, created_at),
-                )
-        return freed
-
-    def delete_keys(self, tenant: str, keys: Iterable[str]) -> tuple[int, list[tuple[bytes, int]]]:
-        """Drop key rows; returns how many existed and (digest, stored_size) of chunks
-        freed."""
-        deleted = 0
-        freed: list[tuple[bytes, int]] = []
-        with self.catalog._transaction():
-            for key in dict.fromkeys(keys):
-                row = self._db.execute(
-                    "SELECT digest FROM keyed_chunks WHERE tenant=? AND key=?", (tenant, key)
-                ).fetchone()
-                if row is None:
-                    continue
-                digest = row[0]
-                chunk = self.catalog.chunk(tenant, digest)
-                self._db.execute("DELETE FROM keyed_chunks WHERE tenant=? AND key=?", (tenant, key))
-                deleted += 1
-                if _release_chunk(self._db, tenant, digest, 1):
-                    freed.append((digest, chunk.stored_size if chunk is not None else 0))
-        return deleted, freed
-
-    def iter_refs(self) -> Iterator[tuple[str, str, bytes, int]]:
-        """(tenant, key, digest, raw_size) of every key row: fsck counts them as
-        references (a catalog opened read-only before the table existed has none)."""
-        if not _keyed_has_table(self._db):
-            return
-        yield from self._db.execute(
-            "SELECT tenant, key, digest, raw_size FROM keyed_chunks ORDER BY tenant, key"
-        ).fetchall()
-
-
-def _release_chunk(db: sqlite3.Connection, tenant: str, digest: bytes, count: int) -> bool:
+def release_chunk(db: sqlite3.Connection, tenant: str, digest: bytes, count: int) -> bool:
     """Drop `count` references on a chunk row; True if that was its last (row deleted)."""
     gone = db.execute(
         "DELETE FROM chunks WHERE tenant=? AND digest=? AND refcount <= ?",
@@ -635,25 +383,3 @@ def _release_chunk(db: sqlite3.Connection, tenant: str, digest: bytes, count: in
         (count, tenant, digest),
     )
     return False
-
-
-# == TTLs and quotas: schema and the "not expired" condition ================================
-
-TTL_SCHEMA = """
-CREATE INDEX IF NOT EXISTS windows_by_expiry ON windows (expires_at)
-    WHERE expires_at IS NOT NULL;
-CREATE INDEX IF NOT EXISTS windows_by_tenant_expiry ON windows (tenant, expires_at)
-    WHERE expires_at IS NOT NULL;
-"""
-
-LIVE = "(expires_at IS NULL OR expires_at > ?)"
-"""SQL condition on `windows`: not expired at the time bound to its one parameter."""
-
-REDIS_PENDING_SCHEMA = """
-CREATE TABLE IF NOT EXISTS redis_pending_deletes (
-    tenant TEXT NOT NULL,
-    digest BLOB NOT NULL,
-    since REAL NOT NULL,
-    PRIMARY KEY (tenant, digest)
-) WITHOUT ROWID;
-"""

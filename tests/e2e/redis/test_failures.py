@@ -105,7 +105,7 @@ def test_full_redis_refuses_a_fleet_freeze_and_leaves_nothing(
             assert len(chunk_files(tmp_path / "m")) == files
             audit = catalog_audit(redis_server.client())
             assert audit["chunk_keys"] == before["chunk_keys"] and audit["dying"] == {}
-            assert manager.manager._unclaimed == set()
+            assert manager.manager.collector.unclaimed() == set()
             # Reads and deletes still work on a full Redis; with room again, freezes do.
             assert thawed(client, "small") == [c.data() for c in synthetic_chunks(300, seed=30)]
             redis_server.client().delete(*[f"filler:{i}" for i in range(fillers)])
@@ -284,9 +284,9 @@ def test_unclaimed_chunks_are_collected_by_the_sweep(
 ) -> None:
     """Fleet mode: the delete commits but claiming its chunks fails (Redis lost between
     the two scripts). The manager remembers them and its periodic sweep collects them."""
-    from cwm_server.manager import health
+    from cwm_server.manager.housekeeping import sweeper
 
-    monkeypatch.setattr(health, "SWEEP_EVERY_S", 0.3)
+    monkeypatch.setattr(sweeper, "CLAIM_SWEEP_EVERY_S", 0.3)
     manager = RedisManager(redis_config(tmp_path / "m", redis_server.url))
     chunks = synthetic_chunks(512, seed=44)
     try:
@@ -329,7 +329,7 @@ def _expired_window(tenant: str, name: str, expired_at: float) -> pb.WindowInfo:
 def test_redis_catalog_expired_windows_of_one_tenant(redis_server: RedisServer) -> None:
     """Other tenants' windows that expired earlier do not hide this tenant's."""
     from cwm_server.manager.catalog.redis import RedisCatalog
-    from cwm_server.manager.tiers.redis import RedisLink
+    from cwm_server.manager.tiers.redis_link import RedisLink
 
     link = RedisLink([redis_server.url])
     catalog = RedisCatalog(link)
@@ -356,7 +356,7 @@ def test_documented_cleanup_of_a_lost_delete_reply(
     import re
 
     from cwm_server.manager.catalog.redis import RedisCatalog
-    from cwm_server.manager.tiers.redis import RedisLink
+    from cwm_server.manager.tiers.redis_link import RedisLink
     from tests.helpers import ROOT
 
     manager = RedisManager(redis_config(tmp_path / "m", redis_server.url))
@@ -395,13 +395,12 @@ def test_the_orphan_sweep_collects_what_a_lost_delete_reply_leaked(
     """The same leak, collected by the manager itself: its rare orphan sweep sees chunk
     keys without a catalog row, and once they stayed so for the grace period it collects
     them through the claim; chunks a window uses stay."""
-    from cwm_server.manager import health
     from cwm_server.manager.catalog.redis import RedisCatalog
-    from cwm_server.manager.tiers.redis import RedisLink
-    from cwm_server.manager.windows import manager as windows
+    from cwm_server.manager.housekeeping import collector, sweeper
+    from cwm_server.manager.tiers.redis_link import RedisLink
 
-    monkeypatch.setattr(health, "ORPHAN_SWEEP_EVERY_S", 0.2)
-    monkeypatch.setattr(windows, "ORPHAN_GRACE_S", 0.5)
+    monkeypatch.setattr(sweeper, "ORPHAN_SWEEP_EVERY_S", 0.2)
+    monkeypatch.setattr(collector, "ORPHAN_GRACE_S", 0.5)
     manager = RedisManager(redis_config(tmp_path / "m", redis_server.url))
     kept = synthetic_chunks(512, seed=47)
     lost = synthetic_chunks(512, seed=48)

@@ -283,7 +283,7 @@ def test_tier_only_keeps_a_local_catalog_and_copies_chunks(
             assert audit["chunk_keys"] == {c.digest for c in chunks}
             for path in chunk_files(tmp_path / "m"):
                 path.unlink()
-            manager.manager.memory.discard(("default", chunks[0].digest))
+            manager.manager.memory.remove("default", [chunks[0].digest])
             assert thawed(client, "local") == [c.data() for c in chunks]
             client.delete("local")
             assert catalog_audit(redis_server.client())["chunk_keys"] == set()
@@ -292,10 +292,10 @@ def test_tier_only_keeps_a_local_catalog_and_copies_chunks(
 
 
 def test_bad_redis_settings_are_refused(tmp_path: Path) -> None:
-    from cwm_server import config as cwm_config
+    from cwm_server.settings.loading import ConfigError, load
 
-    with pytest.raises(cwm_config.ConfigError, match="redis://"):
-        cwm_config.load(environ={"CWM_REDIS_URL": "http://127.0.0.1:1"})
+    with pytest.raises(ConfigError, match="redis://"):
+        load(environ={"CWM_REDIS_URL": "http://127.0.0.1:1"})
     with pytest.raises(ValueError, match="need --redis-url"):
         RedisManager(redis_config(tmp_path / "m", "", redis_catalog=True))
 
@@ -412,9 +412,11 @@ def test_tenants_are_apart_in_the_shared_catalog(redis_server: RedisServer) -> N
     """Two tenants (one with braces and colons in its name) commit the same window name
     over the same chunk: each sees only its own, refcounts are per tenant, and no tenant
     name can move a key's hash tag."""
+    from cwm_server.manager.catalog.base import NewChunk
     from cwm_server.manager.catalog.redis import RedisCatalog
-    from cwm_server.manager.catalog.sqlite import NewChunk
-    from cwm_server.manager.tiers.redis import RedisLink, RedisTier
+    from cwm_server.manager.tiers.format import StoredChunk
+    from cwm_server.manager.tiers.redis import RedisTier
+    from cwm_server.manager.tiers.redis_link import RedisLink
 
     link = RedisLink([redis_server.url])
     catalog = RedisCatalog(link)
@@ -424,7 +426,7 @@ def test_tenants_are_apart_in_the_shared_catalog(redis_server: RedisServer) -> N
         for tenant in ("alice", "b{o}b:x"):
             window = pb.WindowInfo(name="same", tenant=tenant, chunk_count=1)
             window.chunks.add(index=0, digest=digest, raw_size=4, stored_size=4)
-            tier.put(tenant, digest, 1, 1, 4, b"abcd")
+            tier.write(tenant, digest, StoredChunk(1, 1, 4, b"abcd"))
             assert catalog.commit_window(window, {digest: NewChunk(digest, 4, 4, 1)}, False) == []
         assert catalog.refcounts("alice") == {digest: 1}
         assert catalog.refcounts("b{o}b:x") == {digest: 1}

@@ -31,7 +31,7 @@ def test_delete_during_a_thaw_collects_the_files_after_the_stream(tmp_path: Path
                 rest = [bytes(c.data) for c in received]
             assert [first, *rest] == [c.data() for c in chunks]
             wait_for(lambda: chunk_files(tmp_path / "m") == [], what="files collected")
-            assert not manager.manager._deferred
+            assert not manager.manager.pins.deferred()
     finally:
         manager.stop()
 
