@@ -58,6 +58,8 @@ from cwm_client._generated.cwm.v1.session_service_pb2_grpc import (
 )
 from cwm_client._generated.cwm.v1.window_pb2 import WindowInfo, WindowView
 from cwm_client._generated.cwm.v1.window_service_pb2 import (
+    BulkOffer,
+    BulkTransport,
     CloneWindowRequest,
     CloneWindowResponse,
     DeleteWindowRequest,
@@ -71,6 +73,8 @@ from cwm_client._generated.cwm.v1.window_service_pb2 import (
     GetWindowResponse,
     ListWindowsRequest,
     ListWindowsResponse,
+    OfferBulkFreezeRequest,
+    OfferBulkFreezeResponse,
     ThawRequest,
     ThawResponse,
 )
@@ -83,6 +87,8 @@ from cwm_client._generated.cwm.v1.window_service_pb2_grpc import (
 __all__ = [
     "AgentHello",
     "AgentInfo",
+    "BulkOffer",
+    "BulkTransport",
     "Chunk",
     "ChunkCodec",
     "ChunkRef",
@@ -122,6 +128,8 @@ __all__ = [
     "ListSessionsResponse",
     "ListWindowsRequest",
     "ListWindowsResponse",
+    "OfferBulkFreezeRequest",
+    "OfferBulkFreezeResponse",
     "ModelFingerprint",
     "Order",
     "OrderError",

@@ -9,14 +9,20 @@ from cwm_client import pb
 
 
 def thaw_request(
-    name: str, first_chunk: int, chunk_count: int, accept_codecs: Sequence[int]
+    name: str,
+    first_chunk: int,
+    chunk_count: int,
+    accept_codecs: Sequence[int],
+    bulk_transports: Sequence[int] = (),
 ) -> pb.ThawRequest:
-    """A thaw of `name` (or a range of its chunks) on one stream."""
+    """A thaw of `name` (or a range of its chunks) on one stream (and, where the manager
+    offers one of `bulk_transports`, on a bulk connection beside it)."""
     return pb.ThawRequest(
         name=name,
         first_chunk=first_chunk,
         chunk_count=chunk_count,
         accept_codecs=accept_codecs,  # type: ignore[arg-type]
+        bulk_transports=bulk_transports,  # type: ignore[arg-type]
     )
 
 

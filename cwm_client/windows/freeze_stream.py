@@ -34,6 +34,8 @@ class FreezeResult:
     """Encoded bytes the manager received (smaller than the raw bytes with a wire codec)."""
     streams: int = 1
     """How many streams carried the chunks."""
+    transport: str = "grpc"
+    """What carried them: "grpc", or the bulk transport ("unix", "tcp")."""
 
 
 def build_header(
@@ -168,6 +170,18 @@ class FreezePlan:
         """The header-only stream that commits what the staging streams sent."""
         commit = stage_header(self.header, self.upload_id, stage_only=False)
         return iter([pb.FreezeRequest(header=commit)])
+
+    def bulk_result(
+        self, sent_chunks: int, sent_bytes: int, committed: pb.FreezeResponse, transport: str
+    ) -> FreezeResult:
+        """The result of a freeze whose chunks went on a bulk connection."""
+        return FreezeResult(
+            window=committed.window,
+            chunks_sent=sent_chunks,
+            chunks_reused=committed.chunks_reused,
+            bytes_sent=sent_bytes,
+            transport=transport,
+        )
 
     def result(self, response: pb.FreezeResponse) -> FreezeResult:
         """The result of a one-stream freeze."""

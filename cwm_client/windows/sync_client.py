@@ -3,15 +3,18 @@ both build their requests and plans through the same modules of this folder."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import grpc
 
 from cwm_client import pb
-from cwm_client.chunks import DEFAULT_CHUNK_TOKENS, DEFAULT_PART_BYTES, ChunkPayload
+from cwm_client.bulk.connection import bulk_transports, connect
+from cwm_client.bulk.freeze_sender import send_share
+from cwm_client.chunks import DEFAULT_CHUNK_TOKENS, DEFAULT_PART_BYTES, DTYPE_SIZE, ChunkPayload
 from cwm_client.codecs import RAW
-from cwm_client.errors import from_rpc_error
+from cwm_client.errors import Unavailable, from_rpc_error
 from cwm_client.service_client import ServiceClient
 from cwm_client.windows.catalog_requests import (
     clone_request,
@@ -20,9 +23,18 @@ from cwm_client.windows.catalog_requests import (
     thaw_request,
 )
 from cwm_client.windows.freeze_stream import FreezePlan, FreezeResult, build_header
-from cwm_client.windows.parallel import StripedThaw, thaw_streams
+from cwm_client.windows.parallel import StripedThaw, new_upload_id, stage_header, thaw_streams
 from cwm_client.windows.progress import Progress
-from cwm_client.windows.thaw_stream import ThawStream
+from cwm_client.windows.thaw_stream import BulkUnreachable, ThawStream
+
+
+def _no_bulk(transport: str, what: str) -> Unavailable:
+    return Unavailable(
+        f"the manager offered no {transport} bulk channel this client could reach for this "
+        f"{what} (is it on another host, behind a firewall, or started with the bulk "
+        "channel off?); use transport='auto' to fall back to gRPC",
+        reason="BULK_UNAVAILABLE",
+    )
 
 
 class WindowClient(ServiceClient):
@@ -61,8 +73,13 @@ class WindowClient(ServiceClient):
         progress: Progress | None = None,
         streams: int | None = None,
         wire_codec: int = RAW,
+        transport: str = "auto",
     ) -> FreezeResult:
         """Store `chunks` as window `name`; only chunks the manager lacks are sent.
+
+        `transport`: as for `thaw` ("auto" sends the chunks on the manager's bulk channel
+        where it offers one this client reaches, and commits over gRPC as always; "unix" or
+        "tcp" insist on that transport; "grpc" sends them on the Freeze stream).
 
         `streams`: how many streams (each on its own connection) carry the chunks; None (the
         default) picks by size and cores (`auto_streams`: one below 64 MiB to send, at most
@@ -90,6 +107,13 @@ class WindowClient(ServiceClient):
             set(self.find_missing(list(header.chunk_digests))) if skip_existing and chunks else None
         )
         plan = FreezePlan.choose(header, chunks, missing, streams)
+        wanted = self._bulk_wanted(transport)
+        if wanted and plan.to_send and streams in (None, 1):
+            result = self._bulk_freeze(plan, wanted, progress, wire_codec)
+            if result is not None:
+                return result
+            if transport != "auto":
+                raise _no_bulk(transport, "freeze")
         if plan.streams == 1:
             requests = plan.requests(part_bytes, progress, wire_codec)
             response: pb.FreezeResponse = self._unary(self._stub.Freeze, requests)
@@ -129,15 +153,29 @@ class WindowClient(ServiceClient):
         streams: int | None = None,
         accept_codecs: Sequence[int] = (),
         read_ahead: int = 4,
+        transport: str = "auto",
     ) -> ThawStream:
         """Open a thaw of `name` (or of a range of its chunks); chunks come out in order.
 
-        `streams`: how many streams (each on its own connection) carry the chunks, each a
-        stripe of them; None (the default) picks by the window's size and the client's cores
-        after a GetWindow to learn the size (`auto_streams`; pass 1 to skip that round trip).
-        `accept_codecs` lists codecs this client takes on the wire
+        `transport`: "auto" takes the manager's bulk channel where it offers one this
+        client can reach (a Unix socket on the same host, else its bulk TCP port) and goes
+        on over gRPC where not; "unix" or "tcp" insist on that bulk transport (UNAVAILABLE
+        if it cannot be had); "grpc" keeps the chunks on the gRPC stream.
+        `streams`: how many gRPC streams (each on its own connection) carry the chunks, each
+        a stripe of them; None (the default) picks by the window's size and the client's
+        cores after a GetWindow to learn the size (`auto_streams`; pass 1 to skip that
+        round trip). A bulk transfer uses one connection, so "auto" takes bulk only when
+        `streams` is None or 1. `accept_codecs` lists codecs this client takes on the wire
         (e.g. `[codecs.LZ4]` over a slow link); empty means raw, fastest on loopback.
         """
+        wanted = self._bulk_wanted(transport)
+        if wanted and streams in (None, 1):
+            forced = transport != "auto"
+            stream = self._bulk_thaw(name, first_chunk, chunk_count, accept_codecs, wanted, forced)
+            if stream is not None:
+                return stream
+            if forced:
+                raise _no_bulk(transport, "thaw")
         count = 1
         if streams != 1:
             info = self.get(name, view=pb.WindowView.WINDOW_VIEW_BASIC)
@@ -159,6 +197,76 @@ class WindowClient(ServiceClient):
         return ThawStream(
             calls[0], first_chunk, chunk_count, more_calls=calls[1:], read_ahead=read_ahead
         )
+
+    def _bulk_thaw(
+        self,
+        name: str,
+        first_chunk: int,
+        chunk_count: int,
+        accept_codecs: Sequence[int],
+        wanted: Sequence[int],
+        forced: bool,
+    ) -> ThawStream | None:
+        """A thaw whose chunks come on the bulk connection the manager offers, or on its
+        gRPC stream when the manager offers none; None when the offer could not be taken
+        (the call was cancelled: thaw again over gRPC)."""
+        call = self._stub.Thaw(
+            thaw_request(name, first_chunk, chunk_count, accept_codecs, wanted),
+            timeout=self._timeout,
+            metadata=self._metadata,
+        )
+        try:
+            stream = ThawStream(
+                call,
+                first_chunk,
+                chunk_count,
+                bulk_connect=lambda offer: connect(offer, self._target, self._credentials),
+            )
+        except BulkUnreachable:
+            return None
+        if stream.transport == "grpc" and forced:
+            stream.close()
+            return None
+        return stream
+
+    def _bulk_wanted(self, transport: str) -> Sequence[int]:
+        wanted = bulk_transports(transport)
+        if not self._owns_channel and transport == "auto":
+            return ()  # a caller's channel: this client does not know the manager's host
+        return wanted
+
+    def _bulk_freeze(
+        self,
+        plan: FreezePlan,
+        wanted: Sequence[int],
+        progress: Progress | None,
+        wire_codec: int,
+    ) -> FreezeResult | None:
+        """Stage the plan's chunks on a bulk connection, then commit over gRPC; None when
+        the manager offers no bulk connection or this client cannot open it (nothing was
+        sent: freeze over gRPC instead)."""
+        upload_id = new_upload_id()
+        staging = stage_header(plan.header, upload_id, stage_only=True)
+        answer: pb.OfferBulkFreezeResponse = self._unary(
+            self._stub.OfferBulkFreeze,
+            pb.OfferBulkFreezeRequest(header=staging, bulk_transports=wanted),  # type: ignore[arg-type]
+        )
+        offer = answer.offer
+        if offer.transport == pb.BulkTransport.BULK_TRANSPORT_UNSPECIFIED:
+            return None
+        try:
+            sock = connect(offer, self._target, self._credentials)
+        except OSError:
+            return None
+        with contextlib.closing(sock):
+            word = DTYPE_SIZE.get(plan.header.fingerprint.kv_dtype, 1)
+            sent = send_share(sock, plan.to_send, word, progress, wire_codec)
+        commit = stage_header(plan.header, upload_id, stage_only=False)
+        response: pb.FreezeResponse = self._unary(
+            self._stub.Freeze, iter([pb.FreezeRequest(header=commit)])
+        )
+        transport = "unix" if offer.transport == pb.BulkTransport.BULK_TRANSPORT_UNIX else "tcp"
+        return plan.bulk_result(sent.chunks, sent.encoded_bytes, response, transport)
 
     def get(self, name: str, *, view: int = pb.WindowView.WINDOW_VIEW_FULL) -> pb.WindowInfo:
         response: pb.GetWindowResponse = self._unary(self._stub.GetWindow, get_request(name, view))

@@ -3,16 +3,29 @@
 from __future__ import annotations
 
 import queue
+import socket
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Any
 
 import grpc
 
-from cwm_client.errors import Cancelled, from_rpc_error
+from cwm_client import pb
+from cwm_client.bulk.thaw_reader import BulkEnded, BulkThawReader
+from cwm_client.errors import Cancelled, DataLoss, from_rpc_error
 from cwm_client.windows.thaw_decoder import ThawDecoder, ThawedChunk
 from cwm_client.windows.thaw_stream_core import END_OF_STREAM, POLL_S, ThawStreamCore
+
+
+class BulkUnreachable(Exception):
+    """The manager offered a bulk connection that this client could not open (the call
+    has been cancelled; the caller thaws again over gRPC, or fails if bulk was forced)."""
+
+    def __init__(self, offer: pb.BulkOffer, cause: OSError) -> None:
+        super().__init__(f"bulk endpoint {offer.address!r} unreachable: {cause}")
+        self.offer = offer
+        self.cause = cause
 
 
 class ThawStream(ThawStreamCore):
@@ -36,20 +49,29 @@ class ThawStream(ThawStreamCore):
         *,
         more_calls: Sequence[Any] = (),
         read_ahead: int = 4,
+        bulk_connect: Callable[[pb.BulkOffer], socket.socket] | None = None,
     ) -> None:
+        """`bulk_connect`: the request listed bulk transports; it opens the connection of
+        the manager's offer, if one comes (BulkUnreachable when it cannot)."""
         super().__init__(call, first_chunk, chunk_count, more_calls, read_ahead)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._queues: list[queue.Queue[object]] = []
+        self._bulk: BulkThawReader | None = None
+        self._pushed_back: list[pb.ThawResponse] = []
+        self.transport = "grpc"
+        """What carries the chunks: "grpc", or the bulk transport taken ("unix", "tcp")."""
         try:
             first = next(call)
+            self._accept_window(first)
+            if bulk_connect is not None and len(self._calls) == 1 and self._expected:
+                self._take_offer(next(call), bulk_connect)
         except grpc.RpcError as exc:
             self.close()
             raise from_rpc_error(exc) from None
         except BaseException:
             self.close()
             raise
-        self._accept_window(first)
         if len(self._calls) > 1:
             for i, (stream_call, decoder, share) in enumerate(self._stripes()):
                 shared: queue.Queue[object] = queue.Queue(self._read_ahead)
@@ -80,8 +102,33 @@ class ThawStream(ThawStreamCore):
             if not finished:
                 self.close()
 
-    def _iter_one(self) -> Iterator[ThawedChunk]:
+    def _take_offer(
+        self, second: pb.ThawResponse, bulk_connect: Callable[[pb.BulkOffer], socket.socket]
+    ) -> None:
+        if second.WhichOneof("payload") != "bulk":
+            self._pushed_back.append(second)  # no offer: the chunks come on this stream
+            return
+        offer = second.bulk
         try:
+            sock = bulk_connect(offer)
+        except OSError as exc:
+            raise BulkUnreachable(offer, exc) from None
+        end = self._first_chunk + self._expected
+        refs = self.window.chunks[self._first_chunk : end]
+        self._bulk = BulkThawReader(sock, self.window, refs, self._read_ahead)
+        self.transport = (
+            "unix" if offer.transport == pb.BulkTransport.BULK_TRANSPORT_UNIX else "tcp"
+        )
+
+    def _iter_one(self) -> Iterator[ThawedChunk]:
+        if self._bulk is not None:
+            yield from self._iter_bulk(self._bulk)
+            return
+        try:
+            for message in self._pushed_back:
+                chunk = self._decoder.accept(message)
+                if chunk is not None:
+                    yield chunk
             for message in self._calls[0]:
                 chunk = self._decoder.accept(message)
                 if chunk is not None:
@@ -89,6 +136,27 @@ class ThawStream(ThawStreamCore):
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
         self._decoder.finish(self._expected)
+
+    def _iter_bulk(self, bulk: BulkThawReader) -> Iterator[ThawedChunk]:
+        """The chunks from the bulk connection, then the gRPC stream's end: its status is
+        the transfer's (a failure on the manager's side closes the connection and ends the
+        stream with the reason)."""
+        try:
+            yield from bulk
+        except BulkEnded as ended:
+            self._raise_stream_status()
+            raise ended from None
+        finally:
+            self._decoder.received = bulk.received
+            self._decoder.encoded_bytes = bulk.encoded_bytes
+        self._raise_stream_status()
+
+    def _raise_stream_status(self) -> None:
+        try:
+            for _ in self._calls[0]:
+                raise DataLoss("the thaw stream sent a message after its bulk offer")
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
 
     def _read(
         self, call: Any, decoder: ThawDecoder, expected: int, shared: queue.Queue[object]
@@ -127,6 +195,8 @@ class ThawStream(ThawStreamCore):
         self._stop.set()
         for call in self._calls:
             call.cancel()
+        if self._bulk is not None:
+            self._bulk.close()
         for thread in self._threads:
             if thread is not threading.current_thread():
                 thread.join(timeout=5)

@@ -84,6 +84,13 @@ class ServerOptions:
     """PEM CA bundle for client certificates: set, every client must present one (mTLS),
     and one with a SAN URI cwm://TENANT/ROLE acts as that tenant and role."""
 
+    bulk_listen: str = "auto"
+    """HOST:PORT of the bulk TCP port; "auto": the gRPC host at the gRPC port + 1 (any free
+    port when the gRPC port is ephemeral); "off": no bulk TCP port. TLS whenever the gRPC
+    port is, with the same certificate (and client CA)."""
+    bulk_unix: bool = True
+    """Offer callers on this host the bulk Unix socket <data_dir>/bulk.sock."""
+
     @property
     def auth_enabled(self) -> bool:
         return self.auth_file is not None or self.tls_client_ca is not None

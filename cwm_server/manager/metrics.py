@@ -23,6 +23,12 @@ Each manager has its own registry (tests run several in one process). What is co
 - the catalog, per tenant: ``cwm_windows{tenant}``, ``cwm_tenant_chunks{tenant}``,
   ``cwm_tenant_raw_bytes{tenant}`` and ``cwm_tenant_stored_bytes{tenant}`` (distinct chunks:
   a clone adds a window, not bytes);
+- the bulk channel: ``cwm_bulk_transfers_total{transport,direction}`` and
+  ``cwm_bulk_bytes_total{transport,direction}`` (transfers that ran on a bulk connection and
+  the chunk bytes they moved), ``cwm_bulk_fallbacks_total{direction}`` (offers no connection
+  took in time: the transfer went on over gRPC), ``cwm_bulk_refused_total{transport,reason}``
+  (connections closed without a byte: no hello, bad magic, unknown, reused or expired
+  ticket, a foreign Unix peer, too many pending);
 - ``cwm_agents_connected``; ``cwm_health_level{component}`` (0 OK, 1 DEGRADED, 2 DOWN).
 """
 
@@ -406,6 +412,46 @@ class StateCollector(Collector):
         yield from (agents, health)
 
 
+class BulkMetrics:
+    """The bulk channel's counters (see the module docstring)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._transfers = Counter(
+            "cwm_bulk_transfers",
+            "Transfers that ran on a bulk connection",
+            ["transport", "direction"],
+            registry=registry,
+        )
+        self._bytes = Counter(
+            "cwm_bulk_bytes",
+            "Chunk bytes moved on bulk connections",
+            ["transport", "direction"],
+            registry=registry,
+        )
+        self._fallbacks = Counter(
+            "cwm_bulk_fallbacks",
+            "Bulk offers no connection took in time (the transfer went on over gRPC)",
+            ["direction"],
+            registry=registry,
+        )
+        self._refused = Counter(
+            "cwm_bulk_refused",
+            "Bulk connections closed without a byte",
+            ["transport", "reason"],
+            registry=registry,
+        )
+
+    def transferred(self, transport: str, direction: str, size: int) -> None:
+        self._transfers.labels(transport, direction).inc()
+        self._bytes.labels(transport, direction).inc(size)
+
+    def fallback(self, direction: str) -> None:
+        self._fallbacks.labels(direction).inc()
+
+    def refused(self, transport: str, reason: str) -> None:
+        self._refused.labels(transport, reason).inc()
+
+
 class ManagerMetrics:
     """The registry of one manager and, once started, its HTTP endpoint."""
 
@@ -414,6 +460,7 @@ class ManagerMetrics:
         self.registry = CollectorRegistry()
         self.rpc = RpcMetrics(self.registry)
         self.store = StoreMetrics(self.registry)
+        self.bulk = BulkMetrics(self.registry)
         self._http: Any = None
         self._thread: Thread | None = None
         self.port = 0

@@ -21,6 +21,7 @@ from cwm_client.allocator import tune_allocator, use_one_malloc_arena
 from cwm_client.channels import MAX_MESSAGE_BYTES
 from cwm_server.manager import health
 from cwm_server.manager.agents import AgentRegistry
+from cwm_server.manager.bulk.channel import BulkChannel
 from cwm_server.manager.config import ManagerConfig, ServerOptions
 from cwm_server.manager.housekeeping.sweeper import Sweeper
 from cwm_server.manager.housekeeping.ttl import TtlCollector
@@ -91,6 +92,8 @@ class ManagerServer:
         """Deletes expired windows every `config.ttl_interval_s` seconds."""
         self.sweeper = Sweeper(self.manager.collector.sweeps(), self.manager.redis)
         """Finishes collections that Redis trouble or a crash left, each on its schedule."""
+        self.bulk = BulkChannel(self.manager, self.options, self.metrics.bulk)
+        """The bulk endpoints beside the gRPC port (opened by `start`)."""
 
     @property
     def metrics_port(self) -> int:
@@ -114,7 +117,7 @@ class ManagerServer:
         self.server = grpc.aio.server(
             interceptors=[RpcInterceptor(self.metrics.rpc, auth)], options=SERVER_OPTIONS
         )
-        pb.add_WindowServiceServicer_to_server(WindowServicer(self.manager), self.server)
+        pb.add_WindowServiceServicer_to_server(WindowServicer(self.manager, self.bulk), self.server)
         pb.add_SessionServiceServicer_to_server(
             SessionServicer(self.manager, self.agents, self.manager_id), self.server
         )
@@ -130,6 +133,7 @@ class ManagerServer:
             raise OSError(f"could not listen on {self.config.listen}")
         if self.options.metrics_listen:
             self.metrics.serve(self.options.metrics_listen)
+        self.bulk.start(self.config.listen, self.port)
         await self.server.start()
         self._health_task = asyncio.ensure_future(self.health.run_forever())
         self.ttl_collector.start()
@@ -139,6 +143,8 @@ class ManagerServer:
         log.info(
             "serving",
             address=f"{host}:{self.port}",
+            bulk_tcp=self.bulk.tcp_address or None,
+            bulk_unix=self.bulk.unix_path or None,
             data_dir=str(self.config.data_dir),
             metrics=(
                 f"http://{self.options.metrics_listen.rsplit(':', 1)[0]}:{self.metrics.port}"
@@ -160,6 +166,7 @@ class ManagerServer:
         await self.health.shutdown()
         if self.server is not None:
             await self.server.stop(grace)
+        await self.bulk.close()
         self.metrics.close()
         self.manager.close()
         if self._lock_fd is not None:

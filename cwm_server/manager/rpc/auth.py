@@ -64,6 +64,7 @@ _READ = frozenset(
 )
 _WRITE = _READ | {
     _WINDOWS + "Freeze",
+    _WINDOWS + "OfferBulkFreeze",
     _WINDOWS + "CloneWindow",
     _WINDOWS + "DeleteWindow",
     _SESSIONS + "FreezeSession",
@@ -76,6 +77,7 @@ _AGENT = frozenset(
     {
         _SESSIONS + "Connect",
         _WINDOWS + "Freeze",
+        _WINDOWS + "OfferBulkFreeze",
         _WINDOWS + "Thaw",
         _WINDOWS + "GetWindow",  # a thaw reads the window first (and plans its streams)
         _WINDOWS + "FindMissingChunks",

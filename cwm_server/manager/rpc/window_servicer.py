@@ -10,6 +10,7 @@ from typing import Any
 import grpc.aio
 
 from cwm_client import pb
+from cwm_server.manager.bulk.channel import BulkChannel
 from cwm_server.manager.rpc.tenancy import current_tenant
 from cwm_server.manager.windows.freeze import FreezeStream
 from cwm_server.manager.windows.manager import WindowManager
@@ -17,8 +18,9 @@ from cwm_server.manager.windows.thaw import open_thaw
 
 
 class WindowServicer(pb.WindowServiceServicer):
-    def __init__(self, manager: WindowManager) -> None:
+    def __init__(self, manager: WindowManager, bulk: BulkChannel | None = None) -> None:
         self._manager = manager
+        self._bulk = bulk
 
     async def Freeze(  # noqa: N802 - gRPC method name
         self,
@@ -32,14 +34,28 @@ class WindowServicer(pb.WindowServiceServicer):
         self, request: pb.ThawRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[Any]:
         """The window (a ThawResponse), then its chunk parts as wire.PreEncoded
-        ThawResponses, which the interceptor's response serializer sends as they are."""
-        stream = await open_thaw(self._manager, current_tenant(context), request)
+        ThawResponses, which the interceptor's response serializer sends as they are (or,
+        where the request asked and the bulk channel can, an offer and the chunks on it)."""
+        tenant = current_tenant(context)
+        stream = await open_thaw(self._manager, tenant, request)
         try:
             yield pb.ThawResponse(window=stream.window)
-            async for response in stream.responses():
+            rest = (
+                stream.responses()
+                if self._bulk is None
+                else self._bulk.thaw(stream, request, tenant, context.peer())
+            )
+            async for response in rest:
                 yield response
         finally:
             stream.close()
+
+    async def OfferBulkFreeze(  # noqa: N802
+        self, request: pb.OfferBulkFreezeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.OfferBulkFreezeResponse:
+        if self._bulk is None:
+            return pb.OfferBulkFreezeResponse()
+        return await self._bulk.offer_freeze(current_tenant(context), request, context.peer())
 
     async def FindMissingChunks(  # noqa: N802
         self, request: pb.FindMissingChunksRequest, context: grpc.aio.ServicerContext

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import structlog
@@ -66,12 +66,21 @@ class FreezeStream:
         """What this freeze holds of its tenant's quota until it commits or fails."""
 
     async def run(self, requests: AsyncIterator[pb.FreezeRequest]) -> pb.FreezeResponse:
+        """A Freeze call: its header, then the chunk parts of its request stream."""
         first = await anext(requests, None)
         if first is None or first.WhichOneof("payload") != "header":
             raise InvalidArgument(
                 "the first Freeze message must be a header (FreezeHeader)", field="header"
             )
-        header = first.header
+        max_encoded = self._manager.config.max_chunk_bytes + (1 << 16)
+        return await self.store(
+            first.header,
+            lambda header, spans: _assembled(requests, header, spans, max_encoded),
+        )
+
+    async def store(self, header: pb.FreezeHeader, chunks: ChunkSource) -> pb.FreezeResponse:
+        """Check `header`, store the whole chunks `chunks(header, spans)` yields (a gRPC
+        stream's, or a bulk connection's) and commit, or only stage them (stage_only)."""
         spans = validate_header(header, self._manager.config.max_chunk_bytes)
         uploads = self._manager.uploads
         upload = uploads.join(self._tenant, header) if header.upload_id else None
@@ -83,7 +92,7 @@ class FreezeStream:
             ):
                 raise window_exists_error(header.name)
             self._reservation = await self._reserve_quota(header, spans)
-            await self._receive(requests, header, spans)
+            await self._receive(chunks(header, spans), DTYPE_SIZE[header.fingerprint.kv_dtype])
             await asyncio.sleep(CANCEL_SETTLE_S)
             if header.stage_only:
                 assert upload is not None
@@ -165,36 +174,15 @@ class FreezeStream:
             tenant, lambda: reserve_on_catalog_thread(manager.db, _reserve)
         )
 
-    async def _receive(
-        self,
-        requests: AsyncIterator[pb.FreezeRequest],
-        header: pb.FreezeHeader,
-        spans: Spans,
-    ) -> None:
-        config = self._manager.config
-        word = DTYPE_SIZE[header.fingerprint.kv_dtype]
-        assembler = ChunkAssembler(max_encoded_size=config.max_chunk_bytes + (1 << 16))
-        queue: asyncio.Queue[AssembledChunk | None] = asyncio.Queue(config.stream_window_chunks)
+    async def _receive(self, chunks: AsyncIterator[AssembledChunk], word: int) -> None:
+        queue: asyncio.Queue[AssembledChunk | None]
+        queue = asyncio.Queue(self._manager.config.stream_window_chunks)
         storer = asyncio.ensure_future(self._store_all(queue, word))
-        last_index = -1
         try:
-            async for request in requests:
-                if request.WhichOneof("payload") != "chunk":
-                    raise InvalidArgument(
-                        "a Freeze stream carries one header, then only chunks", field="header"
-                    )
-                part = request.chunk
-                if not assembler.in_progress:
-                    check_chunk_start(part, header, spans, last_index)
-                    last_index = part.index
-                whole = assembler.add(part)
-                if whole is not None:
-                    self._received.encoded_bytes += len(whole.data)
-                    await _put_or_fail(queue, whole, storer)
-            if assembler.in_progress:
-                raise InvalidArgument(
-                    f"the stream ended in the middle of chunk {last_index}", field="chunk.data"
-                )
+            async for whole in chunks:
+                self._received.encoded_bytes += len(whole.data)
+                await _put_or_fail(queue, whole, storer)
+                del whole
             await _put_or_fail(queue, None, storer)
             await storer
         finally:
@@ -318,6 +306,38 @@ class FreezeStream:
             await asyncio.shield(self._manager.collect(self._tenant, self._received.started))
         except Exception:  # noqa: BLE001 - start-up recovery collects whatever is left
             log.warning("discard_failed", tenant=self._tenant, chunks=len(writes))
+
+
+ChunkSource = Callable[[pb.FreezeHeader, Spans], AsyncIterator[AssembledChunk]]
+"""Where a freeze's whole chunks come from, given its checked header and chunk spans."""
+
+
+async def _assembled(
+    requests: AsyncIterator[pb.FreezeRequest],
+    header: pb.FreezeHeader,
+    spans: Spans,
+    max_encoded_size: int,
+) -> AsyncIterator[AssembledChunk]:
+    """The whole chunks of a Freeze call's request stream, each checked at its first part
+    against the header."""
+    assembler = ChunkAssembler(max_encoded_size=max_encoded_size)
+    last_index = -1
+    async for request in requests:
+        if request.WhichOneof("payload") != "chunk":
+            raise InvalidArgument(
+                "a Freeze stream carries one header, then only chunks", field="header"
+            )
+        part = request.chunk
+        if not assembler.in_progress:
+            check_chunk_start(part, header, spans, last_index)
+            last_index = part.index
+        whole = assembler.add(part)
+        if whole is not None:
+            yield whole
+    if assembler.in_progress:
+        raise InvalidArgument(
+            f"the stream ended in the middle of chunk {last_index}", field="chunk.data"
+        )
 
 
 async def _put_or_fail(

@@ -72,13 +72,22 @@ class ThawStream:
         """The chunk parts, in order, each a ThawResponse already in wire format (one copy
         of the bytes per part; see `wire`)."""
         part_bytes = self._part_bytes
-        async for ref, codec, data in self._fetched():
+        async for ref, codec, data in self.fetched():
             for response in thaw_parts(ref, data, codec, part_bytes):
                 yield response
 
-    async def _fetched(self) -> AsyncIterator[tuple[pb.ChunkRef, int, bytes | memoryview]]:
+    @property
+    def refs(self) -> list[pb.ChunkRef]:
+        """The chunks this stream sends, in order."""
+        return self._refs
+
+    async def fetched(
+        self, read_ahead: int | None = None
+    ) -> AsyncIterator[tuple[pb.ChunkRef, int, bytes | memoryview]]:
+        """Each chunk to send with its codec and bytes, in order, at most `read_ahead`
+        (default: the manager's `stream_window_chunks`) in hand or being read at once."""
         manager = self._manager
-        window_size = max(1, manager.config.stream_window_chunks)
+        window_size = max(1, read_ahead or manager.config.stream_window_chunks)
         pending: deque[tuple[pb.ChunkRef, Fetched | concurrent.futures.Future[Fetched]]]
         pending = deque()
         refs: Iterator[pb.ChunkRef] = iter(self._refs)

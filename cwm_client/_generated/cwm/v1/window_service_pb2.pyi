@@ -10,6 +10,7 @@ from cwm_client._generated.cwm.v1 import window_pb2 as _window_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -20,6 +21,129 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _BulkTransport:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _BulkTransportEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BulkTransport.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    BULK_TRANSPORT_UNSPECIFIED: _BulkTransport.ValueType  # 0
+    """Not set: no bulk channel (gRPC carries the chunks)."""
+    BULK_TRANSPORT_UNIX: _BulkTransport.ValueType  # 1
+    """A Unix-domain socket under the manager's data dir: same host only."""
+    BULK_TRANSPORT_TCP: _BulkTransport.ValueType  # 2
+    """The manager's bulk TCP port, under TLS whenever the gRPC port is."""
+
+class BulkTransport(_BulkTransport, metaclass=_BulkTransportEnumTypeWrapper):
+    """BulkTransport names a way to move chunk bytes beside gRPC (see "bulk channel" in
+    docs/ARCHITECTURE.md). The bytes, their order, their digests and every check stay as on
+    gRPC; only the pipe differs.
+    """
+
+BULK_TRANSPORT_UNSPECIFIED: BulkTransport.ValueType  # 0
+"""Not set: no bulk channel (gRPC carries the chunks)."""
+BULK_TRANSPORT_UNIX: BulkTransport.ValueType  # 1
+"""A Unix-domain socket under the manager's data dir: same host only."""
+BULK_TRANSPORT_TCP: BulkTransport.ValueType  # 2
+"""The manager's bulk TCP port, under TLS whenever the gRPC port is."""
+Global___BulkTransport: _TypeAlias = BulkTransport  # noqa: Y015
+
+@_typing.final
+class BulkOffer(_message.Message):
+    """BulkOffer is the manager's offer of a bulk connection for one transfer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRANSPORT_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    TICKET_FIELD_NUMBER: _builtins.int
+    EXPIRES_IN_MS_FIELD_NUMBER: _builtins.int
+    TLS_FIELD_NUMBER: _builtins.int
+    transport: Global___BulkTransport.ValueType
+    """The transport offered; UNSPECIFIED means no offer."""
+    address: _builtins.str
+    """Where to connect: the socket's absolute path (UNIX), or "host:port" (TCP), where an
+    empty host means the host the client reached the gRPC port on.
+    """
+    ticket: _builtins.bytes
+    """The single-use ticket to present first on the connection (32 bytes). It is bound to
+    the caller's tenant and this transfer's window or upload and chunk list.
+    """
+    expires_in_ms: _builtins.int
+    """Milliseconds from the offer within which the connection must present the ticket."""
+    tls: _builtins.bool
+    """The bulk connection is TLS, with the gRPC port's certificate."""
+    def __init__(
+        self,
+        *,
+        transport: Global___BulkTransport.ValueType = ...,
+        address: _builtins.str = ...,
+        ticket: _builtins.bytes = ...,
+        expires_in_ms: _builtins.int = ...,
+        tls: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "expires_in_ms", b"expires_in_ms", "ticket", b"ticket", "tls", b"tls", "transport", b"transport"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BulkOffer: _TypeAlias = BulkOffer  # noqa: Y015
+
+@_typing.final
+class OfferBulkFreezeRequest(_message.Message):
+    """OfferBulkFreezeRequest asks for a bulk connection to stage chunks of an upload."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    BULK_TRANSPORTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def header(self) -> Global___FreezeHeader:
+        """The window's header, as a stage_only stream of the upload would send it."""
+
+    @_builtins.property
+    def bulk_transports(self) -> _containers.RepeatedScalarFieldContainer[Global___BulkTransport.ValueType]:
+        """Transports the client can use, preferred first."""
+
+    def __init__(
+        self,
+        *,
+        header: Global___FreezeHeader | None = ...,
+        bulk_transports: _abc.Iterable[Global___BulkTransport.ValueType] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bulk_transports", b"bulk_transports", "header", b"header"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OfferBulkFreezeRequest: _TypeAlias = OfferBulkFreezeRequest  # noqa: Y015
+
+@_typing.final
+class OfferBulkFreezeResponse(_message.Message):
+    """OfferBulkFreezeResponse carries the offer (or none)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OFFER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def offer(self) -> Global___BulkOffer:
+        """The offer; transport UNSPECIFIED when none can be made."""
+
+    def __init__(
+        self,
+        *,
+        offer: Global___BulkOffer | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["offer", b"offer"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["offer", b"offer"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OfferBulkFreezeResponse: _TypeAlias = OfferBulkFreezeResponse  # noqa: Y015
 
 @_typing.final
 class FreezeHeader(_message.Message):
@@ -234,6 +358,7 @@ class ThawRequest(_message.Message):
     ACCEPT_CODECS_FIELD_NUMBER: _builtins.int
     CHUNK_STRIDE_FIELD_NUMBER: _builtins.int
     WINDOW_VIEW_FIELD_NUMBER: _builtins.int
+    BULK_TRANSPORTS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name of the window."""
     first_chunk: _builtins.int
@@ -263,6 +388,16 @@ class ThawRequest(_message.Message):
         listed codec is sent as stored, without encoding it again. Raw is always accepted.
         """
 
+    @_builtins.property
+    def bulk_transports(self) -> _containers.RepeatedScalarFieldContainer[Global___BulkTransport.ValueType]:
+        """Transports this client can take the chunks on instead of this stream, preferred first.
+        Empty (the default): the chunks come on this stream. When the manager can offer one,
+        its second message is a BulkOffer; the chunks then come on that connection and this
+        stream ends, after the last of them was sent, with the transfer's status. A client
+        that cannot connect cancels the call and thaws again without bulk_transports; one that
+        does not present the ticket before it expires gets the chunks on this stream.
+        """
+
     def __init__(
         self,
         *,
@@ -273,10 +408,11 @@ class ThawRequest(_message.Message):
         accept_codecs: _abc.Iterable[_chunk_pb2.ChunkCodec.ValueType] | None = ...,
         chunk_stride: _builtins.int = ...,
         window_view: _window_pb2.WindowView.ValueType = ...,
+        bulk_transports: _abc.Iterable[Global___BulkTransport.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept_codecs", b"accept_codecs", "chunk_count", b"chunk_count", "chunk_stride", b"chunk_stride", "first_chunk", b"first_chunk", "max_part_bytes", b"max_part_bytes", "name", b"name", "window_view", b"window_view"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept_codecs", b"accept_codecs", "bulk_transports", b"bulk_transports", "chunk_count", b"chunk_count", "chunk_stride", b"chunk_stride", "first_chunk", b"first_chunk", "max_part_bytes", b"max_part_bytes", "name", b"name", "window_view", b"window_view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -290,6 +426,7 @@ class ThawResponse(_message.Message):
 
     WINDOW_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
+    BULK_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def window(self) -> _window_pb2.WindowInfo:
         """The window (FULL view unless ThawRequest.window_view asks for less); always the
@@ -302,17 +439,24 @@ class ThawResponse(_message.Message):
         request's accept_codecs allowed an encoding (Chunk.codec says which).
         """
 
+    @_builtins.property
+    def bulk(self) -> Global___BulkOffer:
+        """The second message when the request listed bulk_transports and the manager can
+        offer one: the chunks come on that connection instead.
+        """
+
     def __init__(
         self,
         *,
         window: _window_pb2.WindowInfo | None = ...,
         chunk: _chunk_pb2.Chunk | None = ...,
+        bulk: Global___BulkOffer | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "payload", b"payload", "window", b"window"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bulk", b"bulk", "chunk", b"chunk", "payload", b"payload", "window", b"window"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "payload", b"payload", "window", b"window"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bulk", b"bulk", "chunk", b"chunk", "payload", b"payload", "window", b"window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["window", "chunk"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["window", "chunk", "bulk"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 

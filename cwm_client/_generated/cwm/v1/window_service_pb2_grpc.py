@@ -72,6 +72,11 @@ class WindowServiceStub(object):
                 request_serializer=cwm_dot_v1_dot_window__service__pb2.DeleteWindowRequest.SerializeToString,
                 response_deserializer=cwm_dot_v1_dot_window__service__pb2.DeleteWindowResponse.FromString,
                 _registered_method=True)
+        self.OfferBulkFreeze = channel.unary_unary(
+                '/cwm.v1.WindowService/OfferBulkFreeze',
+                request_serializer=cwm_dot_v1_dot_window__service__pb2.OfferBulkFreezeRequest.SerializeToString,
+                response_deserializer=cwm_dot_v1_dot_window__service__pb2.OfferBulkFreezeResponse.FromString,
+                _registered_method=True)
 
 
 class WindowServiceServicer(object):
@@ -135,6 +140,19 @@ class WindowServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OfferBulkFreeze(self, request, context):
+        """OfferBulkFreeze opens the bulk channel for one staging share of a parallel freeze:
+        the header (with upload_id and stage_only set) is checked as a Freeze stream's would
+        be, and the answer is a single-use ticket for the manager's bulk endpoint, on which the
+        client then sends the chunks the header lists that the store lacks. The window is
+        committed over gRPC as for any upload: a header-only Freeze with the same upload_id.
+        No offer (an empty BulkOffer) means this manager has no bulk endpoint the caller can
+        use; send the chunks on a Freeze stream instead.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WindowServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -172,6 +190,11 @@ def add_WindowServiceServicer_to_server(servicer, server):
                     servicer.DeleteWindow,
                     request_deserializer=cwm_dot_v1_dot_window__service__pb2.DeleteWindowRequest.FromString,
                     response_serializer=cwm_dot_v1_dot_window__service__pb2.DeleteWindowResponse.SerializeToString,
+            ),
+            'OfferBulkFreeze': grpc.unary_unary_rpc_method_handler(
+                    servicer.OfferBulkFreeze,
+                    request_deserializer=cwm_dot_v1_dot_window__service__pb2.OfferBulkFreezeRequest.FromString,
+                    response_serializer=cwm_dot_v1_dot_window__service__pb2.OfferBulkFreezeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -366,6 +389,33 @@ class WindowService(object):
             '/cwm.v1.WindowService/DeleteWindow',
             cwm_dot_v1_dot_window__service__pb2.DeleteWindowRequest.SerializeToString,
             cwm_dot_v1_dot_window__service__pb2.DeleteWindowResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OfferBulkFreeze(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cwm.v1.WindowService/OfferBulkFreeze',
+            cwm_dot_v1_dot_window__service__pb2.OfferBulkFreezeRequest.SerializeToString,
+            cwm_dot_v1_dot_window__service__pb2.OfferBulkFreezeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -60,6 +60,15 @@ class WindowServiceStub:
     """
     DeleteWindow: _grpc.UnaryUnaryMultiCallable[_window_service_pb2.DeleteWindowRequest, _window_service_pb2.DeleteWindowResponse]
     """DeleteWindow removes a window; chunks no other window references are collected."""
+    OfferBulkFreeze: _grpc.UnaryUnaryMultiCallable[_window_service_pb2.OfferBulkFreezeRequest, _window_service_pb2.OfferBulkFreezeResponse]
+    """OfferBulkFreeze opens the bulk channel for one staging share of a parallel freeze:
+    the header (with upload_id and stage_only set) is checked as a Freeze stream's would
+    be, and the answer is a single-use ticket for the manager's bulk endpoint, on which the
+    client then sends the chunks the header lists that the store lacks. The window is
+    committed over gRPC as for any upload: a header-only Freeze with the same upload_id.
+    No offer (an empty BulkOffer) means this manager has no bulk endpoint the caller can
+    use; send the chunks on a Freeze stream instead.
+    """
 
 @_typing.type_check_only
 class WindowServiceAsyncStub(WindowServiceStub):
@@ -93,6 +102,15 @@ class WindowServiceAsyncStub(WindowServiceStub):
     """
     DeleteWindow: _aio.UnaryUnaryMultiCallable[_window_service_pb2.DeleteWindowRequest, _window_service_pb2.DeleteWindowResponse]  # type: ignore[assignment]
     """DeleteWindow removes a window; chunks no other window references are collected."""
+    OfferBulkFreeze: _aio.UnaryUnaryMultiCallable[_window_service_pb2.OfferBulkFreezeRequest, _window_service_pb2.OfferBulkFreezeResponse]  # type: ignore[assignment]
+    """OfferBulkFreeze opens the bulk channel for one staging share of a parallel freeze:
+    the header (with upload_id and stage_only set) is checked as a Freeze stream's would
+    be, and the answer is a single-use ticket for the manager's bulk endpoint, on which the
+    client then sends the chunks the header lists that the store lacks. The window is
+    committed over gRPC as for any upload: a header-only Freeze with the same upload_id.
+    No offer (an empty BulkOffer) means this manager has no bulk endpoint the caller can
+    use; send the chunks on a Freeze stream instead.
+    """
 
 class WindowServiceServicer(metaclass=_abc_1.ABCMeta):
     """WindowService is the manager's data plane and catalog: windows go in with Freeze, come
@@ -165,5 +183,20 @@ class WindowServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_window_service_pb2.DeleteWindowResponse, _abc.Awaitable[_window_service_pb2.DeleteWindowResponse]]:
         """DeleteWindow removes a window; chunks no other window references are collected."""
+
+    @_abc_1.abstractmethod
+    def OfferBulkFreeze(
+        self,
+        request: _window_service_pb2.OfferBulkFreezeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_window_service_pb2.OfferBulkFreezeResponse, _abc.Awaitable[_window_service_pb2.OfferBulkFreezeResponse]]:
+        """OfferBulkFreeze opens the bulk channel for one staging share of a parallel freeze:
+        the header (with upload_id and stage_only set) is checked as a Freeze stream's would
+        be, and the answer is a single-use ticket for the manager's bulk endpoint, on which the
+        client then sends the chunks the header lists that the store lacks. The window is
+        committed over gRPC as for any upload: a header-only Freeze with the same upload_id.
+        No offer (an empty BulkOffer) means this manager has no bulk endpoint the caller can
+        use; send the chunks on a Freeze stream instead.
+        """
 
 def add_WindowServiceServicer_to_server(servicer: WindowServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,104 @@
+"""Opening the bulk connection a manager offered: the transport, TLS when the offer says so
+(with the gRPC channel's own CA and client certificate), and the hello with the ticket."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import ssl
+import tempfile
+from collections.abc import Sequence
+
+from cwm_client import pb
+from cwm_client.bulk.frames import hello
+from cwm_client.channels import Credentials
+from cwm_client.errors import InvalidArgument
+
+CONNECT_TIMEOUT_S = 2.0
+"""How long a connect may take before the transfer goes on over gRPC instead: well inside
+the ticket's life, and short enough that a blocked port costs little."""
+
+TRANSPORTS = {
+    "auto": (pb.BulkTransport.BULK_TRANSPORT_UNIX, pb.BulkTransport.BULK_TRANSPORT_TCP),
+    "grpc": (),
+    "unix": (pb.BulkTransport.BULK_TRANSPORT_UNIX,),
+    "tcp": (pb.BulkTransport.BULK_TRANSPORT_TCP,),
+}
+"""What each `transport=` choice asks the manager for, preferred first."""
+
+
+def bulk_transports(transport: str) -> Sequence[int]:
+    """The ThawRequest/OfferBulkFreezeRequest list for a `transport=` choice."""
+    try:
+        return TRANSPORTS[transport]
+    except KeyError:
+        raise InvalidArgument(
+            f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}",
+            field="transport",
+        ) from None
+
+
+def target_host(target: str) -> str:
+    """The host part of a gRPC target ("host:port", "dns:///host:port", "[v6]:port")."""
+    rest = target
+    for prefix in ("dns:///", "dns:", "ipv4:", "ipv6:"):
+        if rest.startswith(prefix):
+            rest = rest[len(prefix) :]
+            break
+    if rest.startswith("["):
+        return rest[1 : rest.index("]")]
+    return rest.rsplit(":", 1)[0] if ":" in rest else rest
+
+
+def connect(offer: pb.BulkOffer, target: str, credentials: Credentials) -> socket.socket:
+    """A connected bulk socket that has presented the offer's ticket (OSError if the
+    endpoint cannot be reached; the caller goes on over gRPC)."""
+    if offer.transport == pb.BulkTransport.BULK_TRANSPORT_UNIX:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(CONNECT_TIMEOUT_S)
+            sock.connect(offer.address)
+        except BaseException:
+            sock.close()
+            raise
+    elif offer.transport == pb.BulkTransport.BULK_TRANSPORT_TCP:
+        host, _, port = offer.address.rpartition(":")
+        host = host.strip("[]") or target_host(target)
+        sock = socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if offer.tls:
+                sock = _tls_context(credentials).wrap_socket(sock, server_hostname=host)
+        except BaseException:
+            sock.close()
+            raise
+    else:
+        raise OSError(f"unknown bulk transport {offer.transport}")
+    try:
+        sock.sendall(hello(offer.ticket))
+        sock.settimeout(None)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _tls_context(credentials: Credentials) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    if credentials.root_certificates is not None:
+        context = ssl.create_default_context(cadata=credentials.root_certificates.decode())
+    if credentials.certificate_chain is not None and credentials.private_key is not None:
+        # ssl loads a client certificate only from files: a private temporary pair.
+        with tempfile.TemporaryDirectory(prefix="cwm-bulk-") as directory:
+            cert = os.path.join(directory, "cert.pem")
+            key = os.path.join(directory, "key.pem")
+            for path, data in (
+                (cert, credentials.certificate_chain),
+                (key, credentials.private_key),
+            ):
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with contextlib.closing(os.fdopen(fd, "wb")) as out:
+                    out.write(data)
+            context.load_cert_chain(cert, key)
+    return context

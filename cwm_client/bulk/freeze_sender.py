@@ -1,0 +1,75 @@
+"""Sending a freeze's staging share on its bulk connection, and reading the manager's
+result: each chunk is a frame head and its bytes (`sendall` straight from the chunk's own
+buffer, no parts), then the end frame; the manager answers once it stored (or refused)
+them all."""
+
+from __future__ import annotations
+
+import select
+import socket
+from collections.abc import Sequence
+
+import grpc
+
+from cwm_client.bulk.frames import BulkResult, chunk_head, end_frame, read_result
+from cwm_client.chunks import ChunkPayload
+from cwm_client.codecs import RAW, encode_for_wire
+from cwm_client.errors import InvalidArgument, error_class
+from cwm_client.windows.progress import Progress
+
+
+def send_share(
+    sock: socket.socket,
+    to_send: Sequence[ChunkPayload],
+    word: int,
+    progress: Progress | None,
+    wire_codec: int = RAW,
+) -> BulkResult:
+    """Send `to_send` in order and return the manager's result (its error raised as the
+    `cwm_client.errors` class of its status code)."""
+    total = sum(c.raw_size for c in to_send)
+    done = 0
+    if progress is not None:
+        progress(0, total)
+    accepted = (wire_codec,)
+    try:
+        for chunk in to_send:
+            raw = chunk.data()
+            if len(raw) != chunk.raw_size:
+                raise InvalidArgument(
+                    f"chunk {chunk.index}: data() returned {len(raw)} bytes, raw_size says "
+                    f"{chunk.raw_size}"
+                )
+            codec, encoded = (
+                (RAW, raw) if wire_codec == RAW else encode_for_wire(raw, accepted, word)
+            )
+            sock.sendall(chunk_head(chunk.index, codec, chunk.raw_size, len(encoded)))
+            sock.sendall(encoded)
+            del raw, encoded
+            if _answered(sock):  # the manager refused something and stopped: why?
+                raise_for(read_result(sock))
+                raise InvalidArgument("the manager ended the bulk freeze before its end frame")
+            done += chunk.raw_size
+            if progress is not None:
+                progress(done, total)
+        sock.sendall(end_frame())
+    except OSError:
+        # The manager may have refused a chunk and closed: its result says why.
+        result = read_result(sock)
+        raise_for(result)
+        raise
+    result = read_result(sock)
+    raise_for(result)
+    return result
+
+
+def _answered(sock: socket.socket) -> bool:
+    readable, _, _ = select.select([sock], [], [], 0)
+    return bool(readable)
+
+
+def raise_for(result: BulkResult) -> None:
+    if result.code == 0:
+        return
+    code = next((c for c in grpc.StatusCode if c.value[0] == result.code), grpc.StatusCode.UNKNOWN)
+    raise error_class(code)(result.message, reason=result.reason, field=result.field)

@@ -1,0 +1,149 @@
+"""Reading a thaw's chunks from its bulk connection.
+
+One thread receives frames straight into a fresh buffer per chunk (no parts, no protobuf)
+and queues at most `read_ahead` of them; the consumer's thread checks each against the
+digest the gRPC stream listed, so receiving chunk k+1 overlaps verifying chunk k (both
+release the GIL). Nothing is used before its digest matches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import socket
+import threading
+from collections.abc import Iterator, Sequence
+
+from cwm_client import pb
+from cwm_client.bulk.frames import HEAD_BYTES, BulkProtocolError, parse_head, recv_exactly
+from cwm_client.chunks import DTYPE_SIZE, digest
+from cwm_client.codecs import RAW, decode
+from cwm_client.errors import Cancelled, DataLoss
+from cwm_client.windows.thaw_decoder import ThawedChunk
+
+POLL_S = 0.1
+_END = object()
+SLACK_BYTES = 1 << 16
+"""How much larger than its raw size an encoded chunk may be on the wire (never, in
+practice: a codec is used only where it saves); anything beyond is a broken stream."""
+
+
+class BulkThawReader:
+    """The chunks `refs` (in this order) from `sock`, verified."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        window: pb.WindowInfo,
+        refs: Sequence[pb.ChunkRef],
+        read_ahead: int = 4,
+    ) -> None:
+        self._sock = sock
+        self._window = window
+        self._refs = list(refs)
+        self._word = DTYPE_SIZE.get(window.fingerprint.kv_dtype, 1)
+        self._queue: queue.Queue[object] = queue.Queue(max(1, read_ahead))
+        self._stop = threading.Event()
+        self.encoded_bytes = 0
+        self.received = 0
+        self._thread = threading.Thread(target=self._receive, name="cwm-bulk-thaw", daemon=True)
+        self._thread.start()
+
+    def __iter__(self) -> Iterator[ThawedChunk]:
+        for ref in self._refs:
+            item = self._take()
+            if isinstance(item, BaseException):
+                raise item
+            assert isinstance(item, tuple)
+            codec, data = item
+            raw = data if codec == RAW else _decoded(data, codec, ref, self._word)
+            if digest(raw) != ref.digest:
+                raise DataLoss(
+                    f"chunk {ref.index} of window {self._window.name!r} does not match its "
+                    "digest; refusing to use it"
+                )
+            self.received += 1
+            yield ThawedChunk(
+                index=ref.index,
+                token_start=ref.token_start,
+                token_count=ref.token_count,
+                digest=ref.digest,
+                data=raw,  # a bytearray from the bulk wire: used as it came, no copy
+            )
+        item = self._take()
+        if isinstance(item, BaseException):
+            raise item
+        if item is not _END:
+            raise DataLoss("the bulk connection sent more chunks than were asked for")
+
+    def close(self) -> None:
+        self._stop.set()
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+
+    def _receive(self) -> None:
+        head = bytearray(HEAD_BYTES)
+        try:
+            for ref in self._refs:
+                recv_exactly(self._sock, head)
+                frame = parse_head(head)
+                if frame.is_end or frame.index != ref.index:
+                    raise DataLoss(
+                        f"the bulk connection sent chunk {frame.index} where chunk "
+                        f"{ref.index} was due"
+                    )
+                if frame.raw_size != ref.raw_size or frame.length > ref.raw_size + SLACK_BYTES:
+                    raise DataLoss(
+                        f"the bulk connection's chunk {ref.index} has the wrong size "
+                        f"({frame.raw_size} raw, {frame.length} sent; {ref.raw_size} expected)"
+                    )
+                data = bytearray(frame.length)
+                recv_exactly(self._sock, data)
+                self.encoded_bytes += frame.length
+                if not self._put((frame.codec, data)):
+                    return
+                del data
+            recv_exactly(self._sock, head)
+            if not parse_head(head).is_end:
+                raise DataLoss("the bulk connection sent more chunks than were asked for")
+            self._put(_END)
+        except BulkProtocolError as exc:
+            if not self._stop.is_set():
+                self._put(BulkEnded(str(exc)))
+        except OSError as exc:
+            if not self._stop.is_set():
+                self._put(BulkEnded(f"the bulk connection failed: {exc}"))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consuming thread
+            self._put(exc)
+
+    def _take(self) -> object:
+        while True:
+            try:
+                return self._queue.get(timeout=POLL_S)
+            except queue.Empty:
+                if self._stop.is_set():
+                    raise Cancelled("the thaw was closed while a chunk was awaited") from None
+
+    def _put(self, item: object) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+
+class BulkEnded(DataLoss):
+    """The bulk connection ended before the last chunk: the gRPC stream's status says why
+    (the thaw stream raises that instead, when there is one)."""
+
+
+def _decoded(data: bytearray, codec: int, ref: pb.ChunkRef, word: int) -> bytes:
+    try:
+        return decode(data, codec, ref.raw_size, word)
+    except ValueError as exc:
+        raise DataLoss(f"chunk {ref.index}: {exc}") from exc

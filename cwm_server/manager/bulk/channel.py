@@ -1,0 +1,308 @@
+"""The manager's bulk channel: its endpoints, the offers gRPC calls make, and the transfers
+that run on the connections that take them.
+
+A thaw asks with `ThawRequest.bulk_transports`; a freeze's staging share with
+`OfferBulkFreeze`. The offer names the first listed transport this manager has and the
+caller can use (a Unix socket only for a caller on this host: its gRPC peer is loopback or
+a Unix socket) with a single-use ticket (`tickets`). Everything that matters stays on gRPC
+and in the same code as a gRPC transfer: the thaw stream's pins and bounded read-ahead, the
+freeze stream's checks, bounded staging, durable store and (over gRPC) the commit; the
+connection only carries the bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import socket
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import structlog
+
+from cwm_client import pb
+from cwm_client.bulk.frames import BulkProtocolError, BulkResult, result_frame
+from cwm_client.errors import CwmError, InvalidArgument
+from cwm_server.manager.bulk.freeze_receiver import bulk_chunks
+from cwm_server.manager.bulk.listener import (
+    Endpoint,
+    server_tls,
+    tcp_endpoint,
+    unix_endpoint,
+)
+from cwm_server.manager.bulk.thaw_sender import send_thaw
+from cwm_server.manager.bulk.tickets import TICKET_TTL_S, Ticket, TicketBook
+from cwm_server.manager.config import ServerOptions
+from cwm_server.manager.metrics import BulkMetrics
+from cwm_server.manager.windows.freeze import FreezeStream
+from cwm_server.manager.windows.header import validate_header
+from cwm_server.manager.windows.manager import WindowManager
+from cwm_server.manager.windows.thaw import ThawStream
+from cwm_server.manager.windows.uploads import check_upload
+
+log = structlog.get_logger("cwm.bulk")
+
+UNIX = pb.BulkTransport.BULK_TRANSPORT_UNIX
+TCP = pb.BulkTransport.BULK_TRANSPORT_TCP
+SOCKET_NAME = "bulk.sock"
+DRAIN_S = 5.0
+
+
+def is_local_peer(peer: str) -> bool:
+    """Whether a gRPC peer string ("ipv4:127.0.0.1:5", "ipv6:[::1]:5", "unix:...") is on
+    this host's loopback or a Unix socket."""
+    if peer.startswith("unix:"):
+        return True
+    if peer.startswith("ipv4:127."):
+        return True
+    return peer.startswith(("ipv6:[::1]", "ipv6:%5B::1%5D"))
+
+
+def bulk_address(listen: str, grpc_port: int) -> tuple[str, int] | None:
+    """Where the bulk TCP port binds for `--bulk-listen` `listen` ("auto": the gRPC host,
+    the gRPC port + 1, or any free port when gRPC took an ephemeral one; "off": none)."""
+    if listen == "off":
+        return None
+    if listen.startswith("auto:"):
+        host, port = listen[5:].rsplit(":", 1)
+        grpc_listen_port = int(port)
+        return host.strip("[]"), (grpc_port + 1 if grpc_listen_port else 0)
+    host, _, port = listen.rpartition(":")
+    if not port.isdigit():
+        raise ValueError(f"--bulk-listen expects HOST:PORT, auto or off, got {listen!r}")
+    return host.strip("[]"), int(port)
+
+
+class BulkChannel:
+    """The bulk endpoints of one manager and the transfers on them."""
+
+    def __init__(
+        self, manager: WindowManager, options: ServerOptions, metrics: BulkMetrics
+    ) -> None:
+        self._manager = manager
+        self._options = options
+        self._metrics = metrics
+        self.tickets = TicketBook()
+        self.endpoints: dict[int, Endpoint] = {}
+        self.tcp_address = ""
+        self.unix_path = ""
+        self._receivers = concurrent.futures.ThreadPoolExecutor(
+            max(2, manager.config.io_threads), thread_name_prefix="cwm-bulk-recv"
+        )
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: set[asyncio.Future[None]] = set()
+
+    def start(self, grpc_listen: str, grpc_port: int) -> None:
+        """Open the endpoints the options ask for (OSError naming the address if the TCP
+        port cannot be had)."""
+        self._loop = asyncio.get_running_loop()
+        if self._options.bulk_unix:
+            path = Path(self._manager.config.data_dir) / SOCKET_NAME
+            sock = unix_endpoint(path)
+            if sock is not None:
+                self._add(Endpoint(sock, UNIX, self.tickets, self._metrics.refused))
+                self.unix_path = str(path)
+        listen = self._options.bulk_listen
+        if listen == "auto":
+            listen = f"auto:{grpc_listen}"
+        where = bulk_address(listen, grpc_port)
+        if where is not None:
+            host, port = where
+            try:
+                sock = tcp_endpoint(host, port)
+            except OSError as exc:
+                raise OSError(
+                    f"could not listen for bulk transfers on {host}:{port} ({exc.strerror}); "
+                    "pick another with --bulk-listen HOST:PORT, or --bulk-listen off"
+                ) from None
+            tls = None
+            if self._options.tls_cert is not None and self._options.tls_key is not None:
+                tls = server_tls(
+                    self._options.tls_cert, self._options.tls_key, self._options.tls_client_ca
+                )
+            self._add(Endpoint(sock, TCP, self.tickets, self._metrics.refused, tls))
+            bound_host, bound_port = sock.getsockname()[:2]
+            shown = "" if bound_host in ("0.0.0.0", "::") else bound_host
+            shown = f"[{shown}]" if ":" in shown else shown
+            self.tcp_address = f"{shown}:{bound_port}"
+        for endpoint in self.endpoints.values():
+            endpoint.start()
+
+    def _add(self, endpoint: Endpoint) -> None:
+        self.endpoints[endpoint.transport] = endpoint
+
+    async def close(self) -> None:
+        for endpoint in self.endpoints.values():
+            endpoint.close()
+        if self.unix_path:
+            with contextlib.suppress(FileNotFoundError):
+                Path(self.unix_path).unlink()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._receivers.shutdown(wait=False, cancel_futures=True)
+
+    def _choose(self, wanted: Any, peer: str) -> Endpoint | None:
+        for transport in wanted:
+            endpoint = self.endpoints.get(transport)
+            if endpoint is None:
+                continue
+            if transport == UNIX and not is_local_peer(peer):
+                continue
+            return endpoint
+        return None
+
+    def _offer(self, endpoint: Endpoint, secret: bytes) -> pb.BulkOffer:
+        unix = endpoint.transport == UNIX
+        return pb.BulkOffer(
+            transport=endpoint.transport,  # type: ignore[arg-type]
+            address=self.unix_path if unix else self.tcp_address,
+            ticket=secret,
+            expires_in_ms=int(TICKET_TTL_S * 1000),
+            tls=endpoint.tls is not None,
+        )
+
+    # -- thaw ------------------------------------------------------------------------------
+
+    async def thaw(
+        self, stream: ThawStream, request: pb.ThawRequest, tenant: str, peer: str
+    ) -> AsyncIterator[Any]:
+        """The rest of a Thaw call after its window: the chunks on its gRPC stream, or a
+        BulkOffer and then (once the client connected) nothing more on gRPC while the
+        chunks go on the connection. An offer not taken in time goes on over gRPC."""
+        endpoint = self._choose(request.bulk_transports, peer) if stream.refs else None
+        if endpoint is None:
+            async for response in stream.responses():
+                yield response
+            return
+        loop = asyncio.get_running_loop()
+        connected: asyncio.Future[socket.socket] = loop.create_future()
+
+        def deliver(sock: socket.socket) -> None:  # on a listener thread
+            loop.call_soon_threadsafe(_resolve, connected, sock)
+
+        ticket = Ticket(
+            "thaw",
+            tenant,
+            stream.window.name,
+            tuple(ref.digest for ref in stream.refs),
+            endpoint.transport,
+            deliver,
+        )
+        secret = self.tickets.issue(ticket)
+        yield pb.ThawResponse(bulk=self._offer(endpoint, secret))
+        try:
+            sock = await asyncio.wait_for(asyncio.shield(connected), TICKET_TTL_S)
+        except TimeoutError:
+            self.tickets.revoke(secret)
+            self._metrics.fallback("thaw")
+            log.info("bulk_offer_unused", tenant=tenant, window=stream.window.name)
+            async for response in stream.responses():
+                yield response
+            return
+        finally:
+            self.tickets.revoke(secret)
+            if not connected.done():
+                connected.cancel()
+        sent = await send_thaw(stream, sock, self._manager.config.stream_window_chunks)
+        self._metrics.transferred(endpoint.name, "thaw", sent)
+
+    # -- freeze ----------------------------------------------------------------------------
+
+    async def offer_freeze(
+        self, tenant: str, request: pb.OfferBulkFreezeRequest, peer: str
+    ) -> pb.OfferBulkFreezeResponse:
+        header = request.header
+        if not header.upload_id or not header.stage_only:
+            raise InvalidArgument(
+                "a bulk freeze stages one share of an upload: the header needs upload_id "
+                "and stage_only (the window is committed by a Freeze with the same upload_id)",
+                field="header.upload_id",
+            )
+        check_upload(header)
+        validate_header(header, self._manager.config.max_chunk_bytes)
+        endpoint = self._choose(request.bulk_transports, peer)
+        if endpoint is None:
+            return pb.OfferBulkFreezeResponse()
+        loop = asyncio.get_running_loop()
+        staged = pb.FreezeHeader()
+        staged.CopyFrom(header)
+
+        def deliver(sock: socket.socket) -> None:  # on a listener thread
+            loop.call_soon_threadsafe(self._start_freeze, tenant, staged, sock, endpoint.name)
+
+        ticket = Ticket(
+            "freeze",
+            tenant,
+            header.upload_id,
+            tuple(header.chunk_digests),
+            endpoint.transport,
+            deliver,
+        )
+        secret = self.tickets.issue(ticket)
+        return pb.OfferBulkFreezeResponse(offer=self._offer(endpoint, secret))
+
+    def _start_freeze(
+        self, tenant: str, header: pb.FreezeHeader, sock: socket.socket, transport: str
+    ) -> None:
+        task = asyncio.ensure_future(self._run_freeze(tenant, header, sock, transport))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_freeze(
+        self, tenant: str, header: pb.FreezeHeader, sock: socket.socket, transport: str
+    ) -> None:
+        manager = self._manager
+        max_chunk = manager.config.max_chunk_bytes
+        try:
+            stream = FreezeStream(manager, tenant)
+            try:
+                response = await stream.store(
+                    header,
+                    lambda h, spans: bulk_chunks(sock, h, spans, max_chunk, self._receivers),
+                )
+                result = BulkResult(0, response.chunks_received, response.bytes_received)
+                self._metrics.transferred(transport, "freeze", response.bytes_received)
+            except CwmError as exc:
+                result = BulkResult(exc.code.value[0], 0, 0, exc.reason, exc.message, exc.field)
+            except (OSError, BulkProtocolError) as exc:
+                log.info("bulk_freeze_ended", tenant=tenant, upload=header.upload_id, why=str(exc))
+                return
+            except Exception as exc:
+                log.exception("bulk_freeze_failed", tenant=tenant, upload=header.upload_id)
+                code = grpc.StatusCode.INTERNAL.value[0]
+                result = BulkResult(code, 0, 0, "INTERNAL", f"bulk freeze failed: {exc}")
+            with contextlib.suppress(OSError):
+                await asyncio.wrap_future(self._receivers.submit(_answer, sock, result))
+        finally:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+
+def _answer(sock: socket.socket, result: BulkResult) -> None:
+    """Send a freeze connection's result. After a refusal the client may still be sending:
+    read and drop what it sends until it closes (for at most `DRAIN_S`), so closing does
+    not reset the connection and lose the result before the client read it."""
+    sock.sendall(result_frame(result))
+    if result.code == 0:
+        return
+    sock.shutdown(socket.SHUT_WR)
+    deadline = time.monotonic() + DRAIN_S
+    with contextlib.suppress(OSError):
+        while (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            if not sock.recv(1 << 16):
+                return
+
+
+def _resolve(future: asyncio.Future[socket.socket], sock: socket.socket) -> None:
+    if future.done():  # the call ended before its connection came
+        sock.close()
+    else:
+        future.set_result(sock)

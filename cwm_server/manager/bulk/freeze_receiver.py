@@ -1,0 +1,79 @@
+"""A freeze's staging share arriving on its bulk connection.
+
+Each frame is checked exactly as a Freeze stream's first part of a chunk is
+(`header.check_chunk_start`: index order, token span, raw size, codec; the digest comes
+from the header, never from the wire), then read whole into one buffer on this transfer's
+receiving thread and handed to the same `FreezeStream` staging a gRPC stream uses (its
+bounded queue, store workers, BLAKE3 check and durable write). When the queue is full the
+coroutine stops asking for frames, the socket's buffers fill and TCP (or the Unix socket)
+stops the sender, as HTTP/2 flow control does on gRPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import socket
+from collections.abc import AsyncIterator
+
+from cwm_client import pb
+from cwm_client.bulk.frames import HEAD_BYTES, ChunkHead, parse_head, recv_exactly
+from cwm_client.chunks import AssembledChunk
+from cwm_client.errors import InvalidArgument
+from cwm_server.manager.windows.header import Spans, check_chunk_start
+
+SLACK_BYTES = 1 << 16
+
+
+async def bulk_chunks(
+    sock: socket.socket,
+    header: pb.FreezeHeader,
+    spans: Spans,
+    max_chunk_bytes: int,
+    receiver: concurrent.futures.Executor,
+) -> AsyncIterator[AssembledChunk]:
+    """The chunks of `header` that arrive on `sock`, checked, until its end frame."""
+    last_index = -1
+    while True:
+        head = await asyncio.wrap_future(receiver.submit(_read_head, sock))
+        if head.is_end:
+            return
+        part = pb.Chunk(
+            index=head.index,
+            token_start=spans[head.index][0] if head.index < len(spans) else 0,
+            token_count=spans[head.index][1] if head.index < len(spans) else 0,
+            digest=header.chunk_digests[head.index] if head.index < len(spans) else b"",
+            codec=head.codec,  # type: ignore[arg-type]
+            raw_size=head.raw_size,
+        )
+        check_chunk_start(part, header, spans, last_index)
+        if head.length > min(head.raw_size, max_chunk_bytes) + SLACK_BYTES or head.length == 0:
+            raise InvalidArgument(
+                f"chunk {head.index}: {head.length} bytes announced for a chunk of "
+                f"{head.raw_size} raw bytes",
+                field="chunk.data",
+            )
+        last_index = head.index
+        data = await asyncio.wrap_future(receiver.submit(_read_data, sock, head.length))
+        yield AssembledChunk(
+            index=head.index,
+            token_start=part.token_start,
+            token_count=part.token_count,
+            digest=part.digest,
+            codec=head.codec,
+            raw_size=head.raw_size,
+            data=data,  # type: ignore[arg-type]  # a bytearray: decode and store take it
+        )
+        del data
+
+
+def _read_head(sock: socket.socket) -> ChunkHead:
+    head = bytearray(HEAD_BYTES)
+    recv_exactly(sock, head)
+    return parse_head(head)
+
+
+def _read_data(sock: socket.socket, length: int) -> bytearray:
+    data = bytearray(length)
+    recv_exactly(sock, data)
+    return data

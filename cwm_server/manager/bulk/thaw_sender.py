@@ -1,0 +1,56 @@
+"""A thaw's chunks on its bulk connection.
+
+The Thaw call's coroutine keeps driving the transfer: it takes the chunks from the thaw
+stream's bounded read-ahead and hands each to one sending thread of this transfer, which
+writes the frame head and the bytes with blocking `sendall` (no copy into an asyncio
+buffer; the GIL is released while the kernel copies). At most `IN_FLIGHT` chunks wait for
+that thread, and the read-ahead shrinks by as many, so the manager holds no more chunks of
+one thaw than `stream_window_chunks` however slowly the client reads. If the call ends
+(cancelled, or a chunk fails its check) the connection is closed at once, so the client
+sees the end and reads the reason from the gRPC status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import socket
+from collections import deque
+
+from cwm_client.bulk.frames import chunk_head, end_frame
+from cwm_server.manager.windows.thaw import ThawStream
+
+IN_FLIGHT = 2
+
+
+async def send_thaw(stream: ThawStream, sock: socket.socket, window_chunks: int) -> int:
+    """Send every chunk of `stream` on `sock`, then the end frame; returns the bytes sent."""
+    sender = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cwm-bulk-send")
+    in_flight: deque[concurrent.futures.Future[None]] = deque()
+    sent = 0
+    try:
+        read_ahead = max(1, window_chunks - IN_FLIGHT)
+        async for ref, codec, data in stream.fetched(read_ahead):
+            while len(in_flight) >= IN_FLIGHT:
+                await asyncio.wrap_future(in_flight.popleft())
+            head = chunk_head(ref.index, codec, ref.raw_size, len(data))
+            in_flight.append(sender.submit(_send, sock, head, data))
+            sent += len(data)
+            del data
+        while in_flight:
+            await asyncio.wrap_future(in_flight.popleft())
+        await asyncio.wrap_future(sender.submit(sock.sendall, end_frame()))
+        return sent
+    finally:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)  # unblocks a send still running
+        sock.close()
+        for pending in in_flight:
+            pending.cancel()
+        sender.shutdown(wait=False)
+
+
+def _send(sock: socket.socket, head: bytes, data: bytes | memoryview) -> None:
+    sock.sendall(head)
+    sock.sendall(data)
