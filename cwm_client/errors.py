@@ -159,28 +159,37 @@ def _status_from_metadata(
 def from_rpc_error(error: grpc.RpcError) -> CwmError:
     """Turn a failed call (sync or asyncio) into its typed exception, keeping the details."""
     code: grpc.StatusCode = error.code()
-    message: str = error.details() or ""
     trailing: Any = error.trailing_metadata()
     status = _status_from_metadata(trailing)
+    if status is None:
+        status = status_pb2.Status(code=code.value[0], message=error.details() or "")
+    elif not status.message:
+        status.message = error.details() or ""
+    return from_status(status, code)
+
+
+def from_status(
+    status: status_pb2.Status, fallback: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+) -> CwmError:
+    """The typed exception a `google.rpc.Status` describes (a failed call's, or a bulk
+    connection's result), with its reason, field and metadata."""
+    code = _CODE_BY_NUMBER.get(status.code, fallback)
     reason = ""
     field = ""
     meta: dict[str, str] = {}
-    if status is not None:
-        message = status.message or message
-        code = _CODE_BY_NUMBER.get(status.code, code)
-        for detail in status.details:
-            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                info = error_details_pb2.ErrorInfo()
-                detail.Unpack(info)
-                reason = info.reason
-                meta = dict(info.metadata)
-            elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-                bad = error_details_pb2.BadRequest()
-                detail.Unpack(bad)
-                if bad.field_violations:
-                    field = bad.field_violations[0].field
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason = info.reason
+            meta = dict(info.metadata)
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            if bad.field_violations:
+                field = bad.field_violations[0].field
     cls = error_class(code)
-    exc = cls(message, reason=reason, field=field, metadata=meta)
+    exc = cls(status.message, reason=reason, field=field, metadata=meta)
     if cls is CwmError:
         exc.code = code
     return exc
@@ -204,4 +213,5 @@ __all__ = [
     "Unimplemented",
     "error_class",
     "from_rpc_error",
+    "from_status",
 ]

@@ -91,6 +91,7 @@ def import_window(
     replace: bool = False,
     ttl_seconds: int | None = None,
     progress: Progress | None = None,
+    transport: str = "auto",
 ) -> ImportResult:
     """Freeze the window stored in the archive at `path`, as `name` if given.
 
@@ -120,6 +121,7 @@ def import_window(
                     pinned=window.pinned,
                     replace=replace,
                     progress=progress,
+                    transport=transport,
                 )
             except CwmError:
                 if archive.failure is not None:

@@ -139,6 +139,7 @@ def export_window(
     *,
     overwrite: bool = False,
     progress: Progress | None = None,
+    transport: str = "auto",
 ) -> ExportResult:
     """Thaw window `name` and write it as an archive at `path`.
 
@@ -149,7 +150,7 @@ def export_window(
     dest = Path(path)
     if dest.exists() and not overwrite:
         raise AlreadyExists(f"{dest} exists; choose another file or allow overwriting it")
-    with client.thaw(name) as stream:
+    with client.thaw(name, transport=transport) as stream:
         window = stream.window
         tmp = dest.with_name(f".{dest.name}.{os.getpid()}.partial")
         try:

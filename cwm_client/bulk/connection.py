@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from cwm_client import pb
 from cwm_client.bulk.frames import hello
 from cwm_client.channels import Credentials
-from cwm_client.errors import InvalidArgument
+from cwm_client.errors import InvalidArgument, Unavailable
 
 CONNECT_TIMEOUT_S = 2.0
 """How long a connect may take before the transfer goes on over gRPC instead: well inside
@@ -28,15 +28,41 @@ TRANSPORTS = {
 """What each `transport=` choice asks the manager for, preferred first."""
 
 
-def bulk_transports(transport: str) -> Sequence[int]:
-    """The ThawRequest/OfferBulkFreezeRequest list for a `transport=` choice."""
+class BulkUnreachable(Exception):
+    """The manager offered a bulk connection that this client could not open (the call
+    has been cancelled; the caller thaws again over gRPC, or fails if bulk was forced)."""
+
+    def __init__(self, offer: pb.BulkOffer, cause: OSError) -> None:
+        super().__init__(f"bulk endpoint {offer.address!r} unreachable: {cause}")
+        self.offer = offer
+        self.cause = cause
+
+
+def bulk_transports(transport: str, owns_channel: bool = True) -> Sequence[int]:
+    """The ThawRequest/OfferBulkFreezeRequest list for a `transport=` choice; "auto" on a
+    caller's channel asks for none (the client does not know the manager's host)."""
     try:
-        return TRANSPORTS[transport]
+        wanted = TRANSPORTS[transport]
     except KeyError:
         raise InvalidArgument(
             f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}",
             field="transport",
         ) from None
+    return wanted if owns_channel or transport != "auto" else ()
+
+
+def transport_name(offer: pb.BulkOffer) -> str:
+    return "unix" if offer.transport == pb.BulkTransport.BULK_TRANSPORT_UNIX else "tcp"
+
+
+def no_bulk(transport: str, what: str) -> Unavailable:
+    """The error of a transfer that insisted on a bulk transport it could not have."""
+    return Unavailable(
+        f"the manager offered no {transport} bulk channel this client could reach for this "
+        f"{what} (is it on another host, behind a firewall, or started with the bulk "
+        "channel off?); use transport='auto' to fall back to gRPC",
+        reason="BULK_UNAVAILABLE",
+    )
 
 
 def target_host(target: str) -> str:

@@ -5,7 +5,8 @@ A connection carries one transfer. It opens with the client's hello (`MAGIC` and
 closes the connection without sending a byte. Then chunk frames follow in the direction of
 the transfer (manager to client for a thaw, client to manager for a freeze), in the order
 the gRPC exchange listed the chunks, and an end frame. A freeze's connection ends with the
-manager's result frame: the status of the staging and what it stored.
+manager's result frame: the status of the staging (a `google.rpc.Status` on failure, as
+gRPC carries it) and what it stored.
 
 Every chunk frame is a fixed 24-byte head (index, codec, raw size, length of the data that
 follows) and the data: no per-part messages, no protobuf, so a receiver reads a chunk
@@ -28,9 +29,9 @@ HEAD_BYTES = _HEAD.size
 END_INDEX = 0xFFFFFFFF
 """The index of the end frame (no data follows)."""
 
-_RESULT = struct.Struct("<IIQHHI")
+_RESULT = struct.Struct("<IIQI")
 RESULT_BYTES = _RESULT.size
-MAX_RESULT_TEXT = 64 << 10
+MAX_RESULT_STATUS = 1 << 20
 
 
 class BulkProtocolError(Exception):
@@ -57,9 +58,9 @@ class BulkResult:
     """A grpc.StatusCode value (0: OK)."""
     chunks: int
     encoded_bytes: int
-    reason: str = ""
-    message: str = ""
-    field: str = ""
+    status: bytes = b""
+    """On a failure, the serialized `google.rpc.Status` (message, reason, field, metadata),
+    exactly as a failed gRPC call carries it."""
 
 
 def hello(ticket: bytes) -> bytes:
@@ -80,13 +81,8 @@ def parse_head(data: bytes | bytearray | memoryview) -> ChunkHead:
 
 
 def result_frame(result: BulkResult) -> bytes:
-    reason = result.reason.encode()[:1024]
-    field = result.field.encode()[:1024]
-    message = result.message.encode()[:MAX_RESULT_TEXT]
-    head = _RESULT.pack(
-        result.code, result.chunks, result.encoded_bytes, len(reason), len(field), len(message)
-    )
-    return head + reason + field + message
+    head = _RESULT.pack(result.code, result.chunks, result.encoded_bytes, len(result.status))
+    return head + result.status
 
 
 def recv_exactly(sock: socket.socket, into: bytearray | memoryview) -> None:
@@ -103,11 +99,9 @@ def recv_exactly(sock: socket.socket, into: bytearray | memoryview) -> None:
 def read_result(sock: socket.socket) -> BulkResult:
     head = bytearray(RESULT_BYTES)
     recv_exactly(sock, head)
-    code, chunks, encoded, reason_len, field_len, message_len = _RESULT.unpack(head)
-    if message_len > MAX_RESULT_TEXT:
-        raise BulkProtocolError(f"result message of {message_len} bytes")
-    text = bytearray(reason_len + field_len + message_len)
-    recv_exactly(sock, text)
-    words = bytes(text).decode(errors="replace")
-    reason, field = words[:reason_len], words[reason_len : reason_len + field_len]
-    return BulkResult(code, chunks, encoded, reason, words[reason_len + field_len :], field)
+    code, chunks, encoded, status_len = _RESULT.unpack(head)
+    if status_len > MAX_RESULT_STATUS:
+        raise BulkProtocolError(f"a result status of {status_len} bytes")
+    status = bytearray(status_len)
+    recv_exactly(sock, status)
+    return BulkResult(code, chunks, encoded, bytes(status))

@@ -9,12 +9,12 @@ import select
 import socket
 from collections.abc import Sequence
 
-import grpc
+from google.rpc import status_pb2
 
 from cwm_client.bulk.frames import BulkResult, chunk_head, end_frame, read_result
 from cwm_client.chunks import ChunkPayload
 from cwm_client.codecs import RAW, encode_for_wire
-from cwm_client.errors import InvalidArgument, error_class
+from cwm_client.errors import InvalidArgument, from_status
 from cwm_client.windows.progress import Progress
 
 
@@ -71,5 +71,7 @@ def _answered(sock: socket.socket) -> bool:
 def raise_for(result: BulkResult) -> None:
     if result.code == 0:
         return
-    code = next((c for c in grpc.StatusCode if c.value[0] == result.code), grpc.StatusCode.UNKNOWN)
-    raise error_class(code)(result.message, reason=result.reason, field=result.field)
+    status = status_pb2.Status.FromString(result.status) if result.status else None
+    if status is None:
+        status = status_pb2.Status(code=result.code, message="the bulk freeze failed")
+    raise from_status(status)

@@ -4,12 +4,22 @@ build their requests and plans through the same modules of this folder."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Mapping, Sequence
 
 import grpc
 
 from cwm_client import pb
-from cwm_client.chunks import DEFAULT_CHUNK_TOKENS, DEFAULT_PART_BYTES, ChunkPayload
+from cwm_client.bulk.connection import (
+    BulkUnreachable,
+    bulk_transports,
+    connect,
+    no_bulk,
+    transport_name,
+)
+from cwm_client.bulk.frames import BulkResult
+from cwm_client.bulk.freeze_sender import send_share
+from cwm_client.chunks import DEFAULT_CHUNK_TOKENS, DEFAULT_PART_BYTES, DTYPE_SIZE, ChunkPayload
 from cwm_client.codecs import RAW
 from cwm_client.errors import from_rpc_error
 from cwm_client.service_client import AsyncServiceClient
@@ -21,7 +31,7 @@ from cwm_client.windows.catalog_requests import (
     thaw_request,
 )
 from cwm_client.windows.freeze_stream import FreezePlan, FreezeResult, build_header
-from cwm_client.windows.parallel import StripedThaw, thaw_streams
+from cwm_client.windows.parallel import StripedThaw, new_upload_id, stage_header, thaw_streams
 from cwm_client.windows.progress import Progress
 
 
@@ -61,11 +71,13 @@ class AsyncWindowClient(AsyncServiceClient):
         progress: Progress | None = None,
         streams: int | None = None,
         wire_codec: int = RAW,
+        transport: str = "auto",
     ) -> FreezeResult:
         """Store `chunks` as window `name`; only chunks the manager lacks are sent.
 
-        `streams` and `wire_codec` as in `WindowClient.freeze`: several streams stage shares
-        of the chunks under one upload id and a last header-only stream commits atomically.
+        `streams`, `wire_codec` and `transport` as in `WindowClient.freeze`: several streams
+        stage shares of the chunks under one upload id and a last header-only stream
+        commits atomically; a bulk connection's sending runs on a worker thread.
         """
         header = build_header(
             name,
@@ -88,6 +100,13 @@ class AsyncWindowClient(AsyncServiceClient):
             else None
         )
         plan = FreezePlan.choose(header, chunks, missing, streams)
+        wanted = bulk_transports(transport, self._owns_channel)
+        if wanted and plan.to_send and streams in (None, 1):
+            result = await self._bulk_freeze(plan, wanted, progress, wire_codec)
+            if result is not None:
+                return result
+            if transport != "auto":
+                raise no_bulk(transport, "freeze")
         if plan.streams == 1:
             requests = plan.requests(part_bytes, progress, wire_codec)
             response: pb.FreezeResponse = await self._unary(self._stub.Freeze, requests)
@@ -121,10 +140,21 @@ class AsyncWindowClient(AsyncServiceClient):
         streams: int | None = None,
         accept_codecs: Sequence[int] = (),
         read_ahead: int = 4,
+        transport: str = "auto",
     ) -> AsyncThawStream:
         """Open a thaw of `name` (or of a range of its chunks); the window is read already.
 
-        `streams` and `accept_codecs` as in `WindowClient.thaw`."""
+        `streams`, `accept_codecs` and `transport` as in `WindowClient.thaw`."""
+        wanted = bulk_transports(transport, self._owns_channel)
+        if wanted and streams in (None, 1):
+            forced = transport != "auto"
+            bulk = await self._bulk_thaw(name, first_chunk, chunk_count, accept_codecs, wanted)
+            if bulk is not None and not (forced and bulk.transport == "grpc"):
+                return bulk
+            if bulk is not None:
+                bulk.close()
+            if forced:
+                raise no_bulk(transport, "thaw")
         count = 1
         if streams != 1:
             info = await self.get(name, view=pb.WindowView.WINDOW_VIEW_BASIC)
@@ -147,6 +177,68 @@ class AsyncWindowClient(AsyncServiceClient):
             calls[0], first_chunk, chunk_count, more_calls=calls[1:], read_ahead=read_ahead
         )
         return await stream.open()
+
+    async def _bulk_thaw(
+        self,
+        name: str,
+        first_chunk: int,
+        chunk_count: int,
+        accept_codecs: Sequence[int],
+        wanted: Sequence[int],
+    ) -> AsyncThawStream | None:
+        """As `WindowClient._bulk_thaw`: None when the offer could not be taken."""
+        call = self._stub.Thaw(
+            thaw_request(name, first_chunk, chunk_count, accept_codecs, wanted),
+            timeout=self._timeout,
+            metadata=self._metadata,
+        )
+        stream = AsyncThawStream(
+            call,
+            first_chunk,
+            chunk_count,
+            bulk_connect=lambda offer: connect(offer, self._target, self._credentials),
+        )
+        try:
+            return await stream.open()
+        except BulkUnreachable:
+            return None
+
+    async def _bulk_freeze(
+        self,
+        plan: FreezePlan,
+        wanted: Sequence[int],
+        progress: Progress | None,
+        wire_codec: int,
+    ) -> FreezeResult | None:
+        """As `WindowClient._bulk_freeze`, the connection's I/O on a worker thread."""
+        upload_id = new_upload_id()
+        staging = stage_header(plan.header, upload_id, stage_only=True)
+        request = pb.OfferBulkFreezeRequest(
+            header=staging,
+            bulk_transports=wanted,  # type: ignore[arg-type]
+        )
+        answer: pb.OfferBulkFreezeResponse = await self._unary(self._stub.OfferBulkFreeze, request)
+        offer = answer.offer
+        if offer.transport == pb.BulkTransport.BULK_TRANSPORT_UNSPECIFIED:
+            return None
+        word = DTYPE_SIZE.get(plan.header.fingerprint.kv_dtype, 1)
+
+        def send() -> BulkResult | None:
+            try:
+                sock = connect(offer, self._target, self._credentials)
+            except OSError:
+                return None
+            with contextlib.closing(sock):
+                return send_share(sock, plan.to_send, word, progress, wire_codec)
+
+        sent = await asyncio.to_thread(send)
+        if sent is None:
+            return None
+        commit = stage_header(plan.header, upload_id, stage_only=False)
+        response: pb.FreezeResponse = await self._unary(
+            self._stub.Freeze, iter([pb.FreezeRequest(header=commit)])
+        )
+        return plan.bulk_result(sent.chunks, sent.encoded_bytes, response, transport_name(offer))
 
     async def get(self, name: str, *, view: int = pb.WindowView.WINDOW_VIEW_FULL) -> pb.WindowInfo:
         response: pb.GetWindowResponse = await self._unary(

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+import socket
+from collections.abc import AsyncIterator, Callable, Sequence
 from types import TracebackType
 from typing import Any
 
 import grpc
 from grpc.aio import EOF  # type: ignore[attr-defined]
 
+from cwm_client import pb
+from cwm_client.bulk.connection import BulkUnreachable, transport_name
+from cwm_client.bulk.thaw_reader import BulkEnded, BulkThawReader
 from cwm_client.errors import Cancelled, DataLoss, from_rpc_error
 from cwm_client.windows.thaw_decoder import ThawDecoder, ThawedChunk
 from cwm_client.windows.thaw_stream_core import END_OF_STREAM, POLL_S, ThawStreamCore
@@ -37,22 +41,35 @@ class AsyncThawStream(ThawStreamCore):
         *,
         more_calls: Sequence[Any] = (),
         read_ahead: int = 4,
+        bulk_connect: Callable[[pb.BulkOffer], socket.socket] | None = None,
     ) -> None:
+        """`bulk_connect` as in `ThawStream` (it runs on a worker thread here)."""
         super().__init__(call, first_chunk, chunk_count, more_calls, read_ahead)
         self._queues: list[asyncio.Queue[object]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
+        self._bulk_connect = bulk_connect
+        self._bulk: BulkThawReader | None = None
+        self._pushed_back: list[pb.ThawResponse] = []
+        self.transport = "grpc"
+        """What carries the chunks: "grpc", or the bulk transport taken ("unix", "tcp")."""
 
     async def open(self) -> AsyncThawStream:
+        """Read the window (and take the bulk offer, if one comes: BulkUnreachable when it
+        cannot be taken; the call is cancelled then)."""
         try:
             first = await self._calls[0].read()
+            if first is EOF:
+                raise DataLoss("thaw stream ended before the window info")
+            self._accept_window(first)
+            if self._bulk_connect is not None and len(self._calls) == 1 and self._expected:
+                await self._take_offer(self._bulk_connect)
         except grpc.RpcError as exc:
             self.close()
             raise from_rpc_error(exc) from None
-        if first is EOF:
+        except BaseException:
             self.close()
-            raise DataLoss("thaw stream ended before the window info")
-        self._accept_window(first)
+            raise
         if len(self._calls) > 1:
             for call, decoder, share in self._stripes():
                 shared: asyncio.Queue[object] = asyncio.Queue(self._read_ahead)
@@ -77,8 +94,54 @@ class AsyncThawStream(ThawStreamCore):
             if not finished:
                 self.close()
 
-    async def _iter_one(self) -> AsyncIterator[ThawedChunk]:
+    async def _take_offer(self, bulk_connect: Callable[[pb.BulkOffer], socket.socket]) -> None:
+        second = await self._calls[0].read()
+        if second is EOF:
+            return
+        if second.WhichOneof("payload") != "bulk":
+            self._pushed_back.append(second)
+            return
+        offer = second.bulk
         try:
+            sock = await asyncio.to_thread(bulk_connect, offer)
+        except OSError as exc:
+            raise BulkUnreachable(offer, exc) from None
+        end = self._first_chunk + self._expected
+        refs = self.window.chunks[self._first_chunk : end]
+        self._bulk = BulkThawReader(sock, self.window, refs, self._read_ahead)
+        self.transport = transport_name(offer)
+
+    async def _iter_bulk(self, bulk: BulkThawReader) -> AsyncIterator[ThawedChunk]:
+        """As `ThawStream._iter_bulk`: each chunk taken (and verified) on a worker thread,
+        then the gRPC stream's status."""
+        chunks = iter(bulk)
+        try:
+            while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
+                yield chunk
+        except BulkEnded as ended:
+            await self._raise_stream_status()
+            raise ended from None
+        finally:
+            self._decoder.received = bulk.received
+            self._decoder.encoded_bytes = bulk.encoded_bytes
+        await self._raise_stream_status()
+
+    async def _raise_stream_status(self) -> None:
+        try:
+            if await self._calls[0].read() is not EOF:
+                raise DataLoss("the thaw stream sent a message after its bulk offer")
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    async def _iter_one(self) -> AsyncIterator[ThawedChunk]:
+        if self._bulk is not None:
+            async for bulk_chunk in self._iter_bulk(self._bulk):
+                yield bulk_chunk
+            return
+        try:
+            for message in self._pushed_back:
+                if (early := self._decoder.accept(message)) is not None:
+                    yield early
             while True:
                 message = await self._calls[0].read()
                 if message is EOF:
@@ -131,6 +194,8 @@ class AsyncThawStream(ThawStreamCore):
             call.cancel()
         for task in self._tasks:
             task.cancel()
+        if self._bulk is not None:
+            self._bulk.close()
 
     async def __aenter__(self) -> AsyncThawStream:
         return self

@@ -10,11 +10,17 @@ from typing import Any
 import grpc
 
 from cwm_client import pb
-from cwm_client.bulk.connection import bulk_transports, connect
+from cwm_client.bulk.connection import (
+    BulkUnreachable,
+    bulk_transports,
+    connect,
+    no_bulk,
+    transport_name,
+)
 from cwm_client.bulk.freeze_sender import send_share
 from cwm_client.chunks import DEFAULT_CHUNK_TOKENS, DEFAULT_PART_BYTES, DTYPE_SIZE, ChunkPayload
 from cwm_client.codecs import RAW
-from cwm_client.errors import Unavailable, from_rpc_error
+from cwm_client.errors import from_rpc_error
 from cwm_client.service_client import ServiceClient
 from cwm_client.windows.catalog_requests import (
     clone_request,
@@ -25,16 +31,7 @@ from cwm_client.windows.catalog_requests import (
 from cwm_client.windows.freeze_stream import FreezePlan, FreezeResult, build_header
 from cwm_client.windows.parallel import StripedThaw, new_upload_id, stage_header, thaw_streams
 from cwm_client.windows.progress import Progress
-from cwm_client.windows.thaw_stream import BulkUnreachable, ThawStream
-
-
-def _no_bulk(transport: str, what: str) -> Unavailable:
-    return Unavailable(
-        f"the manager offered no {transport} bulk channel this client could reach for this "
-        f"{what} (is it on another host, behind a firewall, or started with the bulk "
-        "channel off?); use transport='auto' to fall back to gRPC",
-        reason="BULK_UNAVAILABLE",
-    )
+from cwm_client.windows.thaw_stream import ThawStream
 
 
 class WindowClient(ServiceClient):
@@ -107,13 +104,13 @@ class WindowClient(ServiceClient):
             set(self.find_missing(list(header.chunk_digests))) if skip_existing and chunks else None
         )
         plan = FreezePlan.choose(header, chunks, missing, streams)
-        wanted = self._bulk_wanted(transport)
+        wanted = bulk_transports(transport, self._owns_channel)
         if wanted and plan.to_send and streams in (None, 1):
             result = self._bulk_freeze(plan, wanted, progress, wire_codec)
             if result is not None:
                 return result
             if transport != "auto":
-                raise _no_bulk(transport, "freeze")
+                raise no_bulk(transport, "freeze")
         if plan.streams == 1:
             requests = plan.requests(part_bytes, progress, wire_codec)
             response: pb.FreezeResponse = self._unary(self._stub.Freeze, requests)
@@ -168,14 +165,14 @@ class WindowClient(ServiceClient):
         `streams` is None or 1. `accept_codecs` lists codecs this client takes on the wire
         (e.g. `[codecs.LZ4]` over a slow link); empty means raw, fastest on loopback.
         """
-        wanted = self._bulk_wanted(transport)
+        wanted = bulk_transports(transport, self._owns_channel)
         if wanted and streams in (None, 1):
             forced = transport != "auto"
             stream = self._bulk_thaw(name, first_chunk, chunk_count, accept_codecs, wanted, forced)
             if stream is not None:
                 return stream
             if forced:
-                raise _no_bulk(transport, "thaw")
+                raise no_bulk(transport, "thaw")
         count = 1
         if streams != 1:
             info = self.get(name, view=pb.WindowView.WINDOW_VIEW_BASIC)
@@ -229,12 +226,6 @@ class WindowClient(ServiceClient):
             return None
         return stream
 
-    def _bulk_wanted(self, transport: str) -> Sequence[int]:
-        wanted = bulk_transports(transport)
-        if not self._owns_channel and transport == "auto":
-            return ()  # a caller's channel: this client does not know the manager's host
-        return wanted
-
     def _bulk_freeze(
         self,
         plan: FreezePlan,
@@ -265,8 +256,7 @@ class WindowClient(ServiceClient):
         response: pb.FreezeResponse = self._unary(
             self._stub.Freeze, iter([pb.FreezeRequest(header=commit)])
         )
-        transport = "unix" if offer.transport == pb.BulkTransport.BULK_TRANSPORT_UNIX else "tcp"
-        return plan.bulk_result(sent.chunks, sent.encoded_bytes, response, transport)
+        return plan.bulk_result(sent.chunks, sent.encoded_bytes, response, transport_name(offer))
 
     def get(self, name: str, *, view: int = pb.WindowView.WINDOW_VIEW_FULL) -> pb.WindowInfo:
         response: pb.GetWindowResponse = self._unary(self._stub.GetWindow, get_request(name, view))

@@ -12,20 +12,11 @@ from typing import Any
 import grpc
 
 from cwm_client import pb
+from cwm_client.bulk.connection import BulkUnreachable
 from cwm_client.bulk.thaw_reader import BulkEnded, BulkThawReader
 from cwm_client.errors import Cancelled, DataLoss, from_rpc_error
 from cwm_client.windows.thaw_decoder import ThawDecoder, ThawedChunk
 from cwm_client.windows.thaw_stream_core import END_OF_STREAM, POLL_S, ThawStreamCore
-
-
-class BulkUnreachable(Exception):
-    """The manager offered a bulk connection that this client could not open (the call
-    has been cancelled; the caller thaws again over gRPC, or fails if bulk was forced)."""
-
-    def __init__(self, offer: pb.BulkOffer, cause: OSError) -> None:
-        super().__init__(f"bulk endpoint {offer.address!r} unreachable: {cause}")
-        self.offer = offer
-        self.cause = cause
 
 
 class ThawStream(ThawStreamCore):

@@ -13,7 +13,7 @@ from tqdm import tqdm  # type: ignore[import-untyped]
 
 from cwm_client import WindowClient
 from cwm_client.archive import export_window, import_window
-from cwm_server.cli.options import Subparsers, add_command
+from cwm_server.cli.options import Subparsers, add_command, add_transport_option
 from cwm_server.cli.render import human_bytes, print_json
 
 
@@ -57,7 +57,14 @@ def _fail(exc: OSError) -> int:
 def cmd_export(args: argparse.Namespace, client: WindowClient) -> int:
     bar = ProgressBar(f"export {args.name}", enabled=not args.no_progress)
     try:
-        result = export_window(client, args.name, args.file, overwrite=args.force, progress=bar)
+        result = export_window(
+            client,
+            args.name,
+            args.file,
+            overwrite=args.force,
+            progress=bar,
+            transport=args.transport,
+        )
     except OSError as exc:
         return _fail(exc)
     finally:
@@ -83,6 +90,7 @@ def cmd_import(args: argparse.Namespace, client: WindowClient) -> int:
             replace=args.replace,
             ttl_seconds=args.ttl,
             progress=bar,
+            transport=args.transport,
         )
     except OSError as exc:
         return _fail(exc)
@@ -105,6 +113,7 @@ def add_parsers(sub: Subparsers) -> None:
     export.add_argument("file", help="archive to write (a plain tar)")
     export.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
     export.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_transport_option(export)
     export.set_defaults(handler=cmd_export, needs_client=True)
 
     imp = add_command(sub, "import", help="freeze a window from an archive file")
@@ -120,4 +129,5 @@ def add_parsers(sub: Subparsers) -> None:
         help="expire after this long (0: never); default: the archived window's remaining life",
     )
     imp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_transport_option(imp)
     imp.set_defaults(handler=cmd_import, needs_client=True)

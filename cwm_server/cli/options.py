@@ -115,3 +115,14 @@ def add_command(
     """A subcommand with the common options; `client=False` (the manager itself) leaves the
     client's authentication options out."""
     return sub.add_parser(name, help=help, parents=[_common(client)])
+
+
+def add_transport_option(parser: argparse.ArgumentParser) -> None:
+    """`--transport`: what carries a transfer's chunk bytes (the SDK's `transport=`)."""
+    parser.add_argument(
+        "--transport",
+        choices=("auto", "grpc", "unix", "tcp"),
+        default="auto",
+        help="auto (default): the manager's bulk channel where it can be reached (a Unix "
+        "socket on this host, else its bulk TCP port), else gRPC; or force one",
+    )

@@ -16,7 +16,7 @@ from cwm_server.logs import configure_logging
 from cwm_server.manager.config import ManagerConfig
 from cwm_server.settings.loading import ConfigError, load
 from cwm_server.settings.serve import manager_config, server_options
-from cwm_server.settings.values import LOG_LEVELS, host_port
+from cwm_server.settings.values import LOG_LEVELS, bulk_listen, host_port
 
 # flag dest -> setting key; flags default to None so that "not given" falls through to the
 # environment, the file and the defaults.
@@ -24,6 +24,8 @@ FLAG_KEYS = {
     "data_dir": "serve.data_dir",
     "listen": "serve.listen",
     "metrics": "serve.metrics",
+    "bulk_listen": "serve.bulk_listen",
+    "bulk_unix": "serve.bulk_unix",
     "memory_cache_mib": "serve.memory_cache_mib",
     "stream_window_chunks": "serve.stream_window_chunks",
     "max_chunk_mib": "serve.max_chunk_mib",
@@ -115,6 +117,20 @@ def add_parser(sub: Subparsers) -> None:
         type=argument_type(host_port),
         metavar="HOST:PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics",
+    )
+    serve_p.add_argument(
+        "--bulk-listen",
+        type=argument_type(bulk_listen),
+        metavar="HOST:PORT|auto|off",
+        help="bulk TCP port for Freeze/Thaw bytes, TLS when gRPC is (default auto: the gRPC "
+        "port + 1)",
+    )
+    serve_p.add_argument(
+        "--no-bulk-unix",
+        dest="bulk_unix",
+        action="store_const",
+        const=False,
+        help="do not offer same-host callers the Unix socket <data-dir>/bulk.sock",
     )
     serve_p.add_argument("--memory-cache-mib", type=int, help="hot tier cap (default 256)")
     serve_p.add_argument(

@@ -302,6 +302,20 @@ class MemoryCheck:
         return Level.OK, f"{memory.held_bytes >> 20} of {memory.capacity_bytes >> 20} MiB held"
 
 
+class BulkCheck:
+    """The bulk channel's endpoints (`cwm_server.manager.bulk`), so `cwm status` shows where
+    transfers can go beside gRPC. Not essential: without it transfers go over gRPC."""
+
+    name = "cwm.bulk"
+    essential = False
+
+    def __init__(self, describe: Callable[[], str]) -> None:
+        self._describe = describe
+
+    async def run(self) -> tuple[Level, str]:
+        return Level.OK, self._describe()
+
+
 # -- Redis (cwm_server.manager.tiers.redis, catalog.redis) ----------------------------------
 
 REDIS_COMPONENT = "cwm.tier.redis"

@@ -74,6 +74,7 @@ class ManagerServer:
                 health.DiskCheck(self.manager.disk.root, self.options.min_free_bytes, config.fsync),
                 *health.catalog_checks(self.manager),
                 health.MemoryCheck(self.manager),
+                health.BulkCheck(lambda: self.bulk.describe()),  # opened in start()
             ],
             interval_s=self.options.health_interval_s,
         )
@@ -134,6 +135,8 @@ class ManagerServer:
         if self.options.metrics_listen:
             self.metrics.serve(self.options.metrics_listen)
         self.bulk.start(self.config.listen, self.port)
+        bulk = health.BulkCheck(self.bulk.describe)
+        await self.health.report(bulk.name, *await bulk.run(), essential=bulk.essential)
         await self.server.start()
         self._health_task = asyncio.ensure_future(self.health.run_forever())
         self.ttl_collector.start()

@@ -45,4 +45,6 @@ def server_options(effective: Effective) -> ServerOptions:
         tls_cert=_optional_path(effective["serve.tls_cert"]),
         tls_key=_optional_path(effective["serve.tls_key"]),
         tls_client_ca=_optional_path(effective["serve.tls_client_ca"]),
+        bulk_listen=effective["serve.bulk_listen"],
+        bulk_unix=effective["serve.bulk_unix"],
     )

@@ -10,6 +10,7 @@ from typing import Any
 from cwm_client.channels import DEFAULT_TARGET
 from cwm_server.manager.config import default_data_dir
 from cwm_server.settings.values import (
+    bulk_listen,
     host_port,
     host_port_or_empty,
     log_level,
@@ -100,6 +101,23 @@ SETTINGS: tuple[Setting, ...] = (
         "gRPC address HOST:PORT (port 0: any free port)",
         "--listen",
         host_port,
+    ),
+    Setting(
+        "serve.bulk_listen",
+        str,
+        lambda: "auto",
+        "bulk TCP port HOST:PORT for Freeze/Thaw bytes (TLS when gRPC is); auto: the gRPC "
+        "port + 1 on the same host; off: none",
+        "--bulk-listen",
+        bulk_listen,
+    ),
+    Setting(
+        "serve.bulk_unix",
+        bool,
+        lambda: True,
+        "offer callers on this host the Unix socket <data_dir>/bulk.sock for Freeze/Thaw bytes",
+        "--no-bulk-unix",
+        parse_bool,
     ),
     Setting(
         "serve.metrics",

@@ -28,6 +28,11 @@ def host_port_or_empty(value: str) -> str:
     return value if value == "" else host_port(value)
 
 
+def bulk_listen(value: str) -> str:
+    """HOST:PORT of the bulk TCP port, or "auto" (next to the gRPC port) or "off"."""
+    return value if value in ("auto", "off") else host_port(value)
+
+
 def redis_urls(value: str) -> str:
     if value:
         from cwm_server.manager.tiers.redis_link import parse_urls

@@ -21,12 +21,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import structlog
 
 from cwm_client import pb
 from cwm_client.bulk.frames import BulkProtocolError, BulkResult, result_frame
-from cwm_client.errors import CwmError, InvalidArgument
+from cwm_client.errors import CwmError, Internal, InvalidArgument
 from cwm_server.manager.bulk.freeze_receiver import bulk_chunks
 from cwm_server.manager.bulk.listener import (
     Endpoint,
@@ -131,6 +130,16 @@ class BulkChannel:
             self.tcp_address = f"{shown}:{bound_port}"
         for endpoint in self.endpoints.values():
             endpoint.start()
+
+    def describe(self) -> str:
+        """Where the bulk endpoints listen, for `cwm status` ("off" if nowhere)."""
+        parts = []
+        if self.tcp_address:
+            tls = self.endpoints[TCP].tls is not None
+            parts.append(f"tcp {self.tcp_address}" + (" (TLS)" if tls else ""))
+        if self.unix_path:
+            parts.append(f"unix {self.unix_path}")
+        return ", ".join(parts) or "off"
 
     def _add(self, endpoint: Endpoint) -> None:
         self.endpoints[endpoint.transport] = endpoint
@@ -269,14 +278,16 @@ class BulkChannel:
                 result = BulkResult(0, response.chunks_received, response.bytes_received)
                 self._metrics.transferred(transport, "freeze", response.bytes_received)
             except CwmError as exc:
-                result = BulkResult(exc.code.value[0], 0, 0, exc.reason, exc.message, exc.field)
+                result = BulkResult(exc.code.value[0], 0, 0, exc.to_status().SerializeToString())
             except (OSError, BulkProtocolError) as exc:
                 log.info("bulk_freeze_ended", tenant=tenant, upload=header.upload_id, why=str(exc))
                 return
             except Exception as exc:
                 log.exception("bulk_freeze_failed", tenant=tenant, upload=header.upload_id)
-                code = grpc.StatusCode.INTERNAL.value[0]
-                result = BulkResult(code, 0, 0, "INTERNAL", f"bulk freeze failed: {exc}")
+                internal = Internal(f"the bulk freeze failed: {exc}")
+                result = BulkResult(
+                    internal.code.value[0], 0, 0, internal.to_status().SerializeToString()
+                )
             with contextlib.suppress(OSError):
                 await asyncio.wrap_future(self._receivers.submit(_answer, sock, result))
         finally:

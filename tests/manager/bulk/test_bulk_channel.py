@@ -14,8 +14,9 @@ import grpc
 import pytest
 
 from cwm_client import WindowClient, pb
-from cwm_client.bulk.frames import MAGIC, chunk_head, end_frame, read_result
-from cwm_client.errors import Unavailable
+from cwm_client.bulk.frames import MAGIC, BulkResult, chunk_head, end_frame, read_result
+from cwm_client.bulk.freeze_sender import raise_for
+from cwm_client.errors import CwmError, DataLoss, InvalidArgument, Unavailable
 from cwm_server.manager.bulk import channel as bulk_channel
 from cwm_server.manager.bulk import tickets as bulk_tickets
 from cwm_server.manager.config import ManagerConfig, ServerOptions
@@ -94,6 +95,12 @@ def nothing_comes(sock: socket.socket) -> bool:
         return True
     finally:
         sock.close()
+
+
+def refusal_of(result: BulkResult) -> CwmError:
+    with pytest.raises(CwmError) as caught:
+        raise_for(result)
+    return caught.value
 
 
 def endpoint_address(manager: ThreadedManager, transport: int) -> tuple[int, str]:
@@ -280,10 +287,10 @@ def test_a_bulk_freeze_frame_that_lies_is_refused_with_a_reason_and_nothing_is_s
             ).offer
             sock = dial(manager, offer)
             sock.sendall(MAGIC + offer.ticket + head)
-            result = read_result(sock)
+            refusal = refusal_of(read_result(sock))
             sock.close()
-            assert result.code == grpc.StatusCode.INVALID_ARGUMENT.value[0], result
-            assert result.field == why
+            assert isinstance(refusal, InvalidArgument), refusal
+            assert refusal.field == why
         # a chunk whose bytes are not its digest's
         offer = stub.OfferBulkFreeze(
             pb.OfferBulkFreezeRequest(header=header, bulk_transports=[TCP])
@@ -293,11 +300,9 @@ def test_a_bulk_freeze_frame_that_lies_is_refused_with_a_reason_and_nothing_is_s
         sock.sendall(chunk_head(0, 1, chunks[0].raw_size, chunks[0].raw_size))
         sock.sendall(chunks[1].data()[: chunks[0].raw_size])
         sock.sendall(end_frame())
-        result = read_result(sock)
+        refusal = refusal_of(read_result(sock))
         sock.close()
-        assert (
-            result.code == grpc.StatusCode.DATA_LOSS.value[0] and result.reason == "DIGEST_MISMATCH"
-        )
+        assert isinstance(refusal, DataLoss) and refusal.reason == "DIGEST_MISMATCH"
     digests = {c.digest.hex() for c in chunks}
     assert eventually(
         lambda: not digests & {p.name for p in chunk_files(manager.config.data_dir)}, timeout=15
@@ -445,3 +450,25 @@ def test_mtls_bulk_connection_certified_as_another_tenant_gets_no_byte(
         assert refused(running, "tenant_mismatch") == 1
     finally:
         running.stop()
+
+
+@pytest.mark.parametrize("transport", ["unix", "tcp", "auto"])
+async def test_the_async_client_freezes_and_thaws_over_the_bulk_channel(
+    manager: ThreadedManager, transport: str
+) -> None:
+    from cwm_client import AsyncWindowClient
+
+    chunks = synthetic_chunks(TOKENS, seed=40 + ["unix", "tcp", "auto"].index(transport))
+    async with AsyncWindowClient(manager.target) as client:
+        result = await client.freeze(
+            f"async-{transport}",
+            chunks,
+            fingerprint=FINGERPRINT,
+            token_ids=IDS,
+            transport=transport,
+        )
+        assert result.transport == ("unix" if transport == "auto" else transport)
+        stream = await client.thaw(f"async-{transport}", transport=transport)
+        async with stream:
+            assert stream.transport == result.transport
+            assert [bytes(c.data) async for c in stream] == [c.data() for c in chunks]

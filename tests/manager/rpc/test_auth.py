@@ -50,6 +50,11 @@ RPCS: list[tuple[str, str, object]] = [
     (WINDOWS + "GetWindow", "unary_unary", pb.GetWindowRequest(name="w")),
     (WINDOWS + "CloneWindow", "unary_unary", pb.CloneWindowRequest(source_name="w", new_name="w2")),
     (WINDOWS + "DeleteWindow", "unary_unary", pb.DeleteWindowRequest(name="w")),
+    (
+        WINDOWS + "OfferBulkFreeze",
+        "unary_unary",
+        pb.OfferBulkFreezeRequest(header=pb.FreezeHeader(name="w")),
+    ),
     (SESSIONS + "Connect", "stream_stream", pb.ConnectRequest(hello=pb.AgentHello(agent_id="a"))),
     (SESSIONS + "ListAgents", "unary_unary", pb.ListAgentsRequest()),
     (SESSIONS + "ListSessions", "unary_unary", pb.ListSessionsRequest()),
@@ -592,10 +597,24 @@ def test_role_table() -> None:
         return {m.rsplit("/", 1)[1] for m, _, _ in RPCS if caller.may_call(m)}
 
     reads = {"ListWindows", "GetWindow", "Thaw", "FindMissingChunks", "ListAgents", "ListSessions"}
-    writes = {"Freeze", "CloneWindow", "DeleteWindow", "FreezeSession", "ThawWindow"}
+    writes = {
+        "Freeze",
+        "OfferBulkFreeze",
+        "CloneWindow",
+        "DeleteWindow",
+        "FreezeSession",
+        "ThawWindow",
+    }
     assert allowed("reader") == reads
     assert allowed("writer") == reads | writes
-    assert allowed("agent") == {"Connect", "Freeze", "Thaw", "GetWindow", "FindMissingChunks"}
+    assert allowed("agent") == {
+        "Connect",
+        "Freeze",
+        "OfferBulkFreeze",
+        "Thaw",
+        "GetWindow",
+        "FindMissingChunks",
+    }
     assert allowed("admin") == {m.rsplit("/", 1)[1] for m, _, _ in RPCS}
     future = "/cwm.v1.WindowService/SomethingNew"
     assert [r for r in auth.ROLES if auth.Caller("t", r).may_call(future)] == ["admin"]

@@ -99,6 +99,7 @@ RPCS: dict[str, tuple[str, type[Message]]] = {
     WINDOWS + "GetWindow": ("unary_unary", pb.GetWindowRequest),
     WINDOWS + "CloneWindow": ("unary_unary", pb.CloneWindowRequest),
     WINDOWS + "DeleteWindow": ("unary_unary", pb.DeleteWindowRequest),
+    WINDOWS + "OfferBulkFreeze": ("unary_unary", pb.OfferBulkFreezeRequest),
     SESSIONS + "Connect": ("stream_stream", pb.ConnectRequest),
     SESSIONS + "ListAgents": ("unary_unary", pb.ListAgentsRequest),
     SESSIONS + "ListSessions": ("unary_unary", pb.ListSessionsRequest),
