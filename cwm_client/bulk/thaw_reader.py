@@ -15,6 +15,7 @@ import threading
 from collections.abc import Iterator, Sequence
 
 from cwm_client import pb
+from cwm_client.bulk.buffers import receive_buffer
 from cwm_client.bulk.frames import HEAD_BYTES, BulkProtocolError, parse_head, recv_exactly
 from cwm_client.chunks import DTYPE_SIZE, digest
 from cwm_client.codecs import RAW, decode
@@ -68,7 +69,7 @@ class BulkThawReader:
                 token_start=ref.token_start,
                 token_count=ref.token_count,
                 digest=ref.digest,
-                data=raw,  # a bytearray from the bulk wire: used as it came, no copy
+                data=raw,  # bytes (a bytearray off CPython)
             )
         item = self._take()
         if isinstance(item, BaseException):
@@ -100,8 +101,11 @@ class BulkThawReader:
                         f"the bulk connection's chunk {ref.index} has the wrong size "
                         f"({frame.raw_size} raw, {frame.length} sent; {ref.raw_size} expected)"
                     )
-                data = bytearray(frame.length)
-                recv_exactly(self._sock, data)
+                data, view = receive_buffer(frame.length)
+                try:
+                    recv_exactly(self._sock, view)
+                finally:
+                    view.release()
                 self.encoded_bytes += frame.length
                 if not self._put((frame.codec, data)):
                     return
@@ -142,7 +146,7 @@ class BulkEnded(DataLoss):
     (the thaw stream raises that instead, when there is one)."""
 
 
-def _decoded(data: bytearray, codec: int, ref: pb.ChunkRef, word: int) -> bytes:
+def _decoded(data: bytes | bytearray, codec: int, ref: pb.ChunkRef, word: int) -> bytes:
     try:
         return decode(data, codec, ref.raw_size, word)
     except ValueError as exc:

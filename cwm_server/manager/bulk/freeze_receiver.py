@@ -17,6 +17,7 @@ import socket
 from collections.abc import AsyncIterator
 
 from cwm_client import pb
+from cwm_client.bulk.buffers import receive_buffer
 from cwm_client.bulk.frames import HEAD_BYTES, ChunkHead, parse_head, recv_exactly
 from cwm_client.chunks import AssembledChunk
 from cwm_client.errors import InvalidArgument
@@ -62,7 +63,7 @@ async def bulk_chunks(
             digest=part.digest,
             codec=head.codec,
             raw_size=head.raw_size,
-            data=data,  # type: ignore[arg-type]  # a bytearray: decode and store take it
+            data=data,  # type: ignore[arg-type]  # bytes (a bytearray off CPython)
         )
         del data
 
@@ -73,7 +74,10 @@ def _read_head(sock: socket.socket) -> ChunkHead:
     return parse_head(head)
 
 
-def _read_data(sock: socket.socket, length: int) -> bytearray:
-    data = bytearray(length)
-    recv_exactly(sock, data)
+def _read_data(sock: socket.socket, length: int) -> bytes | bytearray:
+    data, view = receive_buffer(length)
+    try:
+        recv_exactly(sock, view)
+    finally:
+        view.release()
     return data
