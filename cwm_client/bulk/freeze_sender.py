@@ -11,10 +11,16 @@ from collections.abc import Sequence
 
 from google.rpc import status_pb2
 
-from cwm_client.bulk.frames import BulkResult, chunk_head, end_frame, read_result
+from cwm_client.bulk.frames import (
+    BulkProtocolError,
+    BulkResult,
+    chunk_head,
+    end_frame,
+    read_result,
+)
 from cwm_client.chunks import ChunkPayload
 from cwm_client.codecs import RAW, encode_for_wire
-from cwm_client.errors import InvalidArgument, from_status
+from cwm_client.errors import InvalidArgument, Unavailable, from_status
 from cwm_client.windows.progress import Progress
 
 
@@ -61,6 +67,26 @@ def send_share(
     result = read_result(sock)
     raise_for(result)
     return result
+
+
+def send_share_or_unavailable(
+    sock: socket.socket,
+    to_send: Sequence[ChunkPayload],
+    word: int,
+    progress: Progress | None,
+    wire_codec: int = RAW,
+) -> BulkResult:
+    """`send_share`, with a connection lost mid-transfer (the manager stopped, the network
+    went) raised as UNAVAILABLE (`BULK_CONNECTION_LOST`): nothing was committed, the
+    freeze can be run again."""
+    try:
+        return send_share(sock, to_send, word, progress, wire_codec)
+    except (OSError, BulkProtocolError) as exc:
+        raise Unavailable(
+            f"the bulk connection to the manager was lost mid-freeze ({exc}); nothing was "
+            "committed: freeze again",
+            reason="BULK_CONNECTION_LOST",
+        ) from None
 
 
 def _answered(sock: socket.socket) -> bool:

@@ -113,11 +113,13 @@ def _thaw_with_pause(
     expected: Sequence[bytes],
     proc: ManagerProcess,
     limit: int,
+    transport: str = "auto",
 ) -> tuple[list[int], list[int]]:
     """Thaw `name`, read 3 chunks, pause (sampling RSS), then read the rest; returns the RSS
     samples of the pause and of the rest."""
     got: list[bytes] = []
-    with client.thaw(name) as stream:
+    with client.thaw(name, transport=transport) as stream:
+        assert stream.transport == ("unix" if transport == "auto" else transport)
         chunks = iter(stream)
         for _ in range(3):
             got.append(next(chunks).digest)
@@ -133,7 +135,10 @@ def _thaw_with_pause(
 
 
 @pytest.mark.slow
-def test_one_gib_freeze_and_paused_thaw_stay_within_the_memory_cap(tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", ["auto", "grpc"])
+def test_one_gib_freeze_and_paused_thaw_stay_within_the_memory_cap(
+    tmp_path: Path, transport: str
+) -> None:
     chunk_count = (1 << 30) // CHUNK_BYTES
     chunks = seeded_window(chunk_count, seed=1)
     ids = seeded_token_ids(chunk_count)
@@ -147,8 +152,11 @@ def test_one_gib_freeze_and_paused_thaw_stay_within_the_memory_cap(tmp_path: Pat
         with WindowClient(proc.target, timeout=300) as client:
             with RssSampler(proc) as freezing:
                 started = time.monotonic()
-                result = client.freeze("big", chunks, fingerprint=FINGERPRINT_1MIB, token_ids=ids)
+                result = client.freeze(
+                    "big", chunks, fingerprint=FINGERPRINT_1MIB, token_ids=ids, transport=transport
+                )
                 freeze_s = time.monotonic() - started
+            assert result.transport == ("unix" if transport == "auto" else transport)
             assert result.window.raw_bytes == 1 << 30
             assert result.chunks_sent == chunk_count
             assert freezing.peak < limit, (
@@ -156,7 +164,8 @@ def test_one_gib_freeze_and_paused_thaw_stay_within_the_memory_cap(tmp_path: Pat
             )
 
             started = time.monotonic()
-            paused, rest = _thaw_with_pause(client, "big", [c.digest for c in chunks], proc, limit)
+            digests = [c.digest for c in chunks]
+            paused, rest = _thaw_with_pause(client, "big", digests, proc, limit, transport)
             thaw_s = time.monotonic() - started - PAUSE_S
             assert max(rest) < limit, f"RSS {_mib(max(rest))} after the pause exceeds {_mib(limit)}"
         print(
