@@ -19,6 +19,10 @@ CONNECT_TIMEOUT_S = 2.0
 """How long a connect may take before the transfer goes on over gRPC instead: well inside
 the ticket's life, and short enough that a blocked port costs little."""
 
+UNIX_BUFFER_BYTES = 1 << 20
+"""The Unix socket's receive buffer (the manager sizes its send buffer alike; why: in
+`cwm_server.manager.bulk.listener`)."""
+
 TRANSPORTS = {
     "auto": (pb.BulkTransport.BULK_TRANSPORT_UNIX, pb.BulkTransport.BULK_TRANSPORT_TCP),
     "grpc": (),
@@ -83,6 +87,7 @@ def connect(offer: pb.BulkOffer, target: str, credentials: Credentials) -> socke
     if offer.transport == pb.BulkTransport.BULK_TRANSPORT_UNIX:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UNIX_BUFFER_BYTES)
             sock.settimeout(CONNECT_TIMEOUT_S)
             sock.connect(offer.address)
         except BaseException:
