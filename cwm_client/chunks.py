@@ -15,6 +15,7 @@ import blake3
 import numpy as np
 
 from cwm_client import pb
+from cwm_client.buffers import BufferPool
 from cwm_client.errors import InvalidArgument
 
 M = TypeVar("M")
@@ -252,8 +253,11 @@ class ChunkAssembler:
     Errors are INVALID_ARGUMENT naming the chunk index, since they are the sender's fault.
     """
 
-    def __init__(self, max_encoded_size: int) -> None:
+    def __init__(self, max_encoded_size: int, pool: BufferPool | None = None) -> None:
+        """`pool`: where a chunk of several parts is joined (reused buffers: for a client
+        that drops each chunk before it takes many more, see `cwm_client.buffers`)."""
         self._max = max_encoded_size
+        self._pool = pool
         self._head: _PartHead | None = None
         self._parts: list[bytes] = []
         self._filled = 0
@@ -289,8 +293,19 @@ class ChunkAssembler:
         self._parts.append(data)
         self._filled = end
         if end == head.encoded_size:
-            return self._finish(b"".join(self._parts))
+            return self._finish(self._joined())
         return None
+
+    def _joined(self) -> bytes:
+        if self._pool is None:
+            return b"".join(self._parts)
+        data, view = self._pool.take(self._filled)
+        offset = 0
+        for part in self._parts:
+            view[offset : offset + len(part)] = part
+            offset += len(part)
+        view.release()
+        return data  # type: ignore[return-value]  # bytes (a bytearray off CPython)
 
     def _start(self, part: pb.Chunk) -> None:
         if len(part.digest) != DIGEST_SIZE:

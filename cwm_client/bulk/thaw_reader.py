@@ -15,7 +15,7 @@ import threading
 from collections.abc import Iterator, Sequence
 
 from cwm_client import pb
-from cwm_client.bulk.buffers import receive_buffer
+from cwm_client.buffers import BufferPool
 from cwm_client.bulk.frames import HEAD_BYTES, BulkProtocolError, parse_head, recv_exactly
 from cwm_client.chunks import DTYPE_SIZE, digest
 from cwm_client.codecs import RAW, decode
@@ -45,6 +45,8 @@ class BulkThawReader:
         self._word = DTYPE_SIZE.get(window.fingerprint.kv_dtype, 1)
         self._queue: queue.Queue[object] = queue.Queue(max(1, read_ahead))
         self._stop = threading.Event()
+        self._pool = BufferPool(keep=read_ahead + 4)
+        """Chunk buffers reused once the caller dropped them (no fresh pages per chunk)."""
         self.encoded_bytes = 0
         self.received = 0
         self._thread = threading.Thread(target=self._receive, name="cwm-bulk-thaw", daemon=True)
@@ -101,7 +103,7 @@ class BulkThawReader:
                         f"the bulk connection's chunk {ref.index} has the wrong size "
                         f"({frame.raw_size} raw, {frame.length} sent; {ref.raw_size} expected)"
                     )
-                data, view = receive_buffer(frame.length)
+                data, view = self._pool.take(frame.length)
                 try:
                     recv_exactly(self._sock, view)
                 finally:

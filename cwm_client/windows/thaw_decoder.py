@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cwm_client import pb
+from cwm_client.buffers import BufferPool
 from cwm_client.chunks import DTYPE_SIZE, ChunkAssembler, digest
 from cwm_client.codecs import decode
 from cwm_client.errors import Aborted, DataLoss, InvalidArgument
@@ -32,7 +33,9 @@ class ThawDecoder:
 
     def __init__(self, reference: pb.WindowInfo | None = None) -> None:
         self.window: pb.WindowInfo | None = None
-        self._assembler = ChunkAssembler(max_encoded_size=1 << 40)
+        # Chunks come one after another and the caller drops each before long: their
+        # buffers are reused (no fresh pages per chunk).
+        self._assembler = ChunkAssembler(max_encoded_size=1 << 40, pool=BufferPool(keep=8))
         self._word = 2
         self.received = 0
         self.encoded_bytes = 0

@@ -17,7 +17,7 @@ import socket
 from collections.abc import AsyncIterator
 
 from cwm_client import pb
-from cwm_client.bulk.buffers import receive_buffer
+from cwm_client.buffers import receive_buffer
 from cwm_client.bulk.frames import HEAD_BYTES, ChunkHead, parse_head, recv_exactly
 from cwm_client.chunks import AssembledChunk
 from cwm_client.errors import InvalidArgument

@@ -1,4 +1,4 @@
-"""Receive buffers of the bulk channel: a real `bytes` on CPython, filled through a view
+"""Receive buffers of whole chunks: a real `bytes` on CPython, filled through a view
 without being zero-filled first, equal and hashing like any other bytes afterwards."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import platform
 
 import pytest
 
-from cwm_client.bulk.buffers import SMALL, receive_buffer
+from cwm_client.buffers import POOLED, SMALL, BufferPool, receive_buffer
 
 
 @pytest.mark.skipif(platform.python_implementation() != "CPython", reason="CPython only")
@@ -39,3 +39,31 @@ def test_many_buffers_stay_independent() -> None:
         buffers.append(data)
     assert [b[0] for b in buffers] == list(range(8))
     assert all(len(set(b)) == 1 for b in buffers)
+
+
+@pytest.mark.skipif(platform.python_implementation() != "CPython", reason="CPython only")
+def test_a_pooled_buffer_is_reused_only_once_nobody_holds_it() -> None:
+    pool = BufferPool(keep=2)
+    first, view = pool.take(POOLED)
+    view[:] = b"a" * POOLED
+    view.release()
+    held = first  # the caller keeps the chunk
+    second, view = pool.take(POOLED)
+    view[:] = b"b" * POOLED
+    view.release()
+    assert second is not held and held == b"a" * POOLED  # a held buffer is never rewritten
+    hashed = hash(second)
+    address = id(second)
+    del second
+    third, view = pool.take(POOLED)
+    assert id(third) == address  # dropped: reused, no fresh pages
+    view[:] = b"c" * POOLED
+    view.release()
+    assert third == b"c" * POOLED and hash(third) == hash(b"c" * POOLED) != hashed
+    assert held == b"a" * POOLED
+
+
+def test_small_buffers_bypass_the_pool() -> None:
+    pool = BufferPool(keep=2)
+    data, _ = pool.take(100)
+    assert isinstance(data, bytearray)
