@@ -19,8 +19,9 @@ from cwm_client.bulk.frames import (
     read_result,
 )
 from cwm_client.chunks import ChunkPayload
-from cwm_client.codecs import RAW, encode_for_wire
+from cwm_client.codecs import CODECS, RAW
 from cwm_client.errors import InvalidArgument, Unavailable, from_status
+from cwm_client.windows.freeze_stream import wire_bytes
 from cwm_client.windows.progress import Progress
 
 
@@ -32,26 +33,38 @@ def send_share(
     wire_codec: int = RAW,
 ) -> BulkResult:
     """Send `to_send` in order and return the manager's result (its error raised as the
-    `cwm_client.errors` class of its status code)."""
+    `cwm_client.errors` class of its status code). A connection lost mid-transfer (the
+    manager stopped, the network went) is UNAVAILABLE (`BULK_CONNECTION_LOST`): nothing was
+    committed, the freeze can be run again."""
+    if wire_codec not in CODECS:
+        raise InvalidArgument(f"unknown wire codec {wire_codec}", field="wire_codec")
+    try:
+        return _send(sock, to_send, word, progress, (wire_codec,))
+    except (OSError, BulkProtocolError) as exc:
+        raise Unavailable(
+            f"the bulk connection to the manager was lost mid-freeze ({exc}); nothing was "
+            "committed: freeze again",
+            reason="BULK_CONNECTION_LOST",
+        ) from None
+
+
+def _send(
+    sock: socket.socket,
+    to_send: Sequence[ChunkPayload],
+    word: int,
+    progress: Progress | None,
+    accepted: tuple[int, ...],
+) -> BulkResult:
     total = sum(c.raw_size for c in to_send)
     done = 0
     if progress is not None:
         progress(0, total)
-    accepted = (wire_codec,)
     try:
         for chunk in to_send:
-            raw = chunk.data()
-            if len(raw) != chunk.raw_size:
-                raise InvalidArgument(
-                    f"chunk {chunk.index}: data() returned {len(raw)} bytes, raw_size says "
-                    f"{chunk.raw_size}"
-                )
-            codec, encoded = (
-                (RAW, raw) if wire_codec == RAW else encode_for_wire(raw, accepted, word)
-            )
+            codec, encoded = wire_bytes(chunk, accepted, word)
             sock.sendall(chunk_head(chunk.index, codec, chunk.raw_size, len(encoded)))
             sock.sendall(encoded)
-            del raw, encoded
+            del encoded
             if _answered(sock):  # the manager refused something and stopped: why?
                 raise_for(read_result(sock))
                 raise InvalidArgument("the manager ended the bulk freeze before its end frame")
@@ -60,33 +73,11 @@ def send_share(
                 progress(done, total)
         sock.sendall(end_frame())
     except OSError:
-        # The manager may have refused a chunk and closed: its result says why.
-        result = read_result(sock)
-        raise_for(result)
+        raise_for(read_result(sock))  # the manager may have refused a chunk and closed
         raise
     result = read_result(sock)
     raise_for(result)
     return result
-
-
-def send_share_or_unavailable(
-    sock: socket.socket,
-    to_send: Sequence[ChunkPayload],
-    word: int,
-    progress: Progress | None,
-    wire_codec: int = RAW,
-) -> BulkResult:
-    """`send_share`, with a connection lost mid-transfer (the manager stopped, the network
-    went) raised as UNAVAILABLE (`BULK_CONNECTION_LOST`): nothing was committed, the
-    freeze can be run again."""
-    try:
-        return send_share(sock, to_send, word, progress, wire_codec)
-    except (OSError, BulkProtocolError) as exc:
-        raise Unavailable(
-            f"the bulk connection to the manager was lost mid-freeze ({exc}); nothing was "
-            "committed: freeze again",
-            reason="BULK_CONNECTION_LOST",
-        ) from None
 
 
 def _answered(sock: socket.socket) -> bool:

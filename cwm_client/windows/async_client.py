@@ -18,7 +18,7 @@ from cwm_client.bulk.connection import (
     transport_name,
 )
 from cwm_client.bulk.frames import BulkResult
-from cwm_client.bulk.freeze_sender import send_share_or_unavailable
+from cwm_client.bulk.freeze_sender import send_share
 from cwm_client.chunks import DEFAULT_CHUNK_TOKENS, DEFAULT_PART_BYTES, DTYPE_SIZE, ChunkPayload
 from cwm_client.codecs import RAW
 from cwm_client.errors import from_rpc_error
@@ -229,7 +229,7 @@ class AsyncWindowClient(AsyncServiceClient):
             except OSError:
                 return None
             with contextlib.closing(sock):
-                return send_share_or_unavailable(sock, plan.to_send, word, progress, wire_codec)
+                return send_share(sock, plan.to_send, word, progress, wire_codec)
 
         sent = await asyncio.to_thread(send)
         if sent is None:

@@ -107,18 +107,27 @@ def freeze_requests(
     if progress is not None:
         progress(0, total)
     for chunk in to_send:
-        raw = chunk.data()
-        if len(raw) != chunk.raw_size:
-            raise InvalidArgument(
-                f"chunk {chunk.index}: data() returned {len(raw)} bytes, raw_size says "
-                f"{chunk.raw_size}"
-            )
-        codec, encoded = (RAW, raw) if wire_codec == RAW else encode_for_wire(raw, accepted, word)
+        codec, encoded = wire_bytes(chunk, accepted, word)
         yield from fill_parts(_freeze_request, chunk, encoded, codec, part_bytes)
-        del raw, encoded
+        del encoded
         done += chunk.raw_size
         if progress is not None:
             progress(done, total)
+
+
+def wire_bytes(
+    chunk: ChunkPayload, accepted: tuple[int, ...], word: int
+) -> tuple[int, bytes | memoryview]:
+    """A chunk to send, as (codec, bytes): its raw bytes, checked against its raw size, or
+    encoded with the wire codec where that pays. Any transport sends these."""
+    raw = chunk.data()
+    if len(raw) != chunk.raw_size:
+        raise InvalidArgument(
+            f"chunk {chunk.index}: data() returned {len(raw)} bytes, raw_size says {chunk.raw_size}"
+        )
+    if accepted == (RAW,):
+        return RAW, raw
+    return encode_for_wire(raw, accepted, word)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from cwm_client.bulk.connection import (
     no_bulk,
     transport_name,
 )
-from cwm_client.bulk.freeze_sender import send_share_or_unavailable
+from cwm_client.bulk.freeze_sender import send_share
 from cwm_client.chunks import DEFAULT_CHUNK_TOKENS, DEFAULT_PART_BYTES, DTYPE_SIZE, ChunkPayload
 from cwm_client.codecs import RAW
 from cwm_client.errors import from_rpc_error
@@ -251,7 +251,7 @@ class WindowClient(ServiceClient):
             return None
         with contextlib.closing(sock):
             word = DTYPE_SIZE.get(plan.header.fingerprint.kv_dtype, 1)
-            sent = send_share_or_unavailable(sock, plan.to_send, word, progress, wire_codec)
+            sent = send_share(sock, plan.to_send, word, progress, wire_codec)
         commit = stage_header(plan.header, upload_id, stage_only=False)
         response: pb.FreezeResponse = self._unary(
             self._stub.Freeze, iter([pb.FreezeRequest(header=commit)])
