@@ -472,3 +472,10 @@ async def test_the_async_client_freezes_and_thaws_over_the_bulk_channel(
         async with stream:
             assert stream.transport == result.transport
             assert [bytes(c.data) async for c in stream] == [c.data() for c in chunks]
+
+
+def test_the_health_report_names_the_bulk_endpoints(manager: ThreadedManager) -> None:
+    condition = manager.server.health.conditions["cwm.bulk"]
+    bulk = manager.server.bulk
+    assert condition.detail == f"tcp {bulk.tcp_address}, unix {bulk.unix_path}"
+    assert bulk.tcp_address.startswith("127.0.0.1:") and bulk.unix_path.endswith("bulk.sock")
