@@ -127,11 +127,14 @@ test-lmcache: $(LMCACHE_VENV)/.installed
 test: lint test-py test-protobuf6 test-vllm test-lmcache
 
 # Appends results to docs/BENCHMARKS.md, raw numbers to docs/bench/ and the plot to
-# docs/bench.png (about 4 minutes): cwm against loopback TCP, plain files, redis-py and slot
-# files on the same bytes (suite.py), then time to first token after a thaw (ttft.py).
+# docs/bench.png (about 10 minutes): cwm against loopback TCP, plain files, redis-py and slot
+# files on the same bytes (suite.py), time to first token after a thaw (ttft.py), then the
+# data plane per transport with the 8B geometry, here and from a network namespace (needs
+# root; skipped with a message without it) (data_plane.py).
 bench: $(VENV)/.installed
 	$(PY) tools/bench/suite.py --random-mib 1024 --kv-sessions 4 --repeat 3 --profile
 	$(PY) tools/bench/ttft.py --tokens 4096 --repeat 3
+	$(PY) tools/bench/data_plane.py --mib 256 --repeat 3
 
 clean:
 	rm -rf $(VENV) $(PROTO_VENV) $(VLLM_VENV) $(LMCACHE_VENV) .pytest_cache .mypy_cache .ruff_cache
