@@ -32,7 +32,7 @@ from tests.ops_helpers import OpsManager, health_status, wait_for
 SERVING = "SERVING"
 NOT_SERVING = "NOT_SERVING"
 SERVICES = ("", "cwm.v1.WindowService", "cwm.v1.SessionService")
-COMPONENTS = ("cwm.catalog", "cwm.tier.disk", "cwm.tier.memory")
+COMPONENTS = ("cwm.catalog", "cwm.tier.disk", "cwm.tier.memory", "cwm.bulk")
 
 
 def cwm(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
