@@ -19,6 +19,12 @@ CONNECT_TIMEOUT_S = 2.0
 """How long a connect may take before the transfer goes on over gRPC instead: well inside
 the ticket's life, and short enough that a blocked port costs little."""
 
+IDLE_TIMEOUT_S = 60.0
+"""How long one send or receive on a bulk connection may make no progress before the
+transfer fails (UNAVAILABLE on a freeze, DATA_LOSS or the call's status on a thaw): a peer
+that accepted the connection and went silent never hangs the client. A caller that stops
+reading a thaw does not count: its receiving thread waits on its queue, not the socket."""
+
 UNIX_BUFFER_BYTES = 1 << 20
 """The Unix socket's receive buffer (the manager sizes its send buffer alike; why: in
 `cwm_server.manager.bulk.listener`)."""
@@ -108,7 +114,7 @@ def connect(offer: pb.BulkOffer, target: str, credentials: Credentials) -> socke
         raise OSError(f"unknown bulk transport {offer.transport}")
     try:
         sock.sendall(hello(offer.ticket))
-        sock.settimeout(None)
+        sock.settimeout(IDLE_TIMEOUT_S)
     except BaseException:
         sock.close()
         raise
