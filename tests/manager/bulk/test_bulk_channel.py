@@ -479,3 +479,25 @@ def test_the_health_report_names_the_bulk_endpoints(manager: ThreadedManager) ->
     bulk = manager.server.bulk
     assert condition.detail == f"tcp {bulk.tcp_address}, unix {bulk.unix_path}"
     assert bulk.tcp_address.startswith("127.0.0.1:") and bulk.unix_path.endswith("bulk.sock")
+
+
+def test_a_hello_that_trickles_in_is_cut_off_without_a_byte(
+    manager: ThreadedManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cwm_server.manager.bulk import listener
+
+    monkeypatch.setattr(listener, "HELLO_TIMEOUT_S", 0.5)
+    channel, call, _, offer = offered_thaw(manager, [TCP])
+    with channel:
+        slow = dial(manager, offer)
+        hello = MAGIC + offer.ticket
+        started = time.monotonic()
+        try:
+            for byte in hello[:8]:
+                slow.sendall(bytes([byte]))
+                time.sleep(0.1)
+        except OSError:
+            pass  # cut off while trickling: what this test wants
+        assert nothing_comes(slow)
+        assert time.monotonic() - started < 5
+        call.cancel()
