@@ -501,3 +501,44 @@ def test_a_hello_that_trickles_in_is_cut_off_without_a_byte(
         assert nothing_comes(slow)
         assert time.monotonic() - started < 5
         call.cancel()
+
+
+def test_a_bulk_port_that_drops_connections_falls_back_to_grpc_within_the_connect_timeout(
+    tmp_path: Path,
+) -> None:
+    """A firewall that drops packets instead of refusing them: the client's connect gets no
+    answer, and after `CONNECT_TIMEOUT_S` the same transfer goes on over gRPC."""
+    from cwm_client.bulk import connection
+
+    running = start(tmp_path, ServerOptions(bulk_unix=False))
+    # A listening socket whose accept queue is full: the kernel drops further SYNs.
+    black_hole = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    black_hole.bind(("127.0.0.1", 0))
+    black_hole.listen(0)
+    fillers = []
+    try:
+        for _ in range(4):
+            filler = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            filler.setblocking(False)
+            filler.connect_ex(black_hole.getsockname())
+            fillers.append(filler)
+        time.sleep(0.2)
+        running.server.bulk.tcp_address = f"127.0.0.1:{black_hole.getsockname()[1]}"
+        chunks = synthetic_chunks(TOKENS, seed=61)
+        with WindowClient(running.target, timeout=30) as client:
+            started = time.monotonic()
+            result = client.freeze("dropped", chunks, fingerprint=FINGERPRINT, token_ids=IDS)
+            froze_s = time.monotonic() - started
+            assert result.transport == "grpc" and result.chunks_sent == len(chunks)
+            started = time.monotonic()
+            with client.thaw("dropped") as stream:
+                assert stream.transport == "grpc"
+                assert [bytes(c.data) for c in stream] == [c.data() for c in chunks]
+            thawed_s = time.monotonic() - started
+        limit = connection.CONNECT_TIMEOUT_S + 3
+        assert froze_s < limit and thawed_s < limit, (froze_s, thawed_s)
+    finally:
+        for filler in fillers:
+            filler.close()
+        black_hole.close()
+        running.stop()
