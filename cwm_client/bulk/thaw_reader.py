@@ -17,12 +17,11 @@ from collections.abc import Iterator, Sequence
 from cwm_client import pb
 from cwm_client.buffers import BufferPool
 from cwm_client.bulk.frames import HEAD_BYTES, BulkProtocolError, parse_head, recv_exactly
-from cwm_client.chunks import DTYPE_SIZE, digest
-from cwm_client.codecs import RAW, decode
-from cwm_client.errors import Cancelled, DataLoss
-from cwm_client.windows.thaw_decoder import ThawedChunk
+from cwm_client.chunks import DTYPE_SIZE
+from cwm_client.errors import DataLoss
+from cwm_client.windows.thaw_decoder import ThawedChunk, verified_chunk
+from cwm_client.windows.thaw_stream_core import put_unless_closed, take_unless_closed
 
-POLL_S = 0.1
 _END = object()
 SLACK_BYTES = 1 << 16
 """How much larger than its raw size an encoded chunk may be on the wire (never, in
@@ -59,20 +58,19 @@ class BulkThawReader:
                 raise item
             assert isinstance(item, tuple)
             codec, data = item
-            raw = data if codec == RAW else _decoded(data, codec, ref, self._word)
-            if digest(raw) != ref.digest:
-                raise DataLoss(
-                    f"chunk {ref.index} of window {self._window.name!r} does not match its "
-                    "digest; refusing to use it"
-                )
-            self.received += 1
-            yield ThawedChunk(
-                index=ref.index,
-                token_start=ref.token_start,
-                token_count=ref.token_count,
-                digest=ref.digest,
-                data=raw,  # bytes (a bytearray off CPython)
+            chunk = verified_chunk(
+                self._window.name,
+                ref.index,
+                ref.token_start,
+                ref.token_count,
+                ref.digest,
+                codec,
+                data,
+                ref.raw_size,
+                self._word,
             )
+            self.received += 1
+            yield chunk
         item = self._take()
         if isinstance(item, BaseException):
             raise item
@@ -126,30 +124,12 @@ class BulkThawReader:
             self._put(exc)
 
     def _take(self) -> object:
-        while True:
-            try:
-                return self._queue.get(timeout=POLL_S)
-            except queue.Empty:
-                if self._stop.is_set():
-                    raise Cancelled("the thaw was closed while a chunk was awaited") from None
+        return take_unless_closed(self._queue, self._stop)
 
     def _put(self, item: object) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=POLL_S)
-                return True
-            except queue.Full:
-                continue
-        return False
+        return put_unless_closed(self._queue, item, self._stop)
 
 
 class BulkEnded(DataLoss):
     """The bulk connection ended before the last chunk: the gRPC stream's status says why
     (the thaw stream raises that instead, when there is one)."""
-
-
-def _decoded(data: bytes | bytearray, codec: int, ref: pb.ChunkRef, word: int) -> bytes:
-    try:
-        return decode(data, codec, ref.raw_size, word)
-    except ValueError as exc:
-        raise DataLoss(f"chunk {ref.index}: {exc}") from exc

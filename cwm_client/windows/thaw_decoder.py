@@ -68,23 +68,19 @@ class ThawDecoder:
                     f"(chunk {whole.index} differs between its streams); thaw it again",
                     reason="WINDOW_CHANGED",
                 )
-        try:
-            raw = decode(whole.data, whole.codec, whole.raw_size, self._word)
-        except ValueError as exc:
-            raise DataLoss(f"chunk {whole.index}: {exc}") from exc
-        if digest(raw) != whole.digest:
-            raise DataLoss(
-                f"chunk {whole.index} of window {self.window.name!r} does not match its "
-                "digest; refusing to use it"
-            )
-        self.received += 1
-        return ThawedChunk(
-            index=whole.index,
-            token_start=whole.token_start,
-            token_count=whole.token_count,
-            digest=whole.digest,
-            data=raw,
+        chunk = verified_chunk(
+            self.window.name,
+            whole.index,
+            whole.token_start,
+            whole.token_count,
+            whole.digest,
+            whole.codec,
+            whole.data,
+            whole.raw_size,
+            self._word,
         )
+        self.received += 1
+        return chunk
 
     def finish(self, expected: int) -> None:
         """Fail if the stream ended before every requested chunk arrived."""
@@ -92,6 +88,31 @@ class ThawDecoder:
             raise DataLoss("thaw stream ended in the middle of a chunk")
         if self.received != expected:
             raise DataLoss(f"thaw stream ended after {self.received} of {expected} chunks")
+
+
+def verified_chunk(
+    window_name: str,
+    index: int,
+    token_start: int,
+    token_count: int,
+    chunk_digest: bytes,
+    codec: int,
+    data: bytes | bytearray,
+    raw_size: int,
+    word: int,
+) -> ThawedChunk:
+    """A received chunk decoded and checked against its digest (DATA_LOSS if either fails):
+    whatever carried it (a Thaw stream's parts, a bulk connection), nothing else reaches
+    the caller."""
+    try:
+        raw = decode(data, codec, raw_size, word)
+    except ValueError as exc:
+        raise DataLoss(f"chunk {index}: {exc}") from exc
+    if digest(raw) != chunk_digest:
+        raise DataLoss(
+            f"chunk {index} of window {window_name!r} does not match its digest; refusing to use it"
+        )
+    return ThawedChunk(index, token_start, token_count, chunk_digest, raw)
 
 
 def _check_same_window(first: pb.WindowInfo, other: pb.WindowInfo) -> None:

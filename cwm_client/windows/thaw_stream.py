@@ -14,9 +14,14 @@ import grpc
 from cwm_client import pb
 from cwm_client.bulk.connection import BulkUnreachable
 from cwm_client.bulk.thaw_reader import BulkEnded, BulkThawReader
-from cwm_client.errors import Cancelled, DataLoss, from_rpc_error
+from cwm_client.errors import DataLoss, from_rpc_error
 from cwm_client.windows.thaw_decoder import ThawDecoder, ThawedChunk
-from cwm_client.windows.thaw_stream_core import END_OF_STREAM, POLL_S, ThawStreamCore
+from cwm_client.windows.thaw_stream_core import (
+    END_OF_STREAM,
+    ThawStreamCore,
+    put_unless_closed,
+    take_unless_closed,
+)
 
 
 class ThawStream(ThawStreamCore):
@@ -166,21 +171,10 @@ class ThawStream(ThawStreamCore):
             self._put(shared, exc)
 
     def _take(self, shared: queue.Queue[object]) -> object:
-        while True:
-            try:
-                return shared.get(timeout=POLL_S)
-            except queue.Empty:
-                if self._stop.is_set():
-                    raise Cancelled("the thaw was closed while a chunk was awaited") from None
+        return take_unless_closed(shared, self._stop)
 
     def _put(self, shared: queue.Queue[object], item: object) -> bool:
-        while not self._stop.is_set():
-            try:
-                shared.put(item, timeout=POLL_S)
-                return True
-            except queue.Full:
-                continue
-        return False
+        return put_unless_closed(shared, item, self._stop)
 
     def close(self) -> None:
         self._stop.set()
