@@ -19,8 +19,8 @@ from cwm_client.buffers import BufferPool
 from cwm_client.bulk.frames import HEAD_BYTES, BulkProtocolError, parse_head, recv_exactly
 from cwm_client.chunks import DTYPE_SIZE
 from cwm_client.errors import DataLoss
+from cwm_client.windows.queues import put_unless_closed, take_unless_closed
 from cwm_client.windows.thaw_decoder import ThawedChunk, verified_chunk
-from cwm_client.windows.thaw_stream_core import put_unless_closed, take_unless_closed
 
 _END = object()
 SLACK_BYTES = 1 << 16

@@ -12,11 +12,12 @@ import grpc
 from grpc.aio import EOF  # type: ignore[attr-defined]
 
 from cwm_client import pb
-from cwm_client.bulk.connection import BulkUnreachable, transport_name
+from cwm_client.bulk.connection import BulkUnreachable
 from cwm_client.bulk.thaw_reader import BulkEnded, BulkThawReader
 from cwm_client.errors import Cancelled, DataLoss, from_rpc_error
+from cwm_client.windows.queues import POLL_S
 from cwm_client.windows.thaw_decoder import ThawDecoder, ThawedChunk
-from cwm_client.windows.thaw_stream_core import END_OF_STREAM, POLL_S, ThawStreamCore
+from cwm_client.windows.thaw_stream_core import END_OF_STREAM, ThawStreamCore
 
 OFF_LOOP_CHUNK_BYTES = 1 << 16
 """The parts of a chunk larger than this (encoded) are taken on a worker thread, where the
@@ -49,10 +50,6 @@ class AsyncThawStream(ThawStreamCore):
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
         self._bulk_connect = bulk_connect
-        self._bulk: BulkThawReader | None = None
-        self._pushed_back: list[pb.ThawResponse] = []
-        self.transport = "grpc"
-        """What carries the chunks: "grpc", or the bulk transport taken ("unix", "tcp")."""
 
     async def open(self) -> AsyncThawStream:
         """Read the window (and take the bulk offer, if one comes: BulkUnreachable when it
@@ -96,20 +93,13 @@ class AsyncThawStream(ThawStreamCore):
 
     async def _take_offer(self, bulk_connect: Callable[[pb.BulkOffer], socket.socket]) -> None:
         second = await self._calls[0].read()
-        if second is EOF:
+        if second is EOF or (offer := self._offer_in(second)) is None:
             return
-        if second.WhichOneof("payload") != "bulk":
-            self._pushed_back.append(second)
-            return
-        offer = second.bulk
         try:
             sock = await asyncio.to_thread(bulk_connect, offer)
         except OSError as exc:
             raise BulkUnreachable(offer, exc) from None
-        end = self._first_chunk + self._expected
-        refs = self.window.chunks[self._first_chunk : end]
-        self._bulk = BulkThawReader(sock, self.window, refs, self._read_ahead)
-        self.transport = transport_name(offer)
+        self._start_bulk(offer, sock)
 
     async def _iter_bulk(self, bulk: BulkThawReader) -> AsyncIterator[ThawedChunk]:
         """As `ThawStream._iter_bulk`: each chunk taken (and verified) on a worker thread,
@@ -122,8 +112,7 @@ class AsyncThawStream(ThawStreamCore):
             await self._raise_stream_status()
             raise ended from None
         finally:
-            self._decoder.received = bulk.received
-            self._decoder.encoded_bytes = bulk.encoded_bytes
+            self._bulk_counted(bulk)
         await self._raise_stream_status()
 
     async def _raise_stream_status(self) -> None:

@@ -15,13 +15,9 @@ from cwm_client import pb
 from cwm_client.bulk.connection import BulkUnreachable
 from cwm_client.bulk.thaw_reader import BulkEnded, BulkThawReader
 from cwm_client.errors import DataLoss, from_rpc_error
+from cwm_client.windows.queues import put_unless_closed, take_unless_closed
 from cwm_client.windows.thaw_decoder import ThawDecoder, ThawedChunk
-from cwm_client.windows.thaw_stream_core import (
-    END_OF_STREAM,
-    ThawStreamCore,
-    put_unless_closed,
-    take_unless_closed,
-)
+from cwm_client.windows.thaw_stream_core import END_OF_STREAM, ThawStreamCore
 
 
 class ThawStream(ThawStreamCore):
@@ -53,15 +49,11 @@ class ThawStream(ThawStreamCore):
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._queues: list[queue.Queue[object]] = []
-        self._bulk: BulkThawReader | None = None
-        self._pushed_back: list[pb.ThawResponse] = []
-        self.transport = "grpc"
-        """What carries the chunks: "grpc", or the bulk transport taken ("unix", "tcp")."""
         try:
             first = next(call)
             self._accept_window(first)
             if bulk_connect is not None and len(self._calls) == 1 and self._expected:
-                self._take_offer(next(call), bulk_connect)
+                self._take_offer(next(call, None), bulk_connect)
         except grpc.RpcError as exc:
             self.close()
             raise from_rpc_error(exc) from None
@@ -99,22 +91,17 @@ class ThawStream(ThawStreamCore):
                 self.close()
 
     def _take_offer(
-        self, second: pb.ThawResponse, bulk_connect: Callable[[pb.BulkOffer], socket.socket]
+        self,
+        second: pb.ThawResponse | None,
+        bulk_connect: Callable[[pb.BulkOffer], socket.socket],
     ) -> None:
-        if second.WhichOneof("payload") != "bulk":
-            self._pushed_back.append(second)  # no offer: the chunks come on this stream
-            return
-        offer = second.bulk
+        if second is None or (offer := self._offer_in(second)) is None:
+            return  # no offer: the chunks come on this stream (or it ended: finish() says)
         try:
             sock = bulk_connect(offer)
         except OSError as exc:
             raise BulkUnreachable(offer, exc) from None
-        end = self._first_chunk + self._expected
-        refs = self.window.chunks[self._first_chunk : end]
-        self._bulk = BulkThawReader(sock, self.window, refs, self._read_ahead)
-        self.transport = (
-            "unix" if offer.transport == pb.BulkTransport.BULK_TRANSPORT_UNIX else "tcp"
-        )
+        self._start_bulk(offer, sock)
 
     def _iter_one(self) -> Iterator[ThawedChunk]:
         if self._bulk is not None:
@@ -143,8 +130,7 @@ class ThawStream(ThawStreamCore):
             self._raise_stream_status()
             raise ended from None
         finally:
-            self._decoder.received = bulk.received
-            self._decoder.encoded_bytes = bulk.encoded_bytes
+            self._bulk_counted(bulk)
         self._raise_stream_status()
 
     def _raise_stream_status(self) -> None:

@@ -5,40 +5,18 @@ queues, or tasks and asyncio queues)."""
 
 from __future__ import annotations
 
-import queue
-import threading
+import socket
 from collections.abc import Sequence
 from typing import Any
 
 from cwm_client import pb
-from cwm_client.errors import Cancelled, DataLoss
+from cwm_client.bulk.connection import transport_name
+from cwm_client.bulk.thaw_reader import BulkThawReader
+from cwm_client.errors import DataLoss
 from cwm_client.windows.thaw_decoder import ThawDecoder, ThawedChunk, expected_chunks
 
 END_OF_STREAM = object()
 """Queued by a stream's reader after its last chunk."""
-POLL_S = 0.1
-"""How often a waiting reader or consumer looks whether the thaw was closed."""
-
-
-def take_unless_closed(shared: queue.Queue[object], closed: threading.Event) -> object:
-    """The next item a blocking thaw's receiving thread queued (CANCELLED once closed)."""
-    while True:
-        try:
-            return shared.get(timeout=POLL_S)
-        except queue.Empty:
-            if closed.is_set():
-                raise Cancelled("the thaw was closed while a chunk was awaited") from None
-
-
-def put_unless_closed(shared: queue.Queue[object], item: object, closed: threading.Event) -> bool:
-    """Queue `item` for the consumer, waiting while the queue is full; False once closed."""
-    while not closed.is_set():
-        try:
-            shared.put(item, timeout=POLL_S)
-            return True
-        except queue.Full:
-            continue
-    return False
 
 
 class ThawStreamCore:
@@ -60,6 +38,11 @@ class ThawStreamCore:
         self._read_ahead = max(1, read_ahead)
         self._expected = 0
         self.window = pb.WindowInfo()
+        self._bulk: BulkThawReader | None = None
+        self._pushed_back: list[pb.ThawResponse] = []
+        """The first chunk message, read where a bulk offer could have been."""
+        self.transport = "grpc"
+        """What carries the chunks: "grpc", or the bulk transport taken ("unix", "tcp")."""
 
     @property
     def streams(self) -> int:
@@ -77,6 +60,26 @@ class ThawStreamCore:
         assert self._decoder.window is not None
         self.window = self._decoder.window
         self._expected = expected_chunks(self.window, self._first_chunk, self._chunk_count)
+
+    def _offer_in(self, second: pb.ThawResponse) -> pb.BulkOffer | None:
+        """The bulk offer the stream's second message makes, if it does (otherwise it is
+        the first chunk message, kept to be read first)."""
+        if second.WhichOneof("payload") == "bulk":
+            return second.bulk
+        self._pushed_back.append(second)
+        return None
+
+    def _start_bulk(self, offer: pb.BulkOffer, sock: socket.socket) -> None:
+        """Read this thaw's chunks from `sock`, the connection `offer` named."""
+        end = self._first_chunk + self._expected
+        refs = self.window.chunks[self._first_chunk : end]
+        self._bulk = BulkThawReader(sock, self.window, refs, self._read_ahead)
+        self.transport = transport_name(offer)
+
+    def _bulk_counted(self, bulk: BulkThawReader) -> None:
+        """What the bulk connection moved, counted as the stream's."""
+        self._decoder.received = bulk.received
+        self._decoder.encoded_bytes = bulk.encoded_bytes
 
     def _stripes(self) -> list[tuple[Any, ThawDecoder, int]]:
         """Each stream's call, decoder and chunk count in a parallel thaw. The other
