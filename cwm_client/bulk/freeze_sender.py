@@ -5,12 +5,15 @@ them all."""
 
 from __future__ import annotations
 
+import contextlib
 import select
 import socket
 from collections.abc import Sequence
 
 from google.rpc import status_pb2
 
+from cwm_client import pb
+from cwm_client.bulk.connection import connect
 from cwm_client.bulk.frames import (
     BulkProtocolError,
     BulkResult,
@@ -18,11 +21,31 @@ from cwm_client.bulk.frames import (
     end_frame,
     read_result,
 )
-from cwm_client.chunks import ChunkPayload
+from cwm_client.channels import Credentials
+from cwm_client.chunks import DTYPE_SIZE, ChunkPayload
 from cwm_client.codecs import CODECS, RAW
 from cwm_client.errors import InvalidArgument, Unavailable, from_status
-from cwm_client.windows.freeze_stream import wire_bytes
+from cwm_client.windows.freeze_stream import FreezePlan, wire_bytes
 from cwm_client.windows.progress import Progress
+
+
+def send_plan(
+    offer: pb.BulkOffer,
+    target: str,
+    credentials: Credentials,
+    plan: FreezePlan,
+    progress: Progress | None,
+    wire_codec: int = RAW,
+) -> BulkResult | None:
+    """Connect to the offer and stage the plan's chunks there (`send_share`); None when the
+    connection cannot be opened (nothing was sent: freeze over gRPC instead)."""
+    try:
+        sock = connect(offer, target, credentials)
+    except OSError:
+        return None
+    with contextlib.closing(sock):
+        word = DTYPE_SIZE.get(plan.header.fingerprint.kv_dtype, 1)
+        return send_share(sock, plan.to_send, word, progress, wire_codec)
 
 
 def send_share(

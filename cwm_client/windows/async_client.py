@@ -4,7 +4,6 @@ build their requests and plans through the same modules of this folder."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Mapping, Sequence
 
 import grpc
@@ -17,9 +16,8 @@ from cwm_client.bulk.connection import (
     no_bulk,
     transport_name,
 )
-from cwm_client.bulk.frames import BulkResult
-from cwm_client.bulk.freeze_sender import send_share
-from cwm_client.chunks import DEFAULT_CHUNK_TOKENS, DEFAULT_PART_BYTES, DTYPE_SIZE, ChunkPayload
+from cwm_client.bulk.freeze_sender import send_plan
+from cwm_client.chunks import DEFAULT_CHUNK_TOKENS, DEFAULT_PART_BYTES, ChunkPayload
 from cwm_client.codecs import RAW
 from cwm_client.errors import from_rpc_error
 from cwm_client.service_client import AsyncServiceClient
@@ -31,7 +29,7 @@ from cwm_client.windows.catalog_requests import (
     thaw_request,
 )
 from cwm_client.windows.freeze_stream import FreezePlan, FreezeResult, build_header
-from cwm_client.windows.parallel import StripedThaw, new_upload_id, stage_header, thaw_streams
+from cwm_client.windows.parallel import StripedThaw, thaw_streams
 from cwm_client.windows.progress import Progress
 
 
@@ -211,34 +209,20 @@ class AsyncWindowClient(AsyncServiceClient):
         wire_codec: int,
     ) -> FreezeResult | None:
         """As `WindowClient._bulk_freeze`, the connection's I/O on a worker thread."""
-        upload_id = new_upload_id()
-        staging = stage_header(plan.header, upload_id, stage_only=True)
-        request = pb.OfferBulkFreezeRequest(
-            header=staging,
-            bulk_transports=wanted,  # type: ignore[arg-type]
+        bulk = plan.for_bulk()
+        answer: pb.OfferBulkFreezeResponse = await self._unary(
+            self._stub.OfferBulkFreeze, bulk.offer_request(wanted)
         )
-        answer: pb.OfferBulkFreezeResponse = await self._unary(self._stub.OfferBulkFreeze, request)
         offer = answer.offer
         if offer.transport == pb.BulkTransport.BULK_TRANSPORT_UNSPECIFIED:
             return None
-        word = DTYPE_SIZE.get(plan.header.fingerprint.kv_dtype, 1)
-
-        def send() -> BulkResult | None:
-            try:
-                sock = connect(offer, self._target, self._credentials)
-            except OSError:
-                return None
-            with contextlib.closing(sock):
-                return send_share(sock, plan.to_send, word, progress, wire_codec)
-
-        sent = await asyncio.to_thread(send)
+        sent = await asyncio.to_thread(
+            send_plan, offer, self._target, self._credentials, plan, progress, wire_codec
+        )
         if sent is None:
             return None
-        commit = stage_header(plan.header, upload_id, stage_only=False)
-        response: pb.FreezeResponse = await self._unary(
-            self._stub.Freeze, iter([pb.FreezeRequest(header=commit)])
-        )
-        return plan.bulk_result(sent.chunks, sent.encoded_bytes, response, transport_name(offer))
+        response: pb.FreezeResponse = await self._unary(self._stub.Freeze, bulk.commit_requests())
+        return bulk.bulk_result(sent.chunks, sent.encoded_bytes, response, transport_name(offer))
 
     async def get(self, name: str, *, view: int = pb.WindowView.WINDOW_VIEW_FULL) -> pb.WindowInfo:
         response: pb.GetWindowResponse = await self._unary(

@@ -157,6 +157,19 @@ class FreezePlan:
         count = auto_streams(sum(c.raw_size for c in to_send), len(to_send), requested_streams)
         return FreezePlan(header, to_send, count, new_upload_id() if count > 1 else "")
 
+    def for_bulk(self) -> FreezePlan:
+        """The plan of a freeze whose chunks go on one bulk connection: they are staged
+        under a fresh upload id and committed by `commit_requests`, as a parallel freeze's."""
+        return FreezePlan(self.header, self.to_send, 1, new_upload_id())
+
+    def offer_request(self, transports: Sequence[int]) -> pb.OfferBulkFreezeRequest:
+        """What asks the manager for a bulk connection to stage this plan's chunks."""
+        staging = stage_header(self.header, self.upload_id, stage_only=True)
+        return pb.OfferBulkFreezeRequest(
+            header=staging,
+            bulk_transports=transports,  # type: ignore[arg-type]
+        )
+
     def requests(
         self, part_bytes: int, progress: Progress | None, wire_codec: int
     ) -> Iterator[pb.FreezeRequest]:

@@ -3,7 +3,6 @@ both build their requests and plans through the same modules of this folder."""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -17,8 +16,8 @@ from cwm_client.bulk.connection import (
     no_bulk,
     transport_name,
 )
-from cwm_client.bulk.freeze_sender import send_share
-from cwm_client.chunks import DEFAULT_CHUNK_TOKENS, DEFAULT_PART_BYTES, DTYPE_SIZE, ChunkPayload
+from cwm_client.bulk.freeze_sender import send_plan
+from cwm_client.chunks import DEFAULT_CHUNK_TOKENS, DEFAULT_PART_BYTES, ChunkPayload
 from cwm_client.codecs import RAW
 from cwm_client.errors import from_rpc_error
 from cwm_client.service_client import ServiceClient
@@ -29,7 +28,7 @@ from cwm_client.windows.catalog_requests import (
     thaw_request,
 )
 from cwm_client.windows.freeze_stream import FreezePlan, FreezeResult, build_header
-from cwm_client.windows.parallel import StripedThaw, new_upload_id, stage_header, thaw_streams
+from cwm_client.windows.parallel import StripedThaw, thaw_streams
 from cwm_client.windows.progress import Progress
 from cwm_client.windows.thaw_stream import ThawStream
 
@@ -236,27 +235,18 @@ class WindowClient(ServiceClient):
         """Stage the plan's chunks on a bulk connection, then commit over gRPC; None when
         the manager offers no bulk connection or this client cannot open it (nothing was
         sent: freeze over gRPC instead)."""
-        upload_id = new_upload_id()
-        staging = stage_header(plan.header, upload_id, stage_only=True)
+        bulk = plan.for_bulk()
         answer: pb.OfferBulkFreezeResponse = self._unary(
-            self._stub.OfferBulkFreeze,
-            pb.OfferBulkFreezeRequest(header=staging, bulk_transports=wanted),  # type: ignore[arg-type]
+            self._stub.OfferBulkFreeze, bulk.offer_request(wanted)
         )
         offer = answer.offer
         if offer.transport == pb.BulkTransport.BULK_TRANSPORT_UNSPECIFIED:
             return None
-        try:
-            sock = connect(offer, self._target, self._credentials)
-        except OSError:
+        sent = send_plan(offer, self._target, self._credentials, plan, progress, wire_codec)
+        if sent is None:
             return None
-        with contextlib.closing(sock):
-            word = DTYPE_SIZE.get(plan.header.fingerprint.kv_dtype, 1)
-            sent = send_share(sock, plan.to_send, word, progress, wire_codec)
-        commit = stage_header(plan.header, upload_id, stage_only=False)
-        response: pb.FreezeResponse = self._unary(
-            self._stub.Freeze, iter([pb.FreezeRequest(header=commit)])
-        )
-        return plan.bulk_result(sent.chunks, sent.encoded_bytes, response, transport_name(offer))
+        response: pb.FreezeResponse = self._unary(self._stub.Freeze, bulk.commit_requests())
+        return bulk.bulk_result(sent.chunks, sent.encoded_bytes, response, transport_name(offer))
 
     def get(self, name: str, *, view: int = pb.WindowView.WINDOW_VIEW_FULL) -> pb.WindowInfo:
         response: pb.GetWindowResponse = self._unary(self._stub.GetWindow, get_request(name, view))
