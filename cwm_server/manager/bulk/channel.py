@@ -195,20 +195,12 @@ class BulkChannel:
         def deliver(sock: socket.socket) -> None:  # on a listener thread
             loop.call_soon_threadsafe(_resolve, connected, sock)
 
-        ticket = Ticket(
-            "thaw",
-            tenant,
-            stream.window.name,
-            tuple(ref.digest for ref in stream.refs),
-            endpoint.transport,
-            deliver,
-        )
-        secret = self.tickets.issue(ticket)
+        secret = self.tickets.issue(Ticket(tenant, endpoint.transport, deliver))
         yield pb.ThawResponse(bulk=self._offer(endpoint, secret))
         try:
-            sock = await asyncio.wait_for(asyncio.shield(connected), TICKET_TTL_S)
+            sock = await asyncio.wait_for(connected, TICKET_TTL_S)
         except TimeoutError:
-            self.tickets.revoke(secret)
+            self.tickets.revoke(secret)  # before the rest goes over gRPC, not after it
             self._metrics.fallback("thaw")
             log.info("bulk_offer_unused", tenant=tenant, window=stream.window.name)
             async for response in stream.responses():
@@ -245,15 +237,7 @@ class BulkChannel:
         def deliver(sock: socket.socket) -> None:  # on a listener thread
             loop.call_soon_threadsafe(self._start_freeze, tenant, staged, sock, endpoint.name)
 
-        ticket = Ticket(
-            "freeze",
-            tenant,
-            header.upload_id,
-            tuple(header.chunk_digests),
-            endpoint.transport,
-            deliver,
-        )
-        secret = self.tickets.issue(ticket)
+        secret = self.tickets.issue(Ticket(tenant, endpoint.transport, deliver))
         return pb.OfferBulkFreezeResponse(offer=self._offer(endpoint, secret))
 
     def _start_freeze(

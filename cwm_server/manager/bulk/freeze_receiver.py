@@ -33,51 +33,70 @@ async def bulk_chunks(
     max_chunk_bytes: int,
     receiver: concurrent.futures.Executor,
 ) -> AsyncIterator[AssembledChunk]:
-    """The chunks of `header` that arrive on `sock`, checked, until its end frame."""
+    """The chunks of `header` that arrive on `sock`, checked, until its end frame. Each is
+    read (head, check, bytes) in one hand-off to a receiving thread."""
     last_index = -1
     while True:
-        head = await asyncio.wrap_future(receiver.submit(_read_head, sock))
-        if head.is_end:
+        chunk = await asyncio.wrap_future(
+            receiver.submit(_read_chunk, sock, header, spans, last_index, max_chunk_bytes)
+        )
+        if chunk is None:
             return
-        part = pb.Chunk(
-            index=head.index,
-            token_start=spans[head.index][0] if head.index < len(spans) else 0,
-            token_count=spans[head.index][1] if head.index < len(spans) else 0,
-            digest=header.chunk_digests[head.index] if head.index < len(spans) else b"",
-            codec=head.codec,  # type: ignore[arg-type]
-            raw_size=head.raw_size,
+        last_index = chunk.index
+        yield chunk
+        del chunk
+
+
+def _read_chunk(
+    sock: socket.socket,
+    header: pb.FreezeHeader,
+    spans: Spans,
+    last_index: int,
+    max_chunk_bytes: int,
+) -> AssembledChunk | None:
+    """The next chunk on `sock`, its head checked before any of its bytes is read; None at
+    the end frame."""
+    head_bytes = bytearray(HEAD_BYTES)
+    recv_exactly(sock, head_bytes)
+    head = parse_head(head_bytes)
+    if head.is_end:
+        return None
+    part = _claimed(head, header, spans)
+    check_chunk_start(part, header, spans, last_index)
+    if head.length > min(head.raw_size, max_chunk_bytes) + SLACK_BYTES or head.length == 0:
+        raise InvalidArgument(
+            f"chunk {head.index}: {head.length} bytes announced for a chunk of "
+            f"{head.raw_size} raw bytes",
+            field="chunk.data",
         )
-        check_chunk_start(part, header, spans, last_index)
-        if head.length > min(head.raw_size, max_chunk_bytes) + SLACK_BYTES or head.length == 0:
-            raise InvalidArgument(
-                f"chunk {head.index}: {head.length} bytes announced for a chunk of "
-                f"{head.raw_size} raw bytes",
-                field="chunk.data",
-            )
-        last_index = head.index
-        data = await asyncio.wrap_future(receiver.submit(_read_data, sock, head.length))
-        yield AssembledChunk(
-            index=head.index,
-            token_start=part.token_start,
-            token_count=part.token_count,
-            digest=part.digest,
-            codec=head.codec,
-            raw_size=head.raw_size,
-            data=data,  # type: ignore[arg-type]  # bytes (a bytearray off CPython)
-        )
-        del data
-
-
-def _read_head(sock: socket.socket) -> ChunkHead:
-    head = bytearray(HEAD_BYTES)
-    recv_exactly(sock, head)
-    return parse_head(head)
-
-
-def _read_data(sock: socket.socket, length: int) -> bytes | bytearray:
-    data, view = receive_buffer(length)
+    data, view = receive_buffer(head.length)
     try:
         recv_exactly(sock, view)
     finally:
         view.release()
-    return data
+    return AssembledChunk(
+        index=head.index,
+        token_start=part.token_start,
+        token_count=part.token_count,
+        digest=part.digest,
+        codec=head.codec,
+        raw_size=head.raw_size,
+        data=data,  # type: ignore[arg-type]  # bytes (a bytearray off CPython)
+    )
+
+
+def _claimed(head: ChunkHead, header: pb.FreezeHeader, spans: Spans) -> pb.Chunk:
+    """What a frame claims, in the shape `check_chunk_start` checks: the span and the digest
+    are the header's (the bulk wire carries neither); an index out of range claims nothing
+    else, and the check refuses it."""
+    if head.index >= len(spans):
+        return pb.Chunk(index=head.index)
+    start, count = spans[head.index]
+    return pb.Chunk(
+        index=head.index,
+        token_start=start,
+        token_count=count,
+        digest=header.chunk_digests[head.index],
+        codec=head.codec,  # type: ignore[arg-type]
+        raw_size=head.raw_size,
+    )

@@ -1,8 +1,10 @@
 """Single-use tickets: what lets a bulk connection carry one transfer of one gRPC call.
 
 A ticket is 32 random bytes issued to an authenticated call, bound to the caller's tenant,
-the transfer (a thaw of one window, or the staging share of one upload), its chunk list and
-the transport it was offered on, and valid for `TICKET_TTL_S`. Presenting it redeems it:
+the transport it was offered on and the call's own transfer (a thaw of one window's chunk
+list, or the staging share of one upload's header): what it admits is handed to `deliver`,
+which only that transfer holds, so the connection carries nothing else. It is valid for
+`TICKET_TTL_S`. Presenting it redeems it:
 a second presentation, an expired ticket or one offered on another transport finds
 nothing. The book keys tickets by their SHA-256, so a lookup's timing says nothing about
 the ticket's bytes; the bytes themselves are never logged.
@@ -27,12 +29,8 @@ enough that a leaked ticket is worth little."""
 
 @dataclass
 class Ticket:
-    kind: str
-    """"thaw" or "freeze"."""
     tenant: str
-    subject: str
-    """The window (thaw) or the upload id (freeze)."""
-    digests: tuple[bytes, ...]
+    """The caller's: a connection certified as another tenant is refused."""
     transport: int
     deliver: Callable[[socket], None]
     """Hands the connection, once it presented this ticket, to the transfer (called on
