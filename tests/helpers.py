@@ -63,6 +63,22 @@ def synthetic_chunks(
     return chunks_from_bytes(pieces, chunk_tokens, tokens)
 
 
+def staging_header(
+    name: str, chunks: Sequence[InMemoryChunk], ids: Sequence[int], upload_id: str
+) -> pb.FreezeHeader:
+    """The header of a stage_only share of upload `upload_id` (what OfferBulkFreeze takes),
+    for `chunks` of 256 tokens with FINGERPRINT."""
+    return pb.FreezeHeader(
+        name=name,
+        fingerprint=FINGERPRINT,
+        token_ids=ids,
+        chunk_tokens=256,
+        chunk_digests=[c.digest for c in chunks],
+        upload_id=upload_id,
+        stage_only=True,
+    )
+
+
 def token_ids(tokens: int, seed: int = 0) -> list[int]:
     return [int(t) for t in np.random.default_rng(seed).integers(0, 32000, size=tokens)]
 

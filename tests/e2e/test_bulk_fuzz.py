@@ -13,7 +13,14 @@ import grpc
 
 from cwm_client import WindowClient, pb
 from cwm_client.bulk.frames import MAGIC, chunk_head
-from tests.helpers import FINGERPRINT, ManagerProcess, chunk_files, synthetic_chunks, token_ids
+from tests.helpers import (
+    FINGERPRINT,
+    ManagerProcess,
+    chunk_files,
+    staging_header,
+    synthetic_chunks,
+    token_ids,
+)
 
 TOKENS = 256 * 8
 
@@ -60,15 +67,7 @@ def test_garbage_on_the_bulk_ports_never_hurts_the_manager(tmp_path: Path) -> No
                 sock.close()
         # lying frames behind valid freeze tickets
         fresh = synthetic_chunks(TOKENS, seed=9)
-        header = pb.FreezeHeader(
-            name="liar",
-            fingerprint=FINGERPRINT,
-            token_ids=ids,
-            chunk_tokens=256,
-            chunk_digests=[c.digest for c in fresh],
-            upload_id="up-fuzz-00001",
-            stage_only=True,
-        )
+        header = staging_header("liar", fresh, ids, "up-fuzz-00001")
         with grpc.insecure_channel(proc.target) as channel:
             stub = pb.WindowServiceStub(channel)
             for _ in range(40):

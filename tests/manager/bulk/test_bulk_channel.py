@@ -25,6 +25,7 @@ from tests.helpers import (
     ThreadedManager,
     chunk_files,
     eventually,
+    staging_header,
     synthetic_chunks,
     token_ids,
 )
@@ -225,15 +226,7 @@ def test_a_freeze_cut_off_mid_transfer_leaves_no_window_and_its_chunks_are_colle
     manager: ThreadedManager,
 ) -> None:
     chunks = synthetic_chunks(TOKENS, seed=99)
-    header = pb.FreezeHeader(
-        name="cut-off",
-        fingerprint=FINGERPRINT,
-        token_ids=IDS,
-        chunk_tokens=256,
-        chunk_digests=[c.digest for c in chunks],
-        upload_id="up-cut-off-1",
-        stage_only=True,
-    )
+    header = staging_header("cut-off", chunks, IDS, "up-cut-off-1")
     with grpc.insecure_channel(manager.target) as channel:
         stub = pb.WindowServiceStub(channel)
         offer = stub.OfferBulkFreeze(
@@ -265,15 +258,7 @@ def test_a_bulk_freeze_frame_that_lies_is_refused_with_a_reason_and_nothing_is_s
     manager: ThreadedManager,
 ) -> None:
     chunks = synthetic_chunks(TOKENS, seed=123)
-    header = pb.FreezeHeader(
-        name="liar",
-        fingerprint=FINGERPRINT,
-        token_ids=IDS,
-        chunk_tokens=256,
-        chunk_digests=[c.digest for c in chunks],
-        upload_id="up-liar-0001",
-        stage_only=True,
-    )
+    header = staging_header("liar", chunks, IDS, "up-liar-0001")
     with grpc.insecure_channel(manager.target) as channel:
         stub = pb.WindowServiceStub(channel)
         for head, why in [
