@@ -11,6 +11,7 @@ import tempfile
 from collections.abc import Sequence
 
 from cwm_client import pb
+from cwm_client.bulk import shm
 from cwm_client.bulk.frames import hello
 from cwm_client.channels import Credentials
 from cwm_client.errors import InvalidArgument, Unavailable
@@ -29,13 +30,19 @@ UNIX_BUFFER_BYTES = 1 << 20
 """The Unix socket's receive buffer (the manager sizes its send buffer alike; why: in
 `cwm_server.manager.bulk.listener`)."""
 
+SHM = pb.BulkTransport.BULK_TRANSPORT_SHM
+UNIX = pb.BulkTransport.BULK_TRANSPORT_UNIX
+TCP = pb.BulkTransport.BULK_TRANSPORT_TCP
 TRANSPORTS = {
-    "auto": (pb.BulkTransport.BULK_TRANSPORT_UNIX, pb.BulkTransport.BULK_TRANSPORT_TCP),
+    "auto": ((SHM,) if shm.available() else ()) + (UNIX, TCP),
     "grpc": (),
-    "unix": (pb.BulkTransport.BULK_TRANSPORT_UNIX,),
-    "tcp": (pb.BulkTransport.BULK_TRANSPORT_TCP,),
+    "shm": (SHM,),
+    "unix": (UNIX,),
+    "tcp": (TCP,),
 }
-"""What each `transport=` choice asks the manager for, preferred first."""
+"""What each `transport=` choice asks the manager for, preferred first (shared memory
+first where this host has it: the manager offers it only to a caller on its own host)."""
+NAMES = {SHM: "shm", UNIX: "unix", TCP: "tcp"}
 
 
 class BulkUnreachable(Exception):
@@ -58,11 +65,16 @@ def bulk_transports(transport: str, owns_channel: bool = True) -> Sequence[int]:
             f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}",
             field="transport",
         ) from None
+    if transport == "shm" and not shm.available():
+        raise InvalidArgument(
+            "transport='shm' needs memfd and SCM_RIGHTS (Linux); use 'unix' or 'auto'",
+            field="transport",
+        )
     return wanted if owns_channel or transport != "auto" else ()
 
 
 def transport_name(offer: pb.BulkOffer) -> str:
-    return "unix" if offer.transport == pb.BulkTransport.BULK_TRANSPORT_UNIX else "tcp"
+    return NAMES.get(offer.transport, "tcp")
 
 
 def no_bulk(transport: str, what: str) -> Unavailable:
@@ -90,7 +102,7 @@ def target_host(target: str) -> str:
 def connect(offer: pb.BulkOffer, target: str, credentials: Credentials) -> socket.socket:
     """A connected bulk socket that has presented the offer's ticket (OSError if the
     endpoint cannot be reached; the caller goes on over gRPC)."""
-    if offer.transport == pb.BulkTransport.BULK_TRANSPORT_UNIX:
+    if offer.transport in (UNIX, SHM):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UNIX_BUFFER_BYTES)
@@ -99,7 +111,7 @@ def connect(offer: pb.BulkOffer, target: str, credentials: Credentials) -> socke
         except BaseException:
             sock.close()
             raise
-    elif offer.transport == pb.BulkTransport.BULK_TRANSPORT_TCP:
+    elif offer.transport == TCP:
         host, _, port = offer.address.rpartition(":")
         host = host.strip("[]") or target_host(target)
         sock = socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S)

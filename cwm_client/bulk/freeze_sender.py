@@ -1,7 +1,8 @@
 """Sending a freeze's staging share on its bulk connection, and reading the manager's
 result: each chunk is a frame head and its bytes (`sendall` straight from the chunk's own
 buffer, no parts), then the end frame; the manager answers once it stored (or refused)
-them all."""
+them all. On shared memory each chunk goes in a sealed file of its own instead
+(`cwm_client.bulk.shm`), at most `shm.IN_FLIGHT` of them unacknowledged."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 from google.rpc import status_pb2
 
 from cwm_client import pb
+from cwm_client.bulk import shm
 from cwm_client.bulk.connection import connect
 from cwm_client.bulk.frames import (
     BulkProtocolError,
@@ -45,7 +47,8 @@ def send_plan(
         return None
     with contextlib.closing(sock):
         word = DTYPE_SIZE.get(plan.header.fingerprint.kv_dtype, 1)
-        return send_share(sock, plan.to_send, word, progress, wire_codec)
+        shared_memory = offer.transport == pb.BulkTransport.BULK_TRANSPORT_SHM
+        return send_share(sock, plan.to_send, word, progress, wire_codec, shared_memory)
 
 
 def send_share(
@@ -54,6 +57,7 @@ def send_share(
     word: int,
     progress: Progress | None,
     wire_codec: int = RAW,
+    shared_memory: bool = False,
 ) -> BulkResult:
     """Send `to_send` in order and return the manager's result (its error raised as the
     `cwm_client.errors` class of its status code). A connection lost mid-transfer (the
@@ -62,7 +66,7 @@ def send_share(
     if wire_codec not in CODECS:
         raise InvalidArgument(f"unknown wire codec {wire_codec}", field="wire_codec")
     try:
-        return _send(sock, to_send, word, progress, (wire_codec,))
+        return _send(sock, to_send, word, progress, (wire_codec,), shared_memory)
     except (OSError, BulkProtocolError) as exc:
         raise Unavailable(
             f"the bulk connection to the manager was lost mid-freeze ({exc}); nothing was "
@@ -77,25 +81,36 @@ def _send(
     word: int,
     progress: Progress | None,
     accepted: tuple[int, ...],
+    shared_memory: bool,
 ) -> BulkResult:
     total = sum(c.raw_size for c in to_send)
+    files = shm.ShmSender(sock) if shared_memory else None
     done = 0
     if progress is not None:
         progress(0, total)
     try:
         for chunk in to_send:
             codec, encoded = wire_bytes(chunk, accepted, word)
-            sock.sendall(chunk_head(chunk.index, codec, chunk.raw_size, len(encoded)))
-            sock.sendall(encoded)
+            head = chunk_head(chunk.index, codec, chunk.raw_size, len(encoded))
+            if files is not None:
+                files.send(head, encoded)
+            else:
+                sock.sendall(head)
+                sock.sendall(encoded)
             del encoded
-            if _answered(sock):  # the manager refused something and stopped: why?
+            if files.poll() if files is not None else _answered(sock):
+                # The manager refused something and stopped: why?
                 raise_for(read_result(sock))
                 raise InvalidArgument("the manager ended the bulk freeze before its end frame")
             done += chunk.raw_size
             if progress is not None:
                 progress(done, total)
         sock.sendall(end_frame())
+        if files is not None:
+            files.wait_answer()
     except OSError:
+        if files is not None and not files.answered:
+            raise
         raise_for(read_result(sock))  # the manager may have refused a chunk and closed
         raise
     result = read_result(sock)

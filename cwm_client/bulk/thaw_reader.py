@@ -4,6 +4,10 @@ One thread receives frames straight into a fresh buffer per chunk (no parts, no 
 and queues at most `read_ahead` of them; the consumer's thread checks each against the
 digest the gRPC stream listed, so receiving chunk k+1 overlaps verifying chunk k (both
 release the GIL). Nothing is used before its digest matches.
+
+On shared memory each frame brings a sealed file instead of bytes: the receiving thread
+maps it read-only, acknowledges it, and the chunk's data is that mapping, verified in
+place (`cwm_client.bulk.shm`): no byte is copied on this side.
 """
 
 from __future__ import annotations
@@ -16,7 +20,14 @@ from collections.abc import Iterator, Sequence
 
 from cwm_client import pb
 from cwm_client.buffers import BufferPool
-from cwm_client.bulk.frames import HEAD_BYTES, BulkProtocolError, parse_head, recv_exactly
+from cwm_client.bulk import shm
+from cwm_client.bulk.frames import (
+    HEAD_BYTES,
+    BulkProtocolError,
+    ChunkHead,
+    parse_head,
+    recv_exactly,
+)
 from cwm_client.chunks import DTYPE_SIZE
 from cwm_client.errors import DataLoss
 from cwm_client.windows.queues import put_unless_closed, take_unless_closed
@@ -37,8 +48,10 @@ class BulkThawReader:
         window: pb.WindowInfo,
         refs: Sequence[pb.ChunkRef],
         read_ahead: int = 4,
+        shared_memory: bool = False,
     ) -> None:
         self._sock = sock
+        self._shared_memory = shared_memory
         self._window = window
         self._refs = list(refs)
         self._word = DTYPE_SIZE.get(window.fingerprint.kv_dtype, 1)
@@ -86,33 +99,30 @@ class BulkThawReader:
             self._thread.join(timeout=5)
 
     def _receive(self) -> None:
-        head = bytearray(HEAD_BYTES)
         try:
             for ref in self._refs:
-                recv_exactly(self._sock, head)
-                frame = parse_head(head)
-                if frame.is_end or frame.index != ref.index:
-                    raise DataLoss(
-                        f"the bulk connection sent chunk {frame.index} where chunk "
-                        f"{ref.index} was due"
-                    )
-                if frame.raw_size != ref.raw_size or frame.length > ref.raw_size + SLACK_BYTES:
-                    raise DataLoss(
-                        f"the bulk connection's chunk {ref.index} has the wrong size "
-                        f"({frame.raw_size} raw, {frame.length} sent; {ref.raw_size} expected)"
-                    )
-                data, view = self._pool.take(frame.length)
-                try:
-                    recv_exactly(self._sock, view)
-                finally:
-                    view.release()
+                frame, fd = self._frame()
+                with shm.closing(fd):
+                    if frame.is_end or frame.index != ref.index:
+                        raise DataLoss(
+                            f"the bulk connection sent chunk {frame.index} where chunk "
+                            f"{ref.index} was due"
+                        )
+                    if frame.raw_size != ref.raw_size or frame.length > ref.raw_size + SLACK_BYTES:
+                        raise DataLoss(
+                            f"the bulk connection's chunk {ref.index} has the wrong size "
+                            f"({frame.raw_size} raw, {frame.length} sent; "
+                            f"{ref.raw_size} expected)"
+                        )
+                    data = self._payload(frame, fd)
                 self.encoded_bytes += frame.length
                 if not self._put((frame.codec, data)):
                     return
                 del data
-            recv_exactly(self._sock, head)
-            if not parse_head(head).is_end:
-                raise DataLoss("the bulk connection sent more chunks than were asked for")
+            frame, fd = self._frame()
+            with shm.closing(fd):
+                if not frame.is_end or fd is not None:
+                    raise DataLoss("the bulk connection sent more chunks than were asked for")
             self._put(_END)
         except BulkProtocolError as exc:
             if not self._stop.is_set():
@@ -122,6 +132,30 @@ class BulkThawReader:
                 self._put(BulkEnded(f"the bulk connection failed: {exc}"))
         except BaseException as exc:  # noqa: BLE001 - handed to the consuming thread
             self._put(exc)
+
+    def _frame(self) -> tuple[ChunkHead, int | None]:
+        """The next frame head (and, on shared memory, the file that came with it)."""
+        if self._shared_memory:
+            return shm.receive_frame(self._sock)
+        head = bytearray(HEAD_BYTES)
+        recv_exactly(self._sock, head)
+        return parse_head(head), None
+
+    def _payload(self, frame: ChunkHead, fd: int | None) -> bytes | bytearray | memoryview:
+        """The frame's bytes: read off the socket, or the file that came with it mapped
+        (and acknowledged; the caller closes the file)."""
+        if not self._shared_memory:
+            data, view = self._pool.take(frame.length)
+            try:
+                recv_exactly(self._sock, view)
+            finally:
+                view.release()
+            return data
+        if fd is None:
+            raise BulkProtocolError(f"chunk {frame.index} came without its file")
+        mapped = shm.map_sealed(fd, frame.length)
+        shm.acknowledge(self._sock)
+        return mapped
 
     def _take(self) -> object:
         return take_unless_closed(self._queue, self._stop)

@@ -10,6 +10,7 @@ from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from cwm_client import pb
+from cwm_client.bulk import shm
 from cwm_client.chunks import (
     DEFAULT_CHUNK_TOKENS,
     DEFAULT_PART_BYTES,
@@ -35,7 +36,7 @@ class FreezeResult:
     streams: int = 1
     """How many streams carried the chunks."""
     transport: str = "grpc"
-    """What carried them: "grpc", or the bulk transport ("unix", "tcp")."""
+    """What carried them: "grpc", or the bulk transport ("shm", "unix", "tcp")."""
 
 
 def build_header(
@@ -163,11 +164,13 @@ class FreezePlan:
         return FreezePlan(self.header, self.to_send, 1, new_upload_id())
 
     def offer_request(self, transports: Sequence[int]) -> pb.OfferBulkFreezeRequest:
-        """What asks the manager for a bulk connection to stage this plan's chunks."""
+        """What asks the manager for a bulk connection to stage this plan's chunks
+        (shared memory only for chunks large enough for it to pay, unless forced)."""
         staging = stage_header(self.header, self.upload_id, stage_only=True)
+        mean_chunk = sum(c.raw_size for c in self.to_send) / max(1, len(self.to_send))
         return pb.OfferBulkFreezeRequest(
             header=staging,
-            bulk_transports=transports,  # type: ignore[arg-type]
+            bulk_transports=shm.preferred(transports, mean_chunk),  # type: ignore[arg-type]
         )
 
     def requests(

@@ -74,8 +74,8 @@ class WindowClient(ServiceClient):
         """Store `chunks` as window `name`; only chunks the manager lacks are sent.
 
         `transport`: as for `thaw` ("auto" sends the chunks on the manager's bulk channel
-        where it offers one this client reaches, and commits over gRPC as always; "unix" or
-        "tcp" insist on that transport; "grpc" sends them on the Freeze stream).
+        where it offers one this client reaches, and commits over gRPC as always; "shm",
+        "unix" or "tcp" insist on that transport; "grpc" sends them on the Freeze stream).
 
         `streams`: how many streams (each on its own connection) carry the chunks; None (the
         default) picks by size and cores (`auto_streams`: one below 64 MiB to send, at most
@@ -154,8 +154,9 @@ class WindowClient(ServiceClient):
         """Open a thaw of `name` (or of a range of its chunks); chunks come out in order.
 
         `transport`: "auto" takes the manager's bulk channel where it offers one this
-        client can reach (a Unix socket on the same host, else its bulk TCP port) and goes
-        on over gRPC where not; "unix" or "tcp" insist on that bulk transport (UNAVAILABLE
+        client can reach (on the same host, shared memory for chunks of 4 MiB or more, else
+        its Unix socket; elsewhere its bulk TCP port) and goes on over gRPC where not;
+        "shm", "unix" or "tcp" insist on that bulk transport (UNAVAILABLE
         if it cannot be had); "grpc" keeps the chunks on the gRPC stream.
         `streams`: how many gRPC streams (each on its own connection) carry the chunks, each
         a stripe of them; None (the default) picks by the window's size and the client's

@@ -42,7 +42,7 @@ class ThawStreamCore:
         self._pushed_back: list[pb.ThawResponse] = []
         """The first chunk message, read where a bulk offer could have been."""
         self.transport = "grpc"
-        """What carries the chunks: "grpc", or the bulk transport taken ("unix", "tcp")."""
+        """What carries the chunks: "grpc", or the bulk transport taken ("shm", "unix", "tcp")."""
 
     @property
     def streams(self) -> int:
@@ -73,7 +73,8 @@ class ThawStreamCore:
         """Read this thaw's chunks from `sock`, the connection `offer` named."""
         end = self._first_chunk + self._expected
         refs = self.window.chunks[self._first_chunk : end]
-        self._bulk = BulkThawReader(sock, self.window, refs, self._read_ahead)
+        shared_memory = offer.transport == pb.BulkTransport.BULK_TRANSPORT_SHM
+        self._bulk = BulkThawReader(sock, self.window, refs, self._read_ahead, shared_memory)
         self.transport = transport_name(offer)
 
     def _bulk_counted(self, bulk: BulkThawReader) -> None:

@@ -121,8 +121,9 @@ def add_transport_option(parser: argparse.ArgumentParser) -> None:
     """`--transport`: what carries a transfer's chunk bytes (the SDK's `transport=`)."""
     parser.add_argument(
         "--transport",
-        choices=("auto", "grpc", "unix", "tcp"),
+        choices=("auto", "grpc", "shm", "unix", "tcp"),
         default="auto",
-        help="auto (default): the manager's bulk channel where it can be reached (a Unix "
-        "socket on this host, else its bulk TCP port), else gRPC; or force one",
+        help="auto (default): the manager's bulk channel where it can be reached (on this "
+        "host shared memory for large chunks, else its Unix socket; elsewhere its bulk TCP "
+        "port), else gRPC; or force one",
     )

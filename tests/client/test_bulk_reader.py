@@ -3,12 +3,14 @@ it ends with DATA_LOSS, never hangs, never hands out unverified bytes."""
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 
 import pytest
 
 from cwm_client import pb
+from cwm_client.bulk import shm
 from cwm_client.bulk.frames import chunk_head, end_frame
 from cwm_client.bulk.thaw_reader import BulkThawReader
 from cwm_client.chunks import digest
@@ -80,3 +82,73 @@ def test_the_chunks_come_out_verified_and_in_order() -> None:
     assert [bytes(c.data) for c in got] == data
     reader.close()
     theirs.close()
+
+
+# -- shared memory ----------------------------------------------------------------------------
+
+
+def send_file(sock: socket.socket, head: bytes, fd: int) -> None:
+    socket.send_fds(sock, [head], [fd])
+    os.close(fd)
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_shared_memory_chunks_are_mapped_verified_in_place_and_acknowledged() -> None:
+    ours, theirs = socket.socketpair()
+    data = [bytes([i]) * (70000 + i) for i in range(3)]
+    info, refs = window(data)
+    for ref, chunk in zip(refs, data, strict=True):
+        head = chunk_head(ref.index, pb.ChunkCodec.CHUNK_CODEC_RAW, len(chunk), len(chunk))
+        send_file(theirs, head, shm.sealed_file(chunk))
+    theirs.sendall(end_frame())
+    reader = BulkThawReader(ours, info, refs, shared_memory=True)
+    got = list(reader)
+    assert [bytes(c.data) for c in got] == data
+    assert all(isinstance(c.data, memoryview) and c.data.readonly for c in got)
+    assert theirs.recv(16) == shm.ACK * 3
+    reader.close()
+    theirs.close()
+
+
+WHY = {
+    "unsealed": "not sealed",
+    "wrong-size": "holds 8999 bytes, the frame says 9000",
+    "no-file": "came without its file",
+    "two-files": "2 files came with one frame",
+    "a-pipe": "cannot be inspected",
+}
+
+
+@pytest.mark.parametrize("what", ["unsealed", "wrong-size", "no-file", "two-files", "a-pipe"])
+def test_a_shared_memory_frame_that_is_not_one_sealed_file_of_its_size_is_refused(
+    what: str,
+) -> None:
+    ours, theirs = socket.socketpair()
+    chunk = b"q" * 9000
+    info, refs = window([chunk])
+    head = chunk_head(0, pb.ChunkCodec.CHUNK_CODEC_RAW, len(chunk), len(chunk))
+    before = open_fds()
+    if what == "unsealed":  # its sender could change it after it was verified
+        fd = os.memfd_create("x")
+        os.write(fd, chunk)
+        send_file(theirs, head, fd)
+    elif what == "wrong-size":
+        send_file(theirs, head, shm.sealed_file(chunk[:-1]))
+    elif what == "no-file":
+        theirs.sendall(head)
+    elif what == "two-files":
+        socket.send_fds(theirs, [head], [shm.sealed_file(chunk), shm.sealed_file(chunk)])
+    else:
+        read_end, write_end = os.pipe()
+        os.write(write_end, chunk)
+        os.close(write_end)
+        send_file(theirs, head, read_end)
+    reader = BulkThawReader(ours, info, refs, shared_memory=True)
+    with pytest.raises(DataLoss, match=WHY[what]):
+        list(reader)
+    reader.close()
+    theirs.close()
+    assert open_fds() <= before  # every file that came was closed

@@ -23,7 +23,7 @@ from tests.helpers import (
 TOKENS = 256 * 96  # 96 chunks of 1 MiB
 
 
-@pytest.mark.parametrize("transport", ["unix", "tcp"])
+@pytest.mark.parametrize("transport", ["shm", "unix", "tcp"])
 def test_a_manager_killed_mid_bulk_freeze_leaves_no_window(tmp_path: Path, transport: str) -> None:
     chunks = synthetic_chunks(TOKENS, FINGERPRINT_1MIB, seed=3)
     proc = ManagerProcess(tmp_path / "data", ["--no-fsync", "--log-level", "WARNING"]).start()
@@ -53,7 +53,7 @@ def test_a_manager_killed_mid_bulk_freeze_leaves_no_window(tmp_path: Path, trans
         proc.stop()
 
 
-@pytest.mark.parametrize("transport", ["unix", "tcp"])
+@pytest.mark.parametrize("transport", ["shm", "unix", "tcp"])
 def test_a_manager_killed_mid_bulk_thaw_ends_the_thaw_with_unavailable(
     tmp_path: Path, transport: str
 ) -> None:

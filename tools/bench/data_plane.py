@@ -305,7 +305,7 @@ def main() -> None:
                 manager = Manager(scratch / f"local-{name}", "127.0.0.1", in_namespace=False)
                 try:
                     local = cwm_runs(
-                        manager, name, args.mib, args.repeat, ["auto", "tcp", "grpc"], 10
+                        manager, name, args.mib, args.repeat, ["auto", "unix", "tcp", "grpc"], 10
                     )
                     peak = manager.peak_rss()
                 finally:

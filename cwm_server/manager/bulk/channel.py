@@ -3,8 +3,9 @@ that run on the connections that take them.
 
 A thaw asks with `ThawRequest.bulk_transports`; a freeze's staging share with
 `OfferBulkFreeze`. The offer names the first listed transport this manager has and the
-caller can use (a Unix socket only for a caller on this host: its gRPC peer is loopback or
-a Unix socket) with a single-use ticket (`tickets`). Everything that matters stays on gRPC
+caller can use (the Unix socket, and shared memory passed over it, only for a caller on
+this host: its gRPC peer is loopback or a Unix socket) with a single-use ticket
+(`tickets`). Everything that matters stays on gRPC
 and in the same code as a gRPC transfer: the thaw stream's pins and bounded read-ahead, the
 freeze stream's checks, bounded staging, durable store and (over gRPC) the commit; the
 connection only carries the bytes.
@@ -24,6 +25,8 @@ from typing import Any
 import structlog
 
 from cwm_client import pb
+from cwm_client.bulk import shm
+from cwm_client.bulk.connection import NAMES
 from cwm_client.bulk.frames import BulkProtocolError, BulkResult, result_frame
 from cwm_client.errors import CwmError, Internal, InvalidArgument
 from cwm_server.manager.bulk.freeze_receiver import bulk_chunks
@@ -47,6 +50,7 @@ log = structlog.get_logger("cwm.bulk")
 
 UNIX = pb.BulkTransport.BULK_TRANSPORT_UNIX
 TCP = pb.BulkTransport.BULK_TRANSPORT_TCP
+SHM = pb.BulkTransport.BULK_TRANSPORT_SHM
 SOCKET_NAME = "bulk.sock"
 DRAIN_S = 5.0
 
@@ -138,7 +142,8 @@ class BulkChannel:
             tls = self.endpoints[TCP].tls is not None
             parts.append(f"tcp {self.tcp_address}" + (" (TLS)" if tls else ""))
         if self.unix_path:
-            parts.append(f"unix {self.unix_path}")
+            shared = SHM in self.endpoints[UNIX].accepts
+            parts.append(f"unix {self.unix_path}" + (" (and shm)" if shared else ""))
         return ", ".join(parts) or "off"
 
     def _add(self, endpoint: Endpoint) -> None:
@@ -156,20 +161,22 @@ class BulkChannel:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         self._receivers.shutdown(wait=False, cancel_futures=True)
 
-    def _choose(self, wanted: Any, peer: str) -> Endpoint | None:
+    def _choose(self, wanted: Any, peer: str) -> tuple[Endpoint, int] | None:
+        """The endpoint and transport to offer: the first of `wanted` that this manager
+        has and the peer can use."""
         for transport in wanted:
-            endpoint = self.endpoints.get(transport)
-            if endpoint is None:
+            endpoint = self.endpoints.get(UNIX if transport == SHM else transport)
+            if endpoint is None or transport not in endpoint.accepts:
                 continue
-            if transport == UNIX and not is_local_peer(peer):
+            if transport in (UNIX, SHM) and not is_local_peer(peer):
                 continue
-            return endpoint
+            return endpoint, transport
         return None
 
-    def _offer(self, endpoint: Endpoint, secret: bytes) -> pb.BulkOffer:
+    def _offer(self, endpoint: Endpoint, transport: int, secret: bytes) -> pb.BulkOffer:
         unix = endpoint.transport == UNIX
         return pb.BulkOffer(
-            transport=endpoint.transport,  # type: ignore[arg-type]
+            transport=transport,  # type: ignore[arg-type]
             address=self.unix_path if unix else self.tcp_address,
             ticket=secret,
             expires_in_ms=int(TICKET_TTL_S * 1000),
@@ -184,19 +191,23 @@ class BulkChannel:
         """The rest of a Thaw call after its window: the chunks on its gRPC stream, or a
         BulkOffer and then (once the client connected) nothing more on gRPC while the
         chunks go on the connection. An offer not taken in time goes on over gRPC."""
-        endpoint = self._choose(request.bulk_transports, peer) if stream.refs else None
-        if endpoint is None:
+        chosen = None
+        if stream.refs:
+            mean_chunk = sum(ref.raw_size for ref in stream.refs) / len(stream.refs)
+            chosen = self._choose(shm.preferred(request.bulk_transports, mean_chunk), peer)
+        if chosen is None:
             async for response in stream.responses():
                 yield response
             return
+        endpoint, transport = chosen
         loop = asyncio.get_running_loop()
         connected: asyncio.Future[socket.socket] = loop.create_future()
 
         def deliver(sock: socket.socket) -> None:  # on a listener thread
             loop.call_soon_threadsafe(_resolve, connected, sock)
 
-        secret = self.tickets.issue(Ticket(tenant, endpoint.transport, deliver))
-        yield pb.ThawResponse(bulk=self._offer(endpoint, secret))
+        secret = self.tickets.issue(Ticket(tenant, transport, deliver))
+        yield pb.ThawResponse(bulk=self._offer(endpoint, transport, secret))
         try:
             sock = await asyncio.wait_for(connected, TICKET_TTL_S)
         except TimeoutError:
@@ -210,8 +221,9 @@ class BulkChannel:
             self.tickets.revoke(secret)
             if not connected.done():
                 connected.cancel()
-        sent = await send_thaw(stream, sock, self._manager.config.stream_window_chunks)
-        self._metrics.transferred(endpoint.name, "thaw", sent)
+        window_chunks = self._manager.config.stream_window_chunks
+        sent = await send_thaw(stream, sock, window_chunks, shared_memory=transport == SHM)
+        self._metrics.transferred(NAMES[transport], "thaw", sent)
 
     # -- freeze ----------------------------------------------------------------------------
 
@@ -227,40 +239,44 @@ class BulkChannel:
             )
         check_upload(header)
         validate_header(header, self._manager.config.max_chunk_bytes)
-        endpoint = self._choose(request.bulk_transports, peer)
-        if endpoint is None:
+        chosen = self._choose(request.bulk_transports, peer)
+        if chosen is None:
             return pb.OfferBulkFreezeResponse()
+        endpoint, transport = chosen
         loop = asyncio.get_running_loop()
         staged = pb.FreezeHeader()
         staged.CopyFrom(header)
 
         def deliver(sock: socket.socket) -> None:  # on a listener thread
-            loop.call_soon_threadsafe(self._start_freeze, tenant, staged, sock, endpoint.name)
+            loop.call_soon_threadsafe(self._start_freeze, tenant, staged, sock, transport)
 
-        secret = self.tickets.issue(Ticket(tenant, endpoint.transport, deliver))
-        return pb.OfferBulkFreezeResponse(offer=self._offer(endpoint, secret))
+        secret = self.tickets.issue(Ticket(tenant, transport, deliver))
+        return pb.OfferBulkFreezeResponse(offer=self._offer(endpoint, transport, secret))
 
     def _start_freeze(
-        self, tenant: str, header: pb.FreezeHeader, sock: socket.socket, transport: str
+        self, tenant: str, header: pb.FreezeHeader, sock: socket.socket, transport: int
     ) -> None:
         task = asyncio.ensure_future(self._run_freeze(tenant, header, sock, transport))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _run_freeze(
-        self, tenant: str, header: pb.FreezeHeader, sock: socket.socket, transport: str
+        self, tenant: str, header: pb.FreezeHeader, sock: socket.socket, transport: int
     ) -> None:
         manager = self._manager
         max_chunk = manager.config.max_chunk_bytes
+        shared_memory = transport == SHM
         try:
             stream = FreezeStream(manager, tenant)
             try:
                 response = await stream.store(
                     header,
-                    lambda h, spans: bulk_chunks(sock, h, spans, max_chunk, self._receivers),
+                    lambda h, spans: bulk_chunks(
+                        sock, h, spans, max_chunk, self._receivers, shared_memory
+                    ),
                 )
                 result = BulkResult(0, response.chunks_received, response.bytes_received)
-                self._metrics.transferred(transport, "freeze", response.bytes_received)
+                self._metrics.transferred(NAMES[transport], "freeze", response.bytes_received)
             except CwmError as exc:
                 result = BulkResult(exc.code.value[0], 0, 0, exc.to_status().SerializeToString())
             except (OSError, BulkProtocolError) as exc:
@@ -273,18 +289,21 @@ class BulkChannel:
                     internal.code.value[0], 0, 0, internal.to_status().SerializeToString()
                 )
             with contextlib.suppress(OSError):
-                await asyncio.wrap_future(self._receivers.submit(_answer, sock, result))
+                await asyncio.wrap_future(
+                    self._receivers.submit(_answer, sock, result, shared_memory)
+                )
         finally:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
             sock.close()
 
 
-def _answer(sock: socket.socket, result: BulkResult) -> None:
-    """Send a freeze connection's result. After a refusal the client may still be sending:
-    read and drop what it sends until it closes (for at most `DRAIN_S`), so closing does
-    not reset the connection and lose the result before the client read it."""
-    sock.sendall(result_frame(result))
+def _answer(sock: socket.socket, result: BulkResult, shared_memory: bool) -> None:
+    """Send a freeze connection's result (on shared memory after the marker that tells it
+    from the acknowledgements). After a refusal the client may still be sending: read and
+    drop what it sends until it closes (for at most `DRAIN_S`), so closing does not reset
+    the connection and lose the result before the client read it."""
+    sock.sendall((shm.RESULT_MARK if shared_memory else b"") + result_frame(result))
     if result.code == 0:
         return
     sock.shutdown(socket.SHUT_WR)
@@ -292,7 +311,7 @@ def _answer(sock: socket.socket, result: BulkResult) -> None:
     with contextlib.suppress(OSError):
         while (left := deadline - time.monotonic()) > 0:
             sock.settimeout(left)
-            if not sock.recv(1 << 16):
+            if not sock.recv(1 << 16):  # files passed with what is dropped are closed too
                 return
 
 

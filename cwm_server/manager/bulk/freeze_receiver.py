@@ -7,6 +7,11 @@ receiving thread and handed to the same `FreezeStream` staging a gRPC stream use
 bounded queue, store workers, BLAKE3 check and durable write). When the queue is full the
 coroutine stops asking for frames, the socket's buffers fill and TCP (or the Unix socket)
 stops the sender, as HTTP/2 flow control does on gRPC.
+
+On shared memory a frame brings a sealed memfd instead of its bytes: the head is checked
+the same way, then the file's bytes are copied into a buffer of the manager's own
+(`shm.copy_file`) and acknowledged, so the client never has more than `shm.IN_FLIGHT`
+files waiting; a frame without its file, or with more than one, is refused.
 """
 
 from __future__ import annotations
@@ -18,7 +23,14 @@ from collections.abc import AsyncIterator
 
 from cwm_client import pb
 from cwm_client.buffers import receive_buffer
-from cwm_client.bulk.frames import HEAD_BYTES, ChunkHead, parse_head, recv_exactly
+from cwm_client.bulk import shm
+from cwm_client.bulk.frames import (
+    HEAD_BYTES,
+    BulkProtocolError,
+    ChunkHead,
+    parse_head,
+    recv_exactly,
+)
 from cwm_client.chunks import AssembledChunk
 from cwm_client.errors import InvalidArgument
 from cwm_server.manager.windows.header import Spans, check_chunk_start
@@ -32,13 +44,15 @@ async def bulk_chunks(
     spans: Spans,
     max_chunk_bytes: int,
     receiver: concurrent.futures.Executor,
+    shared_memory: bool = False,
 ) -> AsyncIterator[AssembledChunk]:
     """The chunks of `header` that arrive on `sock`, checked, until its end frame. Each is
     read (head, check, bytes) in one hand-off to a receiving thread."""
     last_index = -1
+    read = _read_shared_chunk if shared_memory else _read_chunk
     while True:
         chunk = await asyncio.wrap_future(
-            receiver.submit(_read_chunk, sock, header, spans, last_index, max_chunk_bytes)
+            receiver.submit(read, sock, header, spans, last_index, max_chunk_bytes)
         )
         if chunk is None:
             return
@@ -61,6 +75,44 @@ def _read_chunk(
     head = parse_head(head_bytes)
     if head.is_end:
         return None
+    part = _checked(head, header, spans, last_index, max_chunk_bytes)
+    data, view = receive_buffer(head.length)
+    try:
+        recv_exactly(sock, view)
+    finally:
+        view.release()
+    return _assembled(head, part, data)
+
+
+def _read_shared_chunk(
+    sock: socket.socket,
+    header: pb.FreezeHeader,
+    spans: Spans,
+    last_index: int,
+    max_chunk_bytes: int,
+) -> AssembledChunk | None:
+    """As `_read_chunk`, the bytes copied from the file that came with the head."""
+    head, fd = shm.receive_frame(sock)
+    with shm.closing(fd):
+        if head.is_end:
+            if fd is not None:
+                raise BulkProtocolError("a file came with the end frame")
+            return None
+        part = _checked(head, header, spans, last_index, max_chunk_bytes)
+        if fd is None:
+            raise InvalidArgument(f"chunk {head.index} came without its file", field="chunk.data")
+        try:
+            data = shm.copy_file(fd, head.length)
+        except BulkProtocolError as exc:
+            raise InvalidArgument(f"chunk {head.index}: {exc}", field="chunk.data") from None
+    shm.acknowledge(sock)
+    return _assembled(head, part, data)
+
+
+def _checked(
+    head: ChunkHead, header: pb.FreezeHeader, spans: Spans, last_index: int, max_chunk_bytes: int
+) -> pb.Chunk:
+    """What the head claims, checked as a Freeze stream's first part of a chunk is."""
     part = _claimed(head, header, spans)
     check_chunk_start(part, header, spans, last_index)
     if head.length > min(head.raw_size, max_chunk_bytes) + SLACK_BYTES or head.length == 0:
@@ -69,11 +121,10 @@ def _read_chunk(
             f"{head.raw_size} raw bytes",
             field="chunk.data",
         )
-    data, view = receive_buffer(head.length)
-    try:
-        recv_exactly(sock, view)
-    finally:
-        view.release()
+    return part
+
+
+def _assembled(head: ChunkHead, part: pb.Chunk, data: bytes | bytearray) -> AssembledChunk:
     return AssembledChunk(
         index=head.index,
         token_start=part.token_start,

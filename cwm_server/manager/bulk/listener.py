@@ -22,6 +22,7 @@ from pathlib import Path
 import structlog
 
 from cwm_client import pb
+from cwm_client.bulk import shm
 from cwm_client.bulk.frames import HELLO_BYTES, MAGIC, BulkProtocolError, recv_exactly
 from cwm_server.manager.bulk.tickets import TicketBook
 
@@ -51,6 +52,11 @@ class Endpoint:
     ) -> None:
         self.sock = sock
         self.transport = transport
+        self.accepts: frozenset[int] = frozenset({transport})
+        """The transports whose tickets this endpoint takes: the Unix socket also carries
+        shared-memory transfers (their files pass over it)."""
+        if transport == pb.BulkTransport.BULK_TRANSPORT_UNIX and shm.available():
+            self.accepts = frozenset({transport, pb.BulkTransport.BULK_TRANSPORT_SHM})
         self.tls = tls
         self._tickets = tickets
         self._refused = refused
@@ -104,7 +110,7 @@ class Endpoint:
             if bytes(hello[: len(MAGIC)]) != MAGIC:
                 self._refuse(conn, "bad_magic")
                 return
-            ticket = self._tickets.redeem(bytes(hello[len(MAGIC) :]), self.transport)
+            ticket = self._tickets.redeem(bytes(hello[len(MAGIC) :]), self.accepts)
             if ticket is None:
                 self._refuse(conn, "unknown_ticket")
                 return

@@ -8,6 +8,11 @@ that thread, and the read-ahead shrinks by as many, so the manager holds no more
 one thaw than `stream_window_chunks` however slowly the client reads. If the call ends
 (cancelled, or a chunk fails its check) the connection is closed at once, so the client
 sees the end and reads the reason from the gRPC status.
+
+On shared memory the thread writes each chunk into a sealed memfd of its own instead and
+passes the file (`cwm_client.bulk.shm`): the pages are never mapped into the manager, and
+it waits for the client's acknowledgements so that at most `shm.IN_FLIGHT` files are
+unread in the socket.
 """
 
 from __future__ import annotations
@@ -15,18 +20,30 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import socket
 from collections import deque
 
 from cwm_client.bulk.frames import chunk_head, end_frame
+from cwm_client.bulk.shm import ShmSender
 from cwm_server.manager.windows.thaw import ThawStream
 
 IN_FLIGHT = 2
+SHM_SEND_BUFFER_BYTES = 4096
 
 
-async def send_thaw(stream: ThawStream, sock: socket.socket, window_chunks: int) -> int:
-    """Send every chunk of `stream` on `sock`, then the end frame; returns the bytes sent."""
+async def send_thaw(
+    stream: ThawStream, sock: socket.socket, window_chunks: int, shared_memory: bool = False
+) -> int:
+    """Send every chunk of `stream` on `sock` (each in a file of its own with
+    `shared_memory`), then the end frame; returns the bytes sent."""
     sender = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cwm-bulk-send")
+    send = functools.partial(_send, sock)
+    if shared_memory:
+        # The kernel's own bound on files unread in the socket, whatever the client
+        # acknowledges: a frame is a few dozen bytes, the buffer holds a handful.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SHM_SEND_BUFFER_BYTES)
+        send = ShmSender(sock).send
     in_flight: deque[concurrent.futures.Future[None]] = deque()
     sent = 0
     try:
@@ -35,7 +52,7 @@ async def send_thaw(stream: ThawStream, sock: socket.socket, window_chunks: int)
             while len(in_flight) >= IN_FLIGHT:
                 await asyncio.wrap_future(in_flight.popleft())
             head = chunk_head(ref.index, codec, ref.raw_size, len(data))
-            in_flight.append(sender.submit(_send, sock, head, data))
+            in_flight.append(sender.submit(send, head, data))
             sent += len(data)
             del data
         while in_flight:

@@ -16,7 +16,7 @@ import hashlib
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from socket import socket
 
@@ -53,14 +53,15 @@ class TicketBook:
             self._tickets[_key(secret)] = ticket
         return secret
 
-    def redeem(self, secret: bytes, transport: int) -> Ticket | None:
+    def redeem(self, secret: bytes, transports: Container[int]) -> Ticket | None:
         """The ticket `secret` stands for, removed from the book; None if there is none,
-        it expired, or it was offered on another transport."""
+        it expired, or it was offered for a transport that is not among `transports` (the
+        endpoint's)."""
         with self._lock:
             ticket = self._tickets.pop(_key(secret), None)
         if ticket is None or ticket.expires_at < time.monotonic():
             return None
-        if ticket.transport != transport:
+        if ticket.transport not in transports:
             return None
         return ticket
 

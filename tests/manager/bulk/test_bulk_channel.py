@@ -1,4 +1,5 @@
-"""The bulk channel: freezes and thaws over a Unix socket and a TCP port beside gRPC, with
+"""The bulk channel: freezes and thaws over shared memory, a Unix socket and a TCP port
+beside gRPC, with
 the same bytes, order and checks as gRPC, and connections that carry nothing unless they
 present a live, single-use ticket issued by their gRPC call."""
 
@@ -36,6 +37,7 @@ CHUNKS = synthetic_chunks(TOKENS, seed=5)
 IDS = token_ids(TOKENS, seed=5)
 UNIX = pb.BulkTransport.BULK_TRANSPORT_UNIX
 TCP = pb.BulkTransport.BULK_TRANSPORT_TCP
+SHM = pb.BulkTransport.BULK_TRANSPORT_SHM
 
 
 def start(root: Path, options: ServerOptions | None = None) -> ThreadedManager:
@@ -78,7 +80,7 @@ def offered_thaw(
 
 
 def dial(manager: ThreadedManager, offer: pb.BulkOffer) -> socket.socket:
-    if offer.transport == UNIX:
+    if offer.transport in (UNIX, SHM):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(offer.address)
     else:
@@ -109,11 +111,11 @@ def endpoint_address(manager: ThreadedManager, transport: int) -> tuple[int, str
     return transport, bulk.unix_path if transport == UNIX else bulk.tcp_address
 
 
-@pytest.mark.parametrize("transport", ["grpc", "unix", "tcp"])
+@pytest.mark.parametrize("transport", ["grpc", "shm", "unix", "tcp"])
 def test_freeze_and_thaw_over_each_transport_are_bit_identical(
     manager: ThreadedManager, transport: str
 ) -> None:
-    chunks = synthetic_chunks(TOKENS, seed=11 + ["grpc", "unix", "tcp"].index(transport))
+    chunks = synthetic_chunks(TOKENS, seed=11 + ["grpc", "unix", "tcp", "shm"].index(transport))
     with WindowClient(manager.target) as client:
         result = client.freeze(
             f"by-{transport}", chunks, fingerprint=FINGERPRINT, token_ids=IDS, transport=transport
@@ -129,19 +131,33 @@ def test_freeze_and_thaw_over_each_transport_are_bit_identical(
         assert got == [(c.index, c.data()) for c in chunks[3:7]]
 
 
-def test_auto_takes_the_unix_socket_on_this_host_and_incremental_freeze_sends_only_new_chunks(
-    manager: ThreadedManager,
+@pytest.mark.parametrize("large", [True, False], ids=["large-chunks", "small-chunks"])
+def test_auto_takes_shared_memory_for_large_chunks_on_this_host_else_the_unix_socket(
+    manager: ThreadedManager, monkeypatch: pytest.MonkeyPatch, large: bool
 ) -> None:
+    """And an incremental freeze sends only the new chunks."""
+    from cwm_client.bulk import shm
+
+    if large:  # as if these chunks were an 8B model's 32 MiB ones
+        monkeypatch.setattr(shm, "MIN_CHUNK_BYTES", CHUNKS[0].raw_size)
+    else:
+        assert CHUNKS[0].raw_size < shm.MIN_CHUNK_BYTES
+    expected = "shm" if large else "unix"
     with WindowClient(manager.target) as client:
-        grown = synthetic_chunks(TOKENS + 512, seed=5)
-        assert [c.data() for c in grown[: len(CHUNKS)]] == [c.data() for c in CHUNKS]
+        # Large: window "w" grown by two chunks (only those are sent); small: a new window.
+        grown = synthetic_chunks(TOKENS + 512, seed=5 if large else 55)
         ids = token_ids(TOKENS + 512, seed=5)
-        result = client.freeze(
-            "grown", grown, fingerprint=FINGERPRINT, token_ids=ids[: TOKENS + 512]
-        )
-        assert result.transport == "unix" and result.chunks_sent == 2
-        with client.thaw("grown") as stream:
-            assert stream.transport == "unix"
+        name = f"grown-{expected}"
+        result = client.freeze(name, grown, fingerprint=FINGERPRINT, token_ids=ids)
+        assert result.transport == expected
+        if large:
+            assert [c.data() for c in grown[: len(CHUNKS)]] == [c.data() for c in CHUNKS]
+            assert result.chunks_sent == 2
+        with client.thaw(name) as stream:
+            assert stream.transport == expected
+            assert [bytes(c.data) for c in stream] == [c.data() for c in grown]
+        with client.thaw(name, transport="shm") as stream:  # asked for alone: always taken
+            assert stream.transport == "shm"
             assert [bytes(c.data) for c in stream] == [c.data() for c in grown]
 
 
@@ -191,6 +207,41 @@ def test_a_ticket_offered_for_tcp_gets_no_byte_on_the_unix_socket(
         unix.sendall(MAGIC + offer.ticket)
         assert nothing_comes(unix)
         call.cancel()
+
+
+def test_a_ticket_offered_for_shared_memory_gets_no_byte_on_the_tcp_port(
+    manager: ThreadedManager,
+) -> None:
+    channel, call, _, offer = offered_thaw(manager, [SHM])
+    assert offer.transport == SHM and offer.address == manager.server.bulk.unix_path
+    with channel:
+        tcp = dial(manager, pb.BulkOffer(transport=TCP, address=manager.server.bulk.tcp_address))
+        tcp.sendall(MAGIC + offer.ticket)
+        assert nothing_comes(tcp)
+        call.cancel()
+
+
+def test_a_shared_memory_thaw_sends_each_chunk_as_a_sealed_file_and_nothing_on_the_socket(
+    manager: ThreadedManager,
+) -> None:
+    from cwm_client.bulk import shm
+
+    channel, call, window, offer = offered_thaw(manager, [SHM])
+    with channel:
+        sock = dial(manager, offer)
+        sock.sendall(MAGIC + offer.ticket)
+        got = []
+        for ref in window.chunks:
+            head, fd = shm.receive_frame(sock)
+            assert fd is not None and head.index == ref.index
+            with shm.closing(fd):
+                got.append(bytes(shm.map_sealed(fd, head.length)))
+            shm.acknowledge(sock)
+        head, fd = shm.receive_frame(sock)
+        assert head.is_end and fd is None
+        assert nothing_comes(sock)  # the manager closed (it reads no more acknowledgements)
+        assert list(call) == []
+    assert got == [c.data() for c in CHUNKS]
 
 
 def test_an_expired_ticket_gets_no_byte_and_the_thaw_goes_on_over_grpc(
@@ -291,6 +342,49 @@ def test_a_bulk_freeze_frame_that_lies_is_refused_with_a_reason_and_nothing_is_s
     digests = {c.digest.hex() for c in chunks}
     assert eventually(
         lambda: not digests & {p.name for p in chunk_files(manager.config.data_dir)}, timeout=15
+    )
+
+
+@pytest.mark.parametrize("what", ["no-file", "unsealed", "wrong-size", "a-pipe"])
+def test_a_shared_memory_freeze_frame_without_one_sealed_file_of_its_size_is_refused(
+    manager: ThreadedManager, what: str
+) -> None:
+    from cwm_client.bulk import shm
+
+    chunks = synthetic_chunks(TOKENS, seed=321)
+    header = staging_header("shm-liar", chunks, IDS, f"up-shm-{what}")
+    data = chunks[0].data()
+    head = chunk_head(0, pb.ChunkCodec.CHUNK_CODEC_RAW, len(data), len(data))
+    with grpc.insecure_channel(manager.target) as channel:
+        offer = (
+            pb.WindowServiceStub(channel)
+            .OfferBulkFreeze(pb.OfferBulkFreezeRequest(header=header, bulk_transports=[SHM]))
+            .offer
+        )
+        assert offer.transport == SHM
+        sock = dial(manager, offer)
+        sock.sendall(MAGIC + offer.ticket)
+        if what == "no-file":
+            sock.sendall(head)
+        else:
+            if what == "unsealed":
+                fd = os.memfd_create("x")
+                os.write(fd, data)
+            elif what == "wrong-size":
+                fd = shm.sealed_file(data[:-8])
+            else:
+                fd, write_end = os.pipe()
+                os.close(write_end)
+            socket.send_fds(sock, [head], [fd])
+            os.close(fd)
+        assert sock.recv(1) == shm.RESULT_MARK
+        refusal = refusal_of(read_result(sock))
+        sock.close()
+    assert isinstance(refusal, InvalidArgument) and refusal.field == "chunk.data", refusal
+    with WindowClient(manager.target) as client:
+        assert "shm-liar" not in [w.name for w in client.list()]
+    assert eventually(
+        lambda: chunks[0].digest.hex() not in {p.name for p in chunk_files(manager.config.data_dir)}
     )
 
 
@@ -437,13 +531,13 @@ def test_mtls_bulk_connection_certified_as_another_tenant_gets_no_byte(
         running.stop()
 
 
-@pytest.mark.parametrize("transport", ["unix", "tcp", "auto"])
+@pytest.mark.parametrize("transport", ["shm", "unix", "tcp", "auto"])
 async def test_the_async_client_freezes_and_thaws_over_the_bulk_channel(
     manager: ThreadedManager, transport: str
 ) -> None:
     from cwm_client import AsyncWindowClient
 
-    chunks = synthetic_chunks(TOKENS, seed=40 + ["unix", "tcp", "auto"].index(transport))
+    chunks = synthetic_chunks(TOKENS, seed=40 + ["unix", "tcp", "auto", "shm"].index(transport))
     async with AsyncWindowClient(manager.target) as client:
         result = await client.freeze(
             f"async-{transport}",
@@ -462,7 +556,7 @@ async def test_the_async_client_freezes_and_thaws_over_the_bulk_channel(
 def test_the_health_report_names_the_bulk_endpoints(manager: ThreadedManager) -> None:
     condition = manager.server.health.conditions["cwm.bulk"]
     bulk = manager.server.bulk
-    assert condition.detail == f"tcp {bulk.tcp_address}, unix {bulk.unix_path}"
+    assert condition.detail == f"tcp {bulk.tcp_address}, unix {bulk.unix_path} (and shm)"
     assert bulk.tcp_address.startswith("127.0.0.1:") and bulk.unix_path.endswith("bulk.sock")
 
 

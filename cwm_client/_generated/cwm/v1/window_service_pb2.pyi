@@ -34,6 +34,11 @@ class _BulkTransportEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BulkTra
     """A Unix-domain socket under the manager's data dir: same host only."""
     BULK_TRANSPORT_TCP: _BulkTransport.ValueType  # 2
     """The manager's bulk TCP port, under TLS whenever the gRPC port is."""
+    BULK_TRANSPORT_SHM: _BulkTransport.ValueType  # 3
+    """The Unix socket above, each chunk in a shared-memory file passed over it (a sealed
+    memfd: written once by its sender, then immutable), so no byte crosses a socket: same
+    host (Linux) only.
+    """
 
 class BulkTransport(_BulkTransport, metaclass=_BulkTransportEnumTypeWrapper):
     """BulkTransport names a way to move chunk bytes beside gRPC (see "bulk channel" in
@@ -47,6 +52,11 @@ BULK_TRANSPORT_UNIX: BulkTransport.ValueType  # 1
 """A Unix-domain socket under the manager's data dir: same host only."""
 BULK_TRANSPORT_TCP: BulkTransport.ValueType  # 2
 """The manager's bulk TCP port, under TLS whenever the gRPC port is."""
+BULK_TRANSPORT_SHM: BulkTransport.ValueType  # 3
+"""The Unix socket above, each chunk in a shared-memory file passed over it (a sealed
+memfd: written once by its sender, then immutable), so no byte crosses a socket: same
+host (Linux) only.
+"""
 Global___BulkTransport: _TypeAlias = BulkTransport  # noqa: Y015
 
 @_typing.final
@@ -63,7 +73,7 @@ class BulkOffer(_message.Message):
     transport: Global___BulkTransport.ValueType
     """The transport offered; UNSPECIFIED means no offer."""
     address: _builtins.str
-    """Where to connect: the socket's absolute path (UNIX), or "host:port" (TCP), where an
+    """Where to connect: the socket's absolute path (UNIX, SHM), or "host:port" (TCP), where an
     empty host means the host the client reached the gRPC port on.
     """
     ticket: _builtins.bytes
