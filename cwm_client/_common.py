@@ -19,6 +19,7 @@ from cwm_client.channels import (
     Credentials,
     resolve_credentials,
 )
+from cwm_client.thawed import ThawedChunk
 from cwm_client.windows.catalog_requests import list_request
 from cwm_client.windows.freeze_stream import FreezeResult, build_header, freeze_requests
 from cwm_client.windows.parallel import (
@@ -32,7 +33,7 @@ from cwm_client.windows.parallel import (
     stage_header,
 )
 from cwm_client.windows.progress import Progress, ProgressSum
-from cwm_client.windows.thaw_decoder import ThawDecoder, ThawedChunk, expected_chunks
+from cwm_client.windows.thaw_decoder import ThawDecoder, expected_chunks
 
 __all__ = [
     "AUTHORIZATION_KEY",

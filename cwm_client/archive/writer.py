@@ -23,9 +23,9 @@ from cwm_client.archive.layout import (
 from cwm_client.chunks import digest as blake3_digest
 from cwm_client.errors import AlreadyExists, DataLoss, InvalidArgument
 from cwm_client.names import check_window_name
+from cwm_client.thawed import ThawedChunk
 from cwm_client.windows.progress import Progress
 from cwm_client.windows.sync_client import WindowClient
-from cwm_client.windows.thaw_decoder import ThawedChunk
 
 
 @dataclass(frozen=True)

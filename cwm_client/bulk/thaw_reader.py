@@ -30,8 +30,8 @@ from cwm_client.bulk.frames import (
 )
 from cwm_client.chunks import DTYPE_SIZE
 from cwm_client.errors import DataLoss
-from cwm_client.windows.queues import put_unless_closed, take_unless_closed
-from cwm_client.windows.thaw_decoder import ThawedChunk, verified_chunk
+from cwm_client.queues import put_unless_closed, take_unless_closed
+from cwm_client.thawed import ThawedChunk, verified_chunk
 
 _END = object()
 SLACK_BYTES = 1 << 16

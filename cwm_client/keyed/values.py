@@ -26,7 +26,9 @@ class KeyedValue:
     """A value stored (or to store) under a key."""
 
     key: str
-    data: bytes
+    data: bytes | memoryview
+    """The value's bytes; read over shared memory, a read-only view of the sealed region
+    they came in (as `ThawedChunk.data`)."""
     metadata: bytes = b""
     """The caller's own description of the value (opaque to cwm; at most 64 KiB)."""
     word_size: int = 0

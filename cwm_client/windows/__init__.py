@@ -6,11 +6,11 @@ send and check is built once, in `freeze_stream` (freeze requests and plans),
 transfer over streams) and `catalog_requests`.
 """
 
+from cwm_client.thawed import ThawedChunk
 from cwm_client.windows.async_client import AsyncWindowClient
 from cwm_client.windows.async_thaw_stream import AsyncThawStream
 from cwm_client.windows.freeze_stream import FreezeResult
 from cwm_client.windows.sync_client import WindowClient
-from cwm_client.windows.thaw_decoder import ThawedChunk
 from cwm_client.windows.thaw_stream import ThawStream
 
 __all__ = [

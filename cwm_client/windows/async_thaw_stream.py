@@ -15,8 +15,9 @@ from cwm_client import pb
 from cwm_client.bulk.connection import BulkUnreachable
 from cwm_client.bulk.thaw_reader import BulkEnded, BulkThawReader
 from cwm_client.errors import Cancelled, DataLoss, from_rpc_error
-from cwm_client.windows.queues import POLL_S
-from cwm_client.windows.thaw_decoder import ThawDecoder, ThawedChunk
+from cwm_client.queues import POLL_S
+from cwm_client.thawed import ThawedChunk
+from cwm_client.windows.thaw_decoder import ThawDecoder
 from cwm_client.windows.thaw_stream_core import END_OF_STREAM, ThawStreamCore
 
 OFF_LOOP_CHUNK_BYTES = 1 << 16

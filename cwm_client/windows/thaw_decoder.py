@@ -4,27 +4,11 @@ one decoder per stream."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from cwm_client import pb
 from cwm_client.buffers import BufferPool
-from cwm_client.chunks import DTYPE_SIZE, ChunkAssembler, digest
-from cwm_client.codecs import RAW, decode
+from cwm_client.chunks import DTYPE_SIZE, ChunkAssembler
 from cwm_client.errors import Aborted, DataLoss, InvalidArgument
-
-
-@dataclass(frozen=True)
-class ThawedChunk:
-    """One chunk of a thawed window: raw canonical bytes, verified against the digest."""
-
-    index: int
-    token_start: int
-    token_count: int
-    digest: bytes
-    data: bytes | memoryview
-    """`bytes`, or (on shared memory) a read-only memoryview of the sealed region the
-    chunk came in, verified where it lies; the memory is freed when the last view of it
-    goes. Either takes `len`, slicing, `bytes()`, `numpy.frombuffer` and file writes."""
+from cwm_client.thawed import ThawedChunk, verified_chunk
 
 
 class ThawDecoder:
@@ -91,38 +75,6 @@ class ThawDecoder:
             raise DataLoss("thaw stream ended in the middle of a chunk")
         if self.received != expected:
             raise DataLoss(f"thaw stream ended after {self.received} of {expected} chunks")
-
-
-def verified_chunk(
-    window_name: str,
-    index: int,
-    token_start: int,
-    token_count: int,
-    chunk_digest: bytes,
-    codec: int,
-    data: bytes | bytearray | memoryview,
-    raw_size: int,
-    word: int,
-) -> ThawedChunk:
-    """A received chunk decoded and checked against its digest (DATA_LOSS if either fails):
-    whatever carried it (a Thaw stream's parts, a bulk connection), nothing else reaches
-    the caller. A raw chunk in a memoryview (a sealed shared-memory region) stays where it
-    is: copying it out would cost more than the rest of its transfer."""
-    raw: bytes | memoryview
-    if codec == RAW and isinstance(data, memoryview) and data.readonly:
-        if len(data) != raw_size:
-            raise DataLoss(f"chunk {index}: {len(data)} bytes, expected {raw_size}")
-        raw = data
-    else:
-        try:
-            raw = decode(data, codec, raw_size, word)
-        except ValueError as exc:
-            raise DataLoss(f"chunk {index}: {exc}") from exc
-    if digest(raw) != chunk_digest:
-        raise DataLoss(
-            f"chunk {index} of window {window_name!r} does not match its digest; refusing to use it"
-        )
-    return ThawedChunk(index, token_start, token_count, chunk_digest, raw)
 
 
 def _check_same_window(first: pb.WindowInfo, other: pb.WindowInfo) -> None:

@@ -13,7 +13,8 @@ from cwm_client import pb
 from cwm_client.bulk.connection import transport_name
 from cwm_client.bulk.thaw_reader import BulkThawReader
 from cwm_client.errors import DataLoss
-from cwm_client.windows.thaw_decoder import ThawDecoder, ThawedChunk, expected_chunks
+from cwm_client.thawed import ThawedChunk
+from cwm_client.windows.thaw_decoder import ThawDecoder, expected_chunks
 
 END_OF_STREAM = object()
 """Queued by a stream's reader after its last chunk."""

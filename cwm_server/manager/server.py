@@ -122,7 +122,9 @@ class ManagerServer:
         pb.add_SessionServiceServicer_to_server(
             SessionServicer(self.manager, self.agents, self.manager_id), self.server
         )
-        pb.add_KeyedChunkServiceServicer_to_server(KeyedChunkServicer(self.manager), self.server)
+        pb.add_KeyedChunkServiceServicer_to_server(
+            KeyedChunkServicer(self.manager, self.bulk), self.server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health_servicer, self.server)
         reflection.enable_server_reflection(SERVICE_NAMES, self.server)
         credentials = server_credentials(self.options)

@@ -18,7 +18,7 @@ import concurrent.futures
 import contextlib
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from cwm_server.manager.bulk.listener import (
     tcp_endpoint,
     unix_endpoint,
 )
-from cwm_server.manager.bulk.thaw_sender import send_thaw
+from cwm_server.manager.bulk.thaw_sender import Fetched, send_chunks
 from cwm_server.manager.bulk.tickets import TICKET_TTL_S, Ticket, TicketBook
 from cwm_server.manager.config import ServerOptions
 from cwm_server.manager.metrics import BulkMetrics
@@ -191,12 +191,39 @@ class BulkChannel:
         """The rest of a Thaw call after its window: the chunks on its gRPC stream, or a
         BulkOffer and then (once the client connected) nothing more on gRPC while the
         chunks go on the connection. An offer not taken in time goes on over gRPC."""
+        async for response in self.offered(
+            stream.refs,
+            request.bulk_transports,
+            tenant,
+            peer,
+            lambda offer: [pb.ThawResponse(bulk=offer)],
+            stream.fetched,
+            stream.responses,
+            what=f"window {stream.window.name!r}",
+        ):
+            yield response
+
+    async def offered(
+        self,
+        refs: Sequence[pb.ChunkRef],
+        wanted: Sequence[int],
+        tenant: str,
+        peer: str,
+        offer_messages: Callable[[pb.BulkOffer], Sequence[Any]],
+        fetched: Fetched,
+        fallback: Callable[[], AsyncIterator[Any]],
+        what: str,
+    ) -> AsyncIterator[Any]:
+        """The messages of a call whose chunks `refs` may go on a bulk connection: those
+        that carry the offer (`offer_messages`), then nothing more once the client
+        connected and `fetched` was sent there; `fallback()`'s messages (everything on
+        gRPC) where no offer can be made or it is not taken in time."""
         chosen = None
-        if stream.refs:
-            mean_chunk = sum(ref.raw_size for ref in stream.refs) / len(stream.refs)
-            chosen = self._choose(shm.preferred(request.bulk_transports, mean_chunk), peer)
+        if refs:
+            mean_chunk = sum(ref.raw_size for ref in refs) / len(refs)
+            chosen = self._choose(shm.preferred(wanted, mean_chunk), peer)
         if chosen is None:
-            async for response in stream.responses():
+            async for response in fallback():
                 yield response
             return
         endpoint, transport = chosen
@@ -207,14 +234,15 @@ class BulkChannel:
             loop.call_soon_threadsafe(_resolve, connected, sock)
 
         secret = self.tickets.issue(Ticket(tenant, transport, deliver))
-        yield pb.ThawResponse(bulk=self._offer(endpoint, transport, secret))
+        for message in offer_messages(self._offer(endpoint, transport, secret)):
+            yield message
         try:
             sock = await asyncio.wait_for(connected, TICKET_TTL_S)
         except TimeoutError:
             self.tickets.revoke(secret)  # before the rest goes over gRPC, not after it
             self._metrics.fallback("thaw")
-            log.info("bulk_offer_unused", tenant=tenant, window=stream.window.name)
-            async for response in stream.responses():
+            log.info("bulk_offer_unused", tenant=tenant, what=what)
+            async for response in fallback():
                 yield response
             return
         finally:
@@ -222,7 +250,7 @@ class BulkChannel:
             if not connected.done():
                 connected.cancel()
         window_chunks = self._manager.config.stream_window_chunks
-        sent = await send_thaw(stream, sock, window_chunks, shared_memory=transport == SHM)
+        sent = await send_chunks(fetched, sock, window_chunks, shared_memory=transport == SHM)
         self._metrics.transferred(NAMES[transport], "thaw", sent)
 
     # -- freeze ----------------------------------------------------------------------------

@@ -9,7 +9,10 @@ promoted window share lives until both are gone. Puts are streams of their own (
 
 from __future__ import annotations
 
+import asyncio
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import structlog
 
@@ -65,6 +68,16 @@ class KeyedChunks:
     async def get(
         self, tenant: str, request: pb.GetKeyedChunksRequest
     ) -> AsyncIterator[pb.GetKeyedChunksResponse]:
+        """The values of `request.keys` as parts on the stream."""
+        read = await self.open_read(tenant, request)
+        try:
+            async for response in read.parts():
+                yield response
+        finally:
+            read.close()
+
+    async def open_read(self, tenant: str, request: pb.GetKeyedChunksRequest) -> KeyedRead:
+        """The keys' rows looked up and their chunks pinned until `KeyedRead.close`."""
         keys = check_keys(request.keys, MAX_KEYS_PER_GET)
         manager = self._manager
         part_bytes = part_size(
@@ -72,26 +85,7 @@ class KeyedChunks:
         )
         rows: dict[str, KeyRow] = await manager.db(self.catalog.get_keys, tenant, keys)
         pins = manager.pin(tenant, [row.digest for row in rows.values()])
-        try:
-            for key in keys:
-                row = rows.get(key)
-                if row is None:
-                    yield pb.GetKeyedChunksResponse(part=pb.KeyedChunkPart(key=key), found=False)
-                    continue
-                raw = await manager.io(manager.store.get, tenant, row.digest, f"key {key[:80]!r}")
-                view = memoryview(raw)
-                for offset in range(0, len(raw), part_bytes):
-                    part = pb.KeyedChunkPart(
-                        key=key, data_offset=offset, data=bytes(view[offset : offset + part_bytes])
-                    )
-                    if offset == 0:
-                        part.digest = row.digest
-                        part.raw_size = row.raw_size
-                        part.metadata = row.metadata
-                    yield pb.GetKeyedChunksResponse(part=part, found=True)
-                del raw, view
-        finally:
-            manager.unpin(pins)
+        return KeyedRead(manager, tenant, keys, rows, pins, part_bytes)
 
     # -- lookups ------------------------------------------------------------------------------
 
@@ -201,3 +195,102 @@ def _info(row: KeyRow) -> pb.KeyedChunkInfo:
     )
     info.created_at.FromNanoseconds(int(row.created_at * 1e9))
     return info
+
+
+class KeyedRead:
+    """One GetKeyedChunks call's keys, their rows and pins: the values as parts on the
+    stream (`parts`), or, for a bulk connection, a head per key on the stream (`heads`)
+    and the found values' bytes in request order (`refs`, `fetched`)."""
+
+    def __init__(
+        self,
+        manager: WindowManager,
+        tenant: str,
+        keys: Sequence[str],
+        rows: dict[str, KeyRow],
+        pins: Any,
+        part_bytes: int,
+    ) -> None:
+        self._manager = manager
+        self._tenant = tenant
+        self._keys = list(keys)
+        self._rows = rows
+        self._pins = pins
+        self._part_bytes = part_bytes
+        self.refs = [
+            pb.ChunkRef(index=position, digest=row.digest, raw_size=row.raw_size)
+            for position, key in enumerate(self._keys)
+            if (row := rows.get(key)) is not None
+        ]
+        """The found values as chunk refs: index = the key's position in the request."""
+
+    def close(self) -> None:
+        self._manager.unpin(self._pins)
+
+    def heads(self) -> list[pb.GetKeyedChunksResponse]:
+        """One message per key, in order: found or not, digest, size and metadata, no data."""
+        heads = []
+        for key in self._keys:
+            row = self._rows.get(key)
+            if row is None:
+                heads.append(pb.GetKeyedChunksResponse(part=pb.KeyedChunkPart(key=key)))
+                continue
+            part = pb.KeyedChunkPart(
+                key=key, digest=row.digest, raw_size=row.raw_size, metadata=row.metadata
+            )
+            heads.append(pb.GetKeyedChunksResponse(part=part, found=True))
+        return heads
+
+    async def parts(self) -> AsyncIterator[pb.GetKeyedChunksResponse]:
+        manager = self._manager
+        part_bytes = self._part_bytes
+        for key in self._keys:
+            row = self._rows.get(key)
+            if row is None:
+                yield pb.GetKeyedChunksResponse(part=pb.KeyedChunkPart(key=key), found=False)
+                continue
+            raw = await manager.io(self._read, key, row)
+            view = memoryview(raw)
+            for offset in range(0, len(raw), part_bytes):
+                part = pb.KeyedChunkPart(
+                    key=key, data_offset=offset, data=bytes(view[offset : offset + part_bytes])
+                )
+                if offset == 0:
+                    part.digest = row.digest
+                    part.raw_size = row.raw_size
+                    part.metadata = row.metadata
+                yield pb.GetKeyedChunksResponse(part=part, found=True)
+            del raw, view
+
+    async def fetched(
+        self, read_ahead: int
+    ) -> AsyncIterator[tuple[pb.ChunkRef, int, bytes | memoryview]]:
+        """The found values' raw bytes in order, at most `read_ahead` read at once."""
+        manager = self._manager
+        pending: deque[tuple[pb.ChunkRef, asyncio.Future[bytes]]] = deque()
+        refs = iter(self.refs)
+
+        def refill() -> None:
+            while len(pending) < max(1, read_ahead):
+                ref = next(refs, None)
+                if ref is None:
+                    return
+                key = self._keys[ref.index]
+                read = manager.submit_io(self._read, key, self._rows[key])
+                pending.append((ref, asyncio.wrap_future(read)))
+
+        refill()
+        try:
+            while pending:
+                ref, future = pending.popleft()
+                raw = await future
+                refill()
+                yield ref, pb.ChunkCodec.CHUNK_CODEC_RAW, raw
+                del raw
+        finally:
+            for _, future in pending:
+                future.cancel()
+
+    def _read(self, key: str, row: KeyRow) -> bytes:
+        raw: bytes = self._manager.store.get(self._tenant, row.digest, f"key {key[:80]!r}")
+        return raw

@@ -1,5 +1,6 @@
-"""KeyedChunkService over gRPC: thin methods over `keyed.KeyedChunks`. Errors are mapped by
-`interceptors/error_mapping.py`; nothing here catches them."""
+"""KeyedChunkService over gRPC: thin methods over `keyed.KeyedChunks` (a GetKeyedChunks
+that lists bulk transports goes through the bulk channel's offer, as a Thaw does). Errors
+are mapped by `interceptors/error_mapping.py`; nothing here catches them."""
 
 from __future__ import annotations
 
@@ -8,14 +9,16 @@ from collections.abc import AsyncIterator
 import grpc.aio
 
 from cwm_client import pb
+from cwm_server.manager.bulk.channel import BulkChannel
 from cwm_server.manager.keyed.chunks import KeyedChunks
 from cwm_server.manager.rpc.tenancy import current_tenant
 from cwm_server.manager.windows.manager import WindowManager
 
 
 class KeyedChunkServicer(pb.KeyedChunkServiceServicer):
-    def __init__(self, manager: WindowManager) -> None:
+    def __init__(self, manager: WindowManager, bulk: BulkChannel | None = None) -> None:
         self._keyed = KeyedChunks(manager)
+        self._bulk = bulk
 
     async def PutKeyedChunks(  # noqa: N802 - gRPC method name
         self,
@@ -27,8 +30,26 @@ class KeyedChunkServicer(pb.KeyedChunkServiceServicer):
     async def GetKeyedChunks(  # noqa: N802
         self, request: pb.GetKeyedChunksRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GetKeyedChunksResponse]:
-        async for response in self._keyed.get(current_tenant(context), request):
-            yield response
+        tenant = current_tenant(context)
+        if self._bulk is None or not request.bulk_transports:
+            async for response in self._keyed.get(tenant, request):
+                yield response
+            return
+        read = await self._keyed.open_read(tenant, request)
+        try:
+            async for response in self._bulk.offered(
+                read.refs,
+                request.bulk_transports,
+                tenant,
+                context.peer(),
+                lambda offer: [*read.heads(), pb.GetKeyedChunksResponse(bulk=offer)],
+                read.fetched,
+                read.parts,
+                what=f"{len(read.refs)} keyed values",
+            ):
+                yield response
+        finally:
+            read.close()
 
     async def ContainsPrefix(  # noqa: N802
         self, request: pb.ContainsPrefixRequest, context: grpc.aio.ServicerContext

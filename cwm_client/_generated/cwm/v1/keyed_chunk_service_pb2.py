@@ -24,10 +24,11 @@ _sym_db = _symbol_database.Default()
 
 from cwm_client._generated.cwm.v1 import fingerprint_pb2 as cwm_dot_v1_dot_fingerprint__pb2
 from cwm_client._generated.cwm.v1 import window_pb2 as cwm_dot_v1_dot_window__pb2
+from cwm_client._generated.cwm.v1 import window_service_pb2 as cwm_dot_v1_dot_window__service__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n cwm/v1/keyed_chunk_service.proto\x12\x06\x63wm.v1\x1a\x18\x63wm/v1/fingerprint.proto\x1a\x13\x63wm/v1/window.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x87\x01\n\x0eKeyedChunkPart\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\x0c\x12\x10\n\x08raw_size\x18\x03 \x01(\x04\x12\x10\n\x08metadata\x18\x04 \x01(\x0c\x12\x13\n\x0b\x64\x61ta_offset\x18\x05 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\x12\x11\n\tword_size\x18\x07 \x01(\r\"=\n\x15PutKeyedChunksRequest\x12$\n\x04part\x18\x01 \x01(\x0b\x32\x16.cwm.v1.KeyedChunkPart\"\\\n\x16PutKeyedChunksResponse\x12\x13\n\x0bkeys_stored\x18\x01 \x01(\r\x12\x15\n\rchunks_reused\x18\x02 \x01(\r\x12\x16\n\x0e\x62ytes_received\x18\x03 \x01(\x04\"=\n\x15GetKeyedChunksRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12\x16\n\x0emax_part_bytes\x18\x02 \x01(\r\"M\n\x16GetKeyedChunksResponse\x12$\n\x04part\x18\x01 \x01(\x0b\x32\x16.cwm.v1.KeyedChunkPart\x12\r\n\x05\x66ound\x18\x02 \x01(\x08\"%\n\x15\x43ontainsPrefixRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\"/\n\x16\x43ontainsPrefixResponse\x12\x15\n\rpresent_count\x18\x01 \x01(\r\"L\n\x0fListKeysRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x12\n\nkey_prefix\x18\x03 \x01(\t\"\x9b\x01\n\x0eKeyedChunkInfo\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\x0c\x12\x10\n\x08raw_size\x18\x03 \x01(\x04\x12\x13\n\x0bstored_size\x18\x04 \x01(\x04\x12\x15\n\rmetadata_size\x18\x05 \x01(\r\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"Q\n\x10ListKeysResponse\x12$\n\x04keys\x18\x01 \x03(\x0b\x32\x16.cwm.v1.KeyedChunkInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"!\n\x11\x44\x65leteKeysRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\"U\n\x12\x44\x65leteKeysResponse\x12\x14\n\x0ckeys_deleted\x18\x01 \x01(\r\x12\x14\n\x0c\x63hunks_freed\x18\x02 \x01(\r\x12\x13\n\x0b\x62ytes_freed\x18\x03 \x01(\x04\"\xdc\x02\n\x1aPromoteKeysToWindowRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x14\n\x0c\x63hunk_tokens\x18\x04 \x01(\r\x12-\n\x0b\x66ingerprint\x18\x05 \x01(\x0b\x32\x18.cwm.v1.ModelFingerprint\x12\x12\n\nsession_id\x18\x06 \x01(\t\x12\x12\n\ncache_salt\x18\x07 \x01(\t\x12:\n\x04tags\x18\x08 \x03(\x0b\x32,.cwm.v1.PromoteKeysToWindowRequest.TagsEntry\x12\x13\n\x0b\x64\x65scription\x18\t \x01(\t\x12\x13\n\x0bttl_seconds\x18\n \x01(\x04\x12\x0f\n\x07replace\x18\x0b \x01(\x08\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"A\n\x1bPromoteKeysToWindowResponse\x12\"\n\x06window\x18\x01 \x01(\x0b\x32\x12.cwm.v1.WindowInfo2\xee\x03\n\x11KeyedChunkService\x12Q\n\x0ePutKeyedChunks\x12\x1d.cwm.v1.PutKeyedChunksRequest\x1a\x1e.cwm.v1.PutKeyedChunksResponse(\x01\x12Q\n\x0eGetKeyedChunks\x12\x1d.cwm.v1.GetKeyedChunksRequest\x1a\x1e.cwm.v1.GetKeyedChunksResponse0\x01\x12O\n\x0e\x43ontainsPrefix\x12\x1d.cwm.v1.ContainsPrefixRequest\x1a\x1e.cwm.v1.ContainsPrefixResponse\x12=\n\x08ListKeys\x12\x17.cwm.v1.ListKeysRequest\x1a\x18.cwm.v1.ListKeysResponse\x12\x43\n\nDeleteKeys\x12\x19.cwm.v1.DeleteKeysRequest\x1a\x1a.cwm.v1.DeleteKeysResponse\x12^\n\x13PromoteKeysToWindow\x12\".cwm.v1.PromoteKeysToWindowRequest\x1a#.cwm.v1.PromoteKeysToWindowResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n cwm/v1/keyed_chunk_service.proto\x12\x06\x63wm.v1\x1a\x18\x63wm/v1/fingerprint.proto\x1a\x13\x63wm/v1/window.proto\x1a\x1b\x63wm/v1/window_service.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x87\x01\n\x0eKeyedChunkPart\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\x0c\x12\x10\n\x08raw_size\x18\x03 \x01(\x04\x12\x10\n\x08metadata\x18\x04 \x01(\x0c\x12\x13\n\x0b\x64\x61ta_offset\x18\x05 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\x12\x11\n\tword_size\x18\x07 \x01(\r\"=\n\x15PutKeyedChunksRequest\x12$\n\x04part\x18\x01 \x01(\x0b\x32\x16.cwm.v1.KeyedChunkPart\"\\\n\x16PutKeyedChunksResponse\x12\x13\n\x0bkeys_stored\x18\x01 \x01(\r\x12\x15\n\rchunks_reused\x18\x02 \x01(\r\x12\x16\n\x0e\x62ytes_received\x18\x03 \x01(\x04\"m\n\x15GetKeyedChunksRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12\x16\n\x0emax_part_bytes\x18\x02 \x01(\r\x12.\n\x0f\x62ulk_transports\x18\x03 \x03(\x0e\x32\x15.cwm.v1.BulkTransport\"n\n\x16GetKeyedChunksResponse\x12$\n\x04part\x18\x01 \x01(\x0b\x32\x16.cwm.v1.KeyedChunkPart\x12\r\n\x05\x66ound\x18\x02 \x01(\x08\x12\x1f\n\x04\x62ulk\x18\x03 \x01(\x0b\x32\x11.cwm.v1.BulkOffer\"%\n\x15\x43ontainsPrefixRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\"/\n\x16\x43ontainsPrefixResponse\x12\x15\n\rpresent_count\x18\x01 \x01(\r\"L\n\x0fListKeysRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x12\n\nkey_prefix\x18\x03 \x01(\t\"\x9b\x01\n\x0eKeyedChunkInfo\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\x0c\x12\x10\n\x08raw_size\x18\x03 \x01(\x04\x12\x13\n\x0bstored_size\x18\x04 \x01(\x04\x12\x15\n\rmetadata_size\x18\x05 \x01(\r\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"Q\n\x10ListKeysResponse\x12$\n\x04keys\x18\x01 \x03(\x0b\x32\x16.cwm.v1.KeyedChunkInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"!\n\x11\x44\x65leteKeysRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\"U\n\x12\x44\x65leteKeysResponse\x12\x14\n\x0ckeys_deleted\x18\x01 \x01(\r\x12\x14\n\x0c\x63hunks_freed\x18\x02 \x01(\r\x12\x13\n\x0b\x62ytes_freed\x18\x03 \x01(\x04\"\xdc\x02\n\x1aPromoteKeysToWindowRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x14\n\x0c\x63hunk_tokens\x18\x04 \x01(\r\x12-\n\x0b\x66ingerprint\x18\x05 \x01(\x0b\x32\x18.cwm.v1.ModelFingerprint\x12\x12\n\nsession_id\x18\x06 \x01(\t\x12\x12\n\ncache_salt\x18\x07 \x01(\t\x12:\n\x04tags\x18\x08 \x03(\x0b\x32,.cwm.v1.PromoteKeysToWindowRequest.TagsEntry\x12\x13\n\x0b\x64\x65scription\x18\t \x01(\t\x12\x13\n\x0bttl_seconds\x18\n \x01(\x04\x12\x0f\n\x07replace\x18\x0b \x01(\x08\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"A\n\x1bPromoteKeysToWindowResponse\x12\"\n\x06window\x18\x01 \x01(\x0b\x32\x12.cwm.v1.WindowInfo2\xee\x03\n\x11KeyedChunkService\x12Q\n\x0ePutKeyedChunks\x12\x1d.cwm.v1.PutKeyedChunksRequest\x1a\x1e.cwm.v1.PutKeyedChunksResponse(\x01\x12Q\n\x0eGetKeyedChunks\x12\x1d.cwm.v1.GetKeyedChunksRequest\x1a\x1e.cwm.v1.GetKeyedChunksResponse0\x01\x12O\n\x0e\x43ontainsPrefix\x12\x1d.cwm.v1.ContainsPrefixRequest\x1a\x1e.cwm.v1.ContainsPrefixResponse\x12=\n\x08ListKeys\x12\x17.cwm.v1.ListKeysRequest\x1a\x18.cwm.v1.ListKeysResponse\x12\x43\n\nDeleteKeys\x12\x19.cwm.v1.DeleteKeysRequest\x1a\x1a.cwm.v1.DeleteKeysResponse\x12^\n\x13PromoteKeysToWindow\x12\".cwm.v1.PromoteKeysToWindowRequest\x1a#.cwm.v1.PromoteKeysToWindowResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,36 +37,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PROMOTEKEYSTOWINDOWREQUEST_TAGSENTRY']._loaded_options = None
   _globals['_PROMOTEKEYSTOWINDOWREQUEST_TAGSENTRY']._serialized_options = b'8\001'
-  _globals['_KEYEDCHUNKPART']._serialized_start=125
-  _globals['_KEYEDCHUNKPART']._serialized_end=260
-  _globals['_PUTKEYEDCHUNKSREQUEST']._serialized_start=262
-  _globals['_PUTKEYEDCHUNKSREQUEST']._serialized_end=323
-  _globals['_PUTKEYEDCHUNKSRESPONSE']._serialized_start=325
-  _globals['_PUTKEYEDCHUNKSRESPONSE']._serialized_end=417
-  _globals['_GETKEYEDCHUNKSREQUEST']._serialized_start=419
-  _globals['_GETKEYEDCHUNKSREQUEST']._serialized_end=480
-  _globals['_GETKEYEDCHUNKSRESPONSE']._serialized_start=482
-  _globals['_GETKEYEDCHUNKSRESPONSE']._serialized_end=559
-  _globals['_CONTAINSPREFIXREQUEST']._serialized_start=561
-  _globals['_CONTAINSPREFIXREQUEST']._serialized_end=598
-  _globals['_CONTAINSPREFIXRESPONSE']._serialized_start=600
-  _globals['_CONTAINSPREFIXRESPONSE']._serialized_end=647
-  _globals['_LISTKEYSREQUEST']._serialized_start=649
-  _globals['_LISTKEYSREQUEST']._serialized_end=725
-  _globals['_KEYEDCHUNKINFO']._serialized_start=728
-  _globals['_KEYEDCHUNKINFO']._serialized_end=883
-  _globals['_LISTKEYSRESPONSE']._serialized_start=885
-  _globals['_LISTKEYSRESPONSE']._serialized_end=966
-  _globals['_DELETEKEYSREQUEST']._serialized_start=968
-  _globals['_DELETEKEYSREQUEST']._serialized_end=1001
-  _globals['_DELETEKEYSRESPONSE']._serialized_start=1003
-  _globals['_DELETEKEYSRESPONSE']._serialized_end=1088
-  _globals['_PROMOTEKEYSTOWINDOWREQUEST']._serialized_start=1091
-  _globals['_PROMOTEKEYSTOWINDOWREQUEST']._serialized_end=1439
-  _globals['_PROMOTEKEYSTOWINDOWREQUEST_TAGSENTRY']._serialized_start=1396
-  _globals['_PROMOTEKEYSTOWINDOWREQUEST_TAGSENTRY']._serialized_end=1439
-  _globals['_PROMOTEKEYSTOWINDOWRESPONSE']._serialized_start=1441
-  _globals['_PROMOTEKEYSTOWINDOWRESPONSE']._serialized_end=1506
-  _globals['_KEYEDCHUNKSERVICE']._serialized_start=1509
-  _globals['_KEYEDCHUNKSERVICE']._serialized_end=2003
+  _globals['_KEYEDCHUNKPART']._serialized_start=154
+  _globals['_KEYEDCHUNKPART']._serialized_end=289
+  _globals['_PUTKEYEDCHUNKSREQUEST']._serialized_start=291
+  _globals['_PUTKEYEDCHUNKSREQUEST']._serialized_end=352
+  _globals['_PUTKEYEDCHUNKSRESPONSE']._serialized_start=354
+  _globals['_PUTKEYEDCHUNKSRESPONSE']._serialized_end=446
+  _globals['_GETKEYEDCHUNKSREQUEST']._serialized_start=448
+  _globals['_GETKEYEDCHUNKSREQUEST']._serialized_end=557
+  _globals['_GETKEYEDCHUNKSRESPONSE']._serialized_start=559
+  _globals['_GETKEYEDCHUNKSRESPONSE']._serialized_end=669
+  _globals['_CONTAINSPREFIXREQUEST']._serialized_start=671
+  _globals['_CONTAINSPREFIXREQUEST']._serialized_end=708
+  _globals['_CONTAINSPREFIXRESPONSE']._serialized_start=710
+  _globals['_CONTAINSPREFIXRESPONSE']._serialized_end=757
+  _globals['_LISTKEYSREQUEST']._serialized_start=759
+  _globals['_LISTKEYSREQUEST']._serialized_end=835
+  _globals['_KEYEDCHUNKINFO']._serialized_start=838
+  _globals['_KEYEDCHUNKINFO']._serialized_end=993
+  _globals['_LISTKEYSRESPONSE']._serialized_start=995
+  _globals['_LISTKEYSRESPONSE']._serialized_end=1076
+  _globals['_DELETEKEYSREQUEST']._serialized_start=1078
+  _globals['_DELETEKEYSREQUEST']._serialized_end=1111
+  _globals['_DELETEKEYSRESPONSE']._serialized_start=1113
+  _globals['_DELETEKEYSRESPONSE']._serialized_end=1198
+  _globals['_PROMOTEKEYSTOWINDOWREQUEST']._serialized_start=1201
+  _globals['_PROMOTEKEYSTOWINDOWREQUEST']._serialized_end=1549
+  _globals['_PROMOTEKEYSTOWINDOWREQUEST_TAGSENTRY']._serialized_start=1506
+  _globals['_PROMOTEKEYSTOWINDOWREQUEST_TAGSENTRY']._serialized_end=1549
+  _globals['_PROMOTEKEYSTOWINDOWRESPONSE']._serialized_start=1551
+  _globals['_PROMOTEKEYSTOWINDOWRESPONSE']._serialized_end=1616
+  _globals['_KEYEDCHUNKSERVICE']._serialized_start=1619
+  _globals['_KEYEDCHUNKSERVICE']._serialized_end=2113
 # @@protoc_insertion_point(module_scope)

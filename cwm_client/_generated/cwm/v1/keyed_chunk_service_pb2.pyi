@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from cwm_client._generated.cwm.v1 import fingerprint_pb2 as _fingerprint_pb2
 from cwm_client._generated.cwm.v1 import window_pb2 as _window_pb2
+from cwm_client._generated.cwm.v1 import window_service_pb2 as _window_service_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -138,21 +139,32 @@ class GetKeyedChunksRequest(_message.Message):
 
     KEYS_FIELD_NUMBER: _builtins.int
     MAX_PART_BYTES_FIELD_NUMBER: _builtins.int
+    BULK_TRANSPORTS_FIELD_NUMBER: _builtins.int
     max_part_bytes: _builtins.int
     """Maximum value bytes per response message; 0 means the server default (1 MiB)."""
     @_builtins.property
     def keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Keys to read, at most 1024; answered in this order."""
 
+    @_builtins.property
+    def bulk_transports(self) -> _containers.RepeatedScalarFieldContainer[_window_service_pb2.BulkTransport.ValueType]:
+        """Bulk transports the client can take, preferred first (as ThawRequest.bulk_transports):
+        when the manager offers one, the stream sends one head per key (found or not; no
+        data), then a message with the offer, and the found values' bytes go on that
+        connection in request order, as a thaw's chunks do (frame index: the key's position in
+        `keys`). Empty: everything on this stream.
+        """
+
     def __init__(
         self,
         *,
         keys: _abc.Iterable[_builtins.str] | None = ...,
         max_part_bytes: _builtins.int = ...,
+        bulk_transports: _abc.Iterable[_window_service_pb2.BulkTransport.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys", "max_part_bytes", b"max_part_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bulk_transports", b"bulk_transports", "keys", b"keys", "max_part_bytes", b"max_part_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -166,6 +178,7 @@ class GetKeyedChunksResponse(_message.Message):
 
     PART_FIELD_NUMBER: _builtins.int
     FOUND_FIELD_NUMBER: _builtins.int
+    BULK_FIELD_NUMBER: _builtins.int
     found: _builtins.bool
     """False when the key does not exist: then this is the only message for the key."""
     @_builtins.property
@@ -174,15 +187,22 @@ class GetKeyedChunksResponse(_message.Message):
         found is false, only the key.
         """
 
+    @_builtins.property
+    def bulk(self) -> _window_service_pb2.BulkOffer:
+        """The bulk connection that carries the values' bytes (set on one message, after every
+        key's head; `part` is empty there). See GetKeyedChunksRequest.bulk_transports.
+        """
+
     def __init__(
         self,
         *,
         part: Global___KeyedChunkPart | None = ...,
         found: _builtins.bool = ...,
+        bulk: _window_service_pb2.BulkOffer | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bulk", b"bulk", "part", b"part"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["found", b"found", "part", b"part"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bulk", b"bulk", "found", b"found", "part", b"part"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
