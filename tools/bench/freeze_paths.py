@@ -54,6 +54,7 @@ with WindowClient(m.target, timeout=600) as c:
                 "200",
                 "--threads",
                 "--nonblocking",
+                *(["--gil"] if os.environ.get("SPY") == "gil" else []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
