@@ -57,6 +57,11 @@ HOST_ADDR, NS_ADDR = "169.254.77.1", "169.254.77.2"
 MEMORY_CAP_MIB = 1024
 
 
+TRANSPORTS = ("auto", "unix", "tcp", "grpc")
+"""What the same-host runs compare: the SDK's default (shared memory for an 8B model's
+chunks, the Unix socket for the tiny model's) and each transport forced."""
+
+
 def fingerprint(name: str) -> pb.ModelFingerprint:
     layers, heads, dim = GEOMETRIES[name]
     return pb.ModelFingerprint(
@@ -304,9 +309,7 @@ def main() -> None:
                 )
                 manager = Manager(scratch / f"local-{name}", "127.0.0.1", in_namespace=False)
                 try:
-                    local = cwm_runs(
-                        manager, name, args.mib, args.repeat, ["auto", "unix", "tcp", "grpc"], 10
-                    )
+                    local = cwm_runs(manager, name, args.mib, args.repeat, list(TRANSPORTS), 10)
                     peak = manager.peak_rss()
                 finally:
                     manager.stop()
@@ -419,8 +422,9 @@ def record(out: dict[str, Any]) -> None:
         f"`docs/bench/data-plane-{stamp}.json`. Medians of {out['repeat']} runs, MiB/s.",
         "",
         "| dataset | loopback TCP | disk write+fsync | redis SET / GET | "
-        "cwm freeze auto / tcp / grpc | cwm thaw auto / tcp / grpc | manager peak RSS |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "cwm freeze auto / unix / tcp / grpc | cwm thaw auto / unix / tcp / grpc | "
+        "auto took | manager peak RSS |",
+        "|---|---:|---:|---:|---:|---:|---|---:|",
     ]
     for name, data in out["datasets"].items():
         local = data["local"]
@@ -428,9 +432,10 @@ def record(out: dict[str, Any]) -> None:
             f"| {name} ({data['chunk_bytes'] // 1024} KiB chunks) | "
             f"{data['tcp_loopback']['mib_s']:.0f} | {data['disk_write_fsync']['mib_s']:.0f} | "
             f"{data['redis_set']['mib_s']:.0f} / {data['redis_get']['mib_s']:.0f} | "
-            + " / ".join(f"{local[t]['freeze']['mib_s']:.0f}" for t in ("auto", "tcp", "grpc"))
+            + " / ".join(f"{local[t]['freeze']['mib_s']:.0f}" for t in TRANSPORTS)
             + " | "
-            + " / ".join(f"{local[t]['thaw']['mib_s']:.0f}" for t in ("auto", "tcp", "grpc"))
+            + " / ".join(f"{local[t]['thaw']['mib_s']:.0f}" for t in TRANSPORTS)
+            + f" | {', '.join(local['auto']['taken'])}"
             + f" | {data['manager_peak_rss'] / MiB:.0f} MiB |"
         )
     other = out.get("other_host")
