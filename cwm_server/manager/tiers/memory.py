@@ -35,6 +35,9 @@ class MemoryTier(ChunkTier[bytes]):
         self._capacity = capacity_bytes
         self._items: OrderedDict[ChunkKey, tuple[bytes, int]] = OrderedDict()
         self._bytes = 0
+        self._reserved = 0
+        """Bytes of chunks in flight (received, not yet stored) counted against the cap,
+        so that the hot tier and the staging of transfers together stay within it."""
         self._lock = threading.Lock()
         self.evictions = 0
         """Chunks dropped to make room (a metric; see cwm_server.manager.metrics)."""
@@ -90,11 +93,35 @@ class MemoryTier(ChunkTier[bytes]):
                 self._bytes -= len(old[0])
             self._items[key] = entry
             self._bytes += size
-            while self._bytes > self._capacity:
-                _, (evicted, _) = self._items.popitem(last=False)
-                self._bytes -= len(evicted)
-                self.evictions += 1
+            self._evict_beyond(self._capacity)
         return size
+
+    def reserve(self, size: int) -> int:
+        """Count `size` bytes of a chunk in flight against the cap, making room for them
+        now (the least recently used entries go); returns what was reserved, to `release`
+        once the chunk was stored or dropped (0 for a chunk larger than the tier)."""
+        if size > self._capacity:
+            return 0
+        with self._lock:
+            self._reserved += size
+            self._evict_beyond(self._capacity)
+        return size
+
+    def release(self, reserved: int) -> None:
+        with self._lock:
+            self._reserved -= reserved
+
+    @property
+    def reserved_bytes(self) -> int:
+        return self._reserved
+
+    def _evict_beyond(self, limit: int) -> None:
+        """Drop entries, oldest first, until entries and reservations fit `limit` (or no
+        entry is left: reservations alone may exceed it). Holds the lock."""
+        while self._items and self._bytes + self._reserved > limit:
+            _, (evicted, _) = self._items.popitem(last=False)
+            self._bytes -= len(evicted)
+            self.evictions += 1
 
     def contains(self, tenant: str, digests: Sequence[bytes]) -> set[bytes]:
         """Which of `digests` have an entry (their seals are checked when read, not here)."""

@@ -110,6 +110,15 @@ class ChunkStore:
 
     # -- into the store ---------------------------------------------------------------------
 
+    def reserve_memory(self, size: int) -> int:
+        """Count a received chunk's `size` bytes against the hot tier's cap until it is
+        stored (`release_memory` with what this returns): a transfer's staging and the hot
+        tier together stay within the cap, not the cap plus every transfer's chunks."""
+        return self._memory.reserve(size)
+
+    def release_memory(self, reserved: int) -> None:
+        self._memory.release(reserved)
+
     def put(
         self,
         tenant: str,

@@ -1,9 +1,12 @@
 """One Freeze stream: validate the header, receive and store chunks with bounded staging,
 and commit the window atomically, or leave nothing behind.
 
-Receiving and storing overlap through a queue of at most `stream_window_chunks` chunks; when
-it is full the receiver stops reading, HTTP/2 flow control stops the sender, and the
-manager's memory stays bounded whatever the window's size.
+Receiving and storing overlap: at most `stream_window_chunks` received chunks wait for or
+are being stored (and one more is being received); when that many are in hand the receiver
+stops reading, HTTP/2 flow control (or the bulk connection's socket) stops the sender, and
+the manager's memory stays bounded whatever the window's size. Each chunk in hand is also
+counted against the hot tier's cap (`ChunkStore.reserve_memory`), which makes room for it,
+so a transfer adds at most one chunk to what the cap allows.
 """
 
 from __future__ import annotations
@@ -175,13 +178,23 @@ class FreezeStream:
         )
 
     async def _receive(self, chunks: AsyncIterator[AssembledChunk], word: int) -> None:
-        queue: asyncio.Queue[AssembledChunk | None]
-        queue = asyncio.Queue(self._manager.config.stream_window_chunks)
-        storer = asyncio.ensure_future(self._store_all(queue, word))
+        window = self._manager.config.stream_window_chunks
+        in_hand = asyncio.Semaphore(window)
+        """Chunks received and not yet stored: the queue's and those being stored."""
+        queue: asyncio.Queue[tuple[AssembledChunk, int] | None] = asyncio.Queue(window)
+        storer = asyncio.ensure_future(self._store_all(queue, word, in_hand))
+        store = self._manager.store
         try:
             async for whole in chunks:
                 self._received.encoded_bytes += len(whole.data)
-                await _put_or_fail(queue, whole, storer)
+                await _acquire_or_fail(in_hand, storer)
+                reserved = store.reserve_memory(len(whole.data))
+                try:
+                    await _put_or_fail(queue, (whole, reserved), storer)
+                except BaseException:
+                    store.release_memory(reserved)
+                    in_hand.release()
+                    raise
                 del whole
             await _put_or_fail(queue, None, storer)
             await storer
@@ -189,8 +202,17 @@ class FreezeStream:
             if not storer.done():
                 storer.cancel()
                 await asyncio.gather(storer, return_exceptions=True)
+            while not queue.empty():  # chunks the storer never took (it failed)
+                left = queue.get_nowait()
+                if left is not None:
+                    store.release_memory(left[1])
 
-    async def _store_all(self, queue: asyncio.Queue[AssembledChunk | None], word: int) -> None:
+    async def _store_all(
+        self,
+        queue: asyncio.Queue[tuple[AssembledChunk, int] | None],
+        word: int,
+        in_hand: asyncio.Semaphore,
+    ) -> None:
         """Verify and store queued chunks, up to `parallel` at once on the I/O threads.
 
         Every chunk being stored also takes one of the manager's store slots (as many as
@@ -201,20 +223,29 @@ class FreezeStream:
         slots = self._manager.store_slots()
         in_flight: set[asyncio.Future[None]] = set()
         try:
-            while (chunk := await queue.get()) is not None:
-                while len(in_flight) >= parallel:
-                    done, in_flight = await asyncio.wait(
-                        in_flight, return_when=asyncio.FIRST_COMPLETED
-                    )
-                    for finished in done:
-                        finished.result()
-                await slots.acquire()
+            while (item := await queue.get()) is not None:
+                chunk, reserved = item
+                del item
                 try:
+                    while len(in_flight) >= parallel:
+                        done, in_flight = await asyncio.wait(
+                            in_flight, return_when=asyncio.FIRST_COMPLETED
+                        )
+                        for finished in done:
+                            finished.result()
+                    await slots.acquire()
                     task = asyncio.ensure_future(self._store_one(chunk, word))
                 except BaseException:
-                    slots.release()
+                    self._manager.store.release_memory(reserved)
+                    in_hand.release()
                     raise
-                task.add_done_callback(lambda _: slots.release())
+
+                def done(_: object, reserved: int = reserved) -> None:
+                    slots.release()
+                    self._manager.store.release_memory(reserved)
+                    in_hand.release()
+
+                task.add_done_callback(done)
                 in_flight.add(task)
                 del chunk
             for finished in asyncio.as_completed(in_flight):
@@ -341,8 +372,8 @@ async def _assembled(
 
 
 async def _put_or_fail(
-    queue: asyncio.Queue[AssembledChunk | None],
-    item: AssembledChunk | None,
+    queue: asyncio.Queue[tuple[AssembledChunk, int] | None],
+    item: tuple[AssembledChunk, int] | None,
     storer: asyncio.Future[None],
 ) -> None:
     """Queue a chunk for storing, but fail at once if the storer has failed."""
@@ -352,6 +383,21 @@ async def _put_or_fail(
     await asyncio.wait({put, storer}, return_when=asyncio.FIRST_COMPLETED)
     if not put.done():
         put.cancel()
+    if storer.done():
+        storer.result()
+
+
+async def _acquire_or_fail(semaphore: asyncio.Semaphore, storer: asyncio.Future[None]) -> None:
+    """Wait for room for one more chunk, but fail at once if the storer has failed (it
+    ends early only by failing: the end of the stream has not been queued)."""
+    if storer.done():
+        storer.result()
+    acquire = asyncio.ensure_future(semaphore.acquire())
+    await asyncio.wait({acquire, storer}, return_when=asyncio.FIRST_COMPLETED)
+    if not acquire.done():
+        acquire.cancel()
+    elif storer.done():
+        semaphore.release()  # room came, but so did the failure
     if storer.done():
         storer.result()
 

@@ -92,3 +92,78 @@ def test_a_thaw_serves_the_disk_copy_of_changed_memory_entries(
     assert memory.corrupt == len(chunks[::2])
     for chunk in chunks:  # every entry holds verified bytes again
         assert memory.read("default", chunk.digest) == chunk.raw
+
+
+def test_a_reservation_makes_room_at_once_and_counts_until_released() -> None:
+    memory = MemoryTier(100)
+    for i in range(4):
+        memory.write("t", bytes([i]) * 32, bytes(25))
+    assert memory.held_bytes == 100
+    assert memory.reserve(40) == 40  # a chunk in flight: the two oldest entries go now
+    assert memory.held_bytes == 50 and memory.reserved_bytes == 40
+    assert memory.contains("t", [bytes([0]) * 32, bytes([1]) * 32]) == set()
+    memory.write("t", b"\x09" * 32, bytes(25))  # a write still leaves room for it
+    assert memory.held_bytes + memory.reserved_bytes <= 100
+    memory.release(40)
+    assert memory.reserved_bytes == 0
+    assert memory.reserve(101) == 0  # larger than the tier: nothing to hold for it
+
+
+@pytest.mark.parametrize("transport", ["grpc", "unix"])
+def test_a_freeze_s_staging_is_counted_against_the_hot_tier_and_released_after(
+    tmp_path: Path, transport: str
+) -> None:
+    from cwm_server.manager.config import ManagerConfig
+
+    config = ManagerConfig(
+        data_dir=tmp_path / "data", listen="127.0.0.1:0", fsync=False, memory_cache_bytes=3 << 20
+    )
+    running = ThreadedManager(config)
+    try:
+        memory = running.manager.memory
+        peaks: list[int] = []
+        reserve = memory.reserve
+
+        def watched(size: int) -> int:
+            got = reserve(size)
+            peaks.append(memory.held_bytes + memory.reserved_bytes)
+            return got
+
+        memory.reserve = watched  # type: ignore[method-assign]
+        chunks = synthetic_chunks(256 * 12, seed=8)  # 12 chunks, 3 MiB in all
+        with WindowClient(running.target) as client:
+            client.freeze(
+                "w",
+                chunks,
+                fingerprint=FINGERPRINT,
+                token_ids=token_ids(256 * 12),
+                transport=transport,
+            )
+            bad = synthetic_chunks(256 * 4, seed=9)
+            with pytest.raises(DataLoss):  # a chunk that is not its digest's: nothing kept
+                client.freeze(
+                    "bad",
+                    [*bad[:2], _Lying(bad[2]), bad[3]],
+                    fingerprint=FINGERPRINT,
+                    token_ids=token_ids(256 * 4),
+                    transport=transport,
+                )
+        assert len(peaks) >= 12 and max(peaks) <= 3 << 20
+        assert memory.reserved_bytes == 0
+    finally:
+        running.stop()
+
+
+class _Lying:
+    """A chunk payload whose bytes are not the ones its digest names."""
+
+    def __init__(self, chunk: object) -> None:
+        self._chunk = chunk
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._chunk, name)
+
+    def data(self) -> bytes:
+        raw = bytearray(self._chunk.data())  # type: ignore[attr-defined]
+        raw[0] ^= 0xFF
+        return bytes(raw)
