@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from cwm_client import pb
+from cwm_client.messages import build
 
 
 def freeze_session_request(
@@ -16,7 +17,8 @@ def freeze_session_request(
     ttl_seconds: int,
     agent_id: str,
 ) -> pb.FreezeSessionRequest:
-    return pb.FreezeSessionRequest(
+    return build(
+        pb.FreezeSessionRequest,
         session_id=session_id,
         window_name=window_name,
         description=description,
@@ -29,6 +31,9 @@ def freeze_session_request(
 def thaw_window_request(
     window_name: str, *, agent_id: str, new_session_id: str
 ) -> pb.ThawWindowRequest:
-    return pb.ThawWindowRequest(
-        window_name=window_name, agent_id=agent_id, new_session_id=new_session_id
+    return build(
+        pb.ThawWindowRequest,
+        window_name=window_name,
+        agent_id=agent_id,
+        new_session_id=new_session_id,
     )

@@ -143,6 +143,7 @@ class AsyncWindowClient(AsyncServiceClient):
         """Open a thaw of `name` (or of a range of its chunks); the window is read already.
 
         `streams`, `accept_codecs` and `transport` as in `WindowClient.thaw`."""
+        request = thaw_request(name, first_chunk, chunk_count, accept_codecs)  # checked now
         wanted = bulk_transports(transport, self._owns_channel)
         if wanted and streams in (None, 1):
             forced = transport != "auto"
@@ -159,7 +160,7 @@ class AsyncWindowClient(AsyncServiceClient):
             count = thaw_streams(info, first_chunk, chunk_count, streams)
         if count == 1:
             call = self._stub.Thaw(
-                thaw_request(name, first_chunk, chunk_count, accept_codecs),
+                request,
                 timeout=self._timeout,
                 metadata=self._metadata,
             )

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from cwm_client import pb
+from cwm_client.messages import build
 
 
 def thaw_request(
@@ -17,12 +18,13 @@ def thaw_request(
 ) -> pb.ThawRequest:
     """A thaw of `name` (or a range of its chunks) on one stream (and, where the manager
     offers one of `bulk_transports`, on a bulk connection beside it)."""
-    return pb.ThawRequest(
+    return build(
+        pb.ThawRequest,
         name=name,
         first_chunk=first_chunk,
         chunk_count=chunk_count,
-        accept_codecs=accept_codecs,  # type: ignore[arg-type]
-        bulk_transports=bulk_transports,  # type: ignore[arg-type]
+        accept_codecs=accept_codecs,
+        bulk_transports=bulk_transports,
     )
 
 
@@ -41,7 +43,8 @@ def list_request(
     search: str,
     view: int,
 ) -> pb.ListWindowsRequest:
-    return pb.ListWindowsRequest(
+    return build(
+        pb.ListWindowsRequest,
         page_size=page_size,
         page_token=page_token,
         name_prefix=name_prefix,
@@ -49,7 +52,7 @@ def list_request(
         model_id=model_id,
         tags=dict(tags or {}),
         search=search,
-        view=view,  # type: ignore[arg-type]
+        view=view,
     )
 
 
@@ -61,7 +64,8 @@ def clone_request(
     tags: Mapping[str, str] | None,
     ttl_seconds: int,
 ) -> pb.CloneWindowRequest:
-    return pb.CloneWindowRequest(
+    return build(
+        pb.CloneWindowRequest,
         source_name=source_name,
         new_name=new_name,
         description=description,

@@ -20,6 +20,7 @@ from cwm_client.chunks import (
 )
 from cwm_client.codecs import CODECS, RAW, encode_for_wire
 from cwm_client.errors import InvalidArgument
+from cwm_client.messages import build
 from cwm_client.windows.parallel import auto_streams, new_upload_id, stage_header
 from cwm_client.windows.progress import Progress, ProgressSum
 
@@ -62,7 +63,8 @@ def build_header(
                 f"chunks must be given in index order: position {position} holds "
                 f"chunk {chunk.index}"
             )
-    return pb.FreezeHeader(
+    return build(
+        pb.FreezeHeader,
         name=name,
         session_id=session_id,
         cache_salt=cache_salt,

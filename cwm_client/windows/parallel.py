@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from cwm_client import pb
 from cwm_client.errors import InvalidArgument
+from cwm_client.messages import build
 from cwm_client.windows.thaw_decoder import expected_chunks
 
 MAX_AUTO_STREAMS = 4
@@ -88,12 +89,13 @@ class StripedThaw:
         accept_codecs: Sequence[int] = (),
     ) -> StripedThaw:
         requests = [
-            pb.ThawRequest(
+            build(
+                pb.ThawRequest,
                 name=name,
                 first_chunk=first_chunk + i,
                 chunk_count=0 if chunk_count == 0 else max(0, chunk_count - i),
                 chunk_stride=streams,
-                accept_codecs=accept_codecs,  # type: ignore[arg-type]
+                accept_codecs=accept_codecs,
                 window_view=(
                     pb.WindowView.WINDOW_VIEW_FULL if i == 0 else pb.WindowView.WINDOW_VIEW_BASIC
                 ),

@@ -165,6 +165,7 @@ class WindowClient(ServiceClient):
         `streams` is None or 1. `accept_codecs` lists codecs this client takes on the wire
         (e.g. `[codecs.LZ4]` over a slow link); empty means raw, fastest on loopback.
         """
+        request = thaw_request(name, first_chunk, chunk_count, accept_codecs)  # checked now
         wanted = bulk_transports(transport, self._owns_channel)
         if wanted and streams in (None, 1):
             forced = transport != "auto"
@@ -179,7 +180,7 @@ class WindowClient(ServiceClient):
             count = thaw_streams(info, first_chunk, chunk_count, streams)
         if count == 1:
             call = self._stub.Thaw(
-                thaw_request(name, first_chunk, chunk_count, accept_codecs),
+                request,
                 timeout=self._timeout,
                 metadata=self._metadata,
             )

@@ -320,6 +320,15 @@ async def test_bad_inputs_are_tool_errors_with_the_code_and_the_bridge_keeps_ser
         await _fails(
             client, "window_clone", "INVALID_ARGUMENT", source_window=name, new_window_name="a/b"
         )
+        text = await _fails(
+            client,
+            "window_freeze",
+            "INVALID_ARGUMENT",
+            session_id=salt,
+            window_name=f"{name}-ttl",
+            ttl_seconds=2**70,
+        )
+        assert "ttl_seconds" in text
 
         await _fails(
             client,
