@@ -307,6 +307,7 @@ class FreezeStream:
                         field=f"chunk_digests[{index}]",
                         reason="CHUNK_NOT_SENT",
                     )
+            _check_sizes(header, spans, known)
             window = window_info(tenant, header, spans, known, expires)
             try:
                 freed = manager.catalog.commit_window(
@@ -385,6 +386,23 @@ async def _put_or_fail(
         put.cancel()
     if storer.done():
         storer.result()
+
+
+def _check_sizes(header: pb.FreezeHeader, spans: Spans, known: dict[bytes, NewChunk]) -> None:
+    """Every chunk's size against the tokens the header gives it, whether it was sent on
+    this stream (checked as it arrived too) or was already stored: a header whose token
+    ids or chunk size do not fit the chunks it names is refused, not committed."""
+    for index, digest in enumerate(header.chunk_digests):
+        _start, count = spans[index]
+        expected = chunk_raw_size(header.fingerprint, count)
+        held = known[digest].raw_size
+        if held != expected:
+            raise InvalidArgument(
+                f"chunk {index} ({digest.hex()[:16]}…) holds {held} bytes, but the header's "
+                f"token_ids and chunk_tokens give it {count} tokens, which need {expected} "
+                "with this fingerprint; send the token ids the chunks were made from",
+                field="token_ids",
+            )
 
 
 async def _acquire_or_fail(semaphore: asyncio.Semaphore, storer: asyncio.Future[None]) -> None:
