@@ -63,7 +63,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     from cwm_server.manager.rpc.transport_security import check_server_options
-    from cwm_server.manager.server import serve
+    from cwm_server.manager.server import StartupError, serve
 
     configure_logging("json", effective["serve.log_level"])
     options = server_options(effective)
@@ -77,7 +77,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     port_file = Path(args.port_file) if args.port_file else None
-    asyncio.run(serve(config, port_file, options))
+    try:
+        asyncio.run(serve(config, port_file, options))
+    except StartupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -128,6 +128,8 @@ class ManagerServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health_servicer, self.server)
         reflection.enable_server_reflection(SERVICE_NAMES, self.server)
         credentials = server_credentials(self.options)
+        if problem := listen_problem(self.config.listen):
+            raise OSError(problem)  # before grpc tries: its own error names no cause
         if credentials is None:
             self.port = self.server.add_insecure_port(self.config.listen)
         else:
@@ -194,14 +196,68 @@ class ManagerServer:
         self._lock_fd = fd
 
 
+def listen_problem(listen: str) -> str:
+    """Why `--listen` HOST:PORT cannot be bound ("" if it can, or the port is 0)."""
+    host, _, port_text = listen.rpartition(":")
+    host = host.strip("[]")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        return f"--listen expects HOST:PORT with a port from 0 to 65535, got {listen!r}"
+    port = int(port_text)
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        return f"could not listen on {listen}: {host!r} is not an address of this host ({exc})"
+    if port == 0:
+        return ""
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            return (
+                f"could not listen on {listen}: {exc.strerror or exc}; pick another with "
+                "--listen HOST:PORT"
+            )
+    return ""
+
+
+class StartupError(Exception):
+    """The manager could not start; the message says why in one line, naming the option to
+    change (`cwm serve` prints it and exits 2)."""
+
+
+def startup_problem(exc: BaseException, config: ManagerConfig) -> str:
+    """One line for a start-up failure (grpc's own bind error names neither cause nor fix)."""
+    data_dir = config.data_dir
+    not_a_directory = data_dir.exists() and not data_dir.is_dir()
+    if isinstance(exc, FileExistsError | NotADirectoryError) and not_a_directory:
+        return f"--data-dir {data_dir} is not a directory; pick a directory for the store"
+    if isinstance(exc, PermissionError):
+        where = exc.filename or data_dir
+        return f"permission denied on {where}; run as a user who may write --data-dir {data_dir}"
+    if isinstance(exc, RuntimeError) and "Failed to bind" in str(exc):
+        return (
+            f"could not listen on {config.listen}: the port is taken or the address is not "
+            "one of this host's; pick another with --listen HOST:PORT"
+        )
+    return str(exc)
+
+
 async def serve(
     config: ManagerConfig, port_file: Path | None = None, options: ServerOptions | None = None
 ) -> None:
     """Run until SIGINT/SIGTERM; write the bound port to `port_file` once serving."""
     use_one_malloc_arena()
     tune_allocator()
-    server = ManagerServer(config, options)
-    port = await server.start()
+    if problem := listen_problem(config.listen):  # before anything is made in the data dir
+        raise StartupError(problem)
+    try:
+        server = ManagerServer(config, options)
+        port = await server.start()
+    except (OSError, RuntimeError) as exc:
+        raise StartupError(startup_problem(exc, config)) from exc
     if port_file is not None:
         tmp = port_file.with_suffix(".tmp")
         tmp.write_text(str(port))
