@@ -51,6 +51,7 @@ def window_dict(window: pb.WindowInfo, full: bool = False) -> dict[str, Any]:
     }
     if full:
         out["chunk_digests"] = [ref.digest.hex() for ref in window.chunks]
+        out["token_ids"] = list(window.token_ids)
     return out
 
 

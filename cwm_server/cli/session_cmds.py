@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from cwm_client import SessionClient, pb
+from cwm_client import SessionClient, WindowClient, pb
 from cwm_server.cli.options import Subparsers, add_command, add_ttl_option, client_credentials
 from cwm_server.cli.render import (
     human_bytes,
@@ -123,9 +123,12 @@ def cmd_thaw(args: argparse.Namespace) -> int:
             args.window, agent_id=args.agent or "", new_session_id=args.session or ""
         )
     if args.json:
+        with WindowClient(args.manager, credentials=client_credentials(args)) as windows:
+            token_ids = list(windows.get(args.window).token_ids)
         print_json(
             {
                 "window": args.window,
+                "token_ids": token_ids,
                 "session_id": response.session_id,
                 "cache_salt": response.cache_salt,
                 "agent_id": response.agent_id,
@@ -141,7 +144,7 @@ def cmd_thaw(args: argparse.Namespace) -> int:
             f"({response.token_count} tokens, {response.chunks} chunks)\n"
             f"continue with: POST {response.endpoint}/v1/completions "
             f'{{"cache_salt": "{response.cache_salt}", "prompt": <the {response.token_count} '
-            "token ids + your new tokens>}"
+            f"token ids (cwm show {args.window} --tokens) + your new tokens>}}"
         )
     return 0
 

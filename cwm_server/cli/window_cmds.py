@@ -50,6 +50,9 @@ def cmd_show(args: argparse.Namespace, client: WindowClient) -> int:
     if args.json:
         print_json(window_dict(window, full=True))
         return 0
+    if args.tokens:  # what a thawed session's next prompt starts with
+        print(" ".join(str(token) for token in window.token_ids))
+        return 0
     info = window_dict(window)
     model = info.pop("model")
     for key, value in info.items():
@@ -108,6 +111,12 @@ def add_parsers(sub: Subparsers) -> None:
 
     show = add_command(sub, "show", help="show one window")
     show.add_argument("name")
+    show.add_argument(
+        "--tokens",
+        action="store_true",
+        help="print only the window's token ids (space-separated): the prompt a thawed "
+        "session continues from (--json includes them as token_ids)",
+    )
     show.set_defaults(handler=cmd_show, needs_client=True)
 
     clone = add_command(sub, "clone", help="branch a window (copy-on-write, no bytes copied)")

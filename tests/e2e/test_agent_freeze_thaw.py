@@ -210,8 +210,9 @@ def test_cli_lists_agents_and_sessions_and_orders(cluster: Cluster) -> None:
     assert frozen["agent_id"] == "node-a" and frozen["tokens"] == 300
     thawed = cwm("thaw", "cli-window", "--agent", "node-b", "--session", "cli-thawed")
     assert thawed["session_id"] == "cli-thawed" and thawed["endpoint"] == cluster.engine_b.endpoint
+    assert thawed["token_ids"] == _prompt(21, 300)  # what the next prompt starts with
     reply = _complete(
-        thawed["endpoint"], prompt=[*_prompt(21, 300), 42], cache_salt="cli-thawed", max_tokens=1
+        thawed["endpoint"], prompt=[*thawed["token_ids"], 42], cache_salt="cli-thawed", max_tokens=1
     )
     assert reply["usage"]["prompt_tokens_details"]["cached_tokens"] == 300
 
