@@ -14,7 +14,7 @@ from tqdm import tqdm  # type: ignore[import-untyped]
 from cwm_client import WindowClient
 from cwm_client.archive import export_window, import_window
 from cwm_server.cli.options import Subparsers, add_command, add_transport_option
-from cwm_server.cli.render import human_bytes, print_json
+from cwm_server.cli.render import count_of, human_bytes, print_json
 
 
 class ProgressBar:
@@ -73,8 +73,8 @@ def cmd_export(args: argparse.Namespace, client: WindowClient) -> int:
         print_json(result.as_dict())
     else:
         print(
-            f"exported {result.name} -> {result.file} ({result.tokens} tokens, "
-            f"{result.chunks} chunks, {human_bytes(result.raw_bytes)} of KV, "
+            f"exported {result.name} -> {result.file} ({count_of(result.tokens, 'token')}, "
+            f"{count_of(result.chunks, 'chunk')}, {human_bytes(result.raw_bytes)} of KV, "
             f"{human_bytes(result.bytes_written)} written)"
         )
     return 0
@@ -100,9 +100,9 @@ def cmd_import(args: argparse.Namespace, client: WindowClient) -> int:
         print_json(result.as_dict())
     else:
         print(
-            f"imported {result.file} -> {result.name} ({result.tokens} tokens, "
-            f"{result.chunks} chunks: {result.chunks_sent} sent, {result.chunks_reused} "
-            f"already stored; {human_bytes(result.bytes_sent)} sent)"
+            f"imported {result.file} -> {result.name} ({count_of(result.tokens, 'token')}, "
+            f"{count_of(result.chunks, 'chunk')}: {result.chunks_sent} sent, "
+            f"{result.chunks_reused} already stored; {human_bytes(result.bytes_sent)} sent)"
         )
     return 0
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from cwm_server.cli.archive_cmds import ProgressBar
 from cwm_server.cli.options import Subparsers, add_command
-from cwm_server.cli.render import print_json
+from cwm_server.cli.render import count_of, print_json
 from cwm_server.fsck import FsckError, FsckReport, run_fsck
 from cwm_server.manager.config import default_data_dir
 
@@ -38,15 +38,16 @@ def _print_report(report: FsckReport) -> None:
         )
         print(f"unrecoverable keys (missing or corrupt values; left in place): {keys}")
     counts = (
-        f"{report.windows} windows, {report.chunk_rows} chunk rows, "
-        f"{report.chunk_files} chunk files, {report.chunks_verified} chunks verified"
+        f"{count_of(report.windows, 'window')}, {count_of(report.chunk_rows, 'chunk row')}, "
+        f"{count_of(report.chunk_files, 'chunk file')}, "
+        f"{count_of(report.chunks_verified, 'chunk')} verified"
     )
     if report.in_flight_skipped:
         counts += f", {report.in_flight_skipped} in-flight files skipped"
     if report.clean:
         print(f"clean: {counts}")
         return
-    summary = f"{len(report.problems)} problems"
+    summary = count_of(len(report.problems), "problem")
     if report.repair:
         summary += f", {report.repaired} repaired, {report.remaining} left"
     elif any(p.repairable for p in report.problems):

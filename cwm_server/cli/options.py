@@ -49,42 +49,66 @@ def add_ttl_option(parser: argparse.ArgumentParser, help: str) -> None:
 
 def _common(client: bool) -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
+    if client:
+        add_global_options(common)
+    else:
+        common.add_argument("--json", action="store_true", help="machine-readable output")
+    return common
+
+
+def add_global_options(parser: argparse.ArgumentParser) -> None:
+    """--manager, --json and the authentication options, on the top-level parser and on
+    every client command. None has a default in the parse: `apply_global_defaults` fills in
+    those given nowhere, so a command's copy never hides one given before its name
+    (`cwm --manager H:P ls`)."""
+    parser.add_argument(
         "--manager",
-        default="",  # a string default goes through `type`: resolved only when used
+        default=argparse.SUPPRESS,
         type=manager_address,
         metavar="HOST:PORT",
         help="manager address (default: $CWM_MANAGER, else client.manager in the config "
         "file, else 127.0.0.1:50051)",
     )
-    common.add_argument("--json", action="store_true", help="machine-readable output")
-    if client:
-        add_auth_options(common)
-    return common
+    parser.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output"
+    )
+    add_auth_options(parser, default=argparse.SUPPRESS)
 
 
-def add_auth_options(parser: argparse.ArgumentParser) -> None:
+def apply_global_defaults(args: argparse.Namespace) -> None:
+    """The defaults of the options `add_global_options` adds, where none was given."""
+    if not hasattr(args, "manager"):
+        args.manager = manager_address("")
+    for name, default in (("json", False), ("token", None)):
+        if not hasattr(args, name):
+            setattr(args, name, default)
+    for name in ("tls_ca", "tls_cert", "tls_key"):
+        if not hasattr(args, name):
+            setattr(args, name, None)
+
+
+def add_auth_options(parser: argparse.ArgumentParser, default: object = None) -> None:
     """--token and --tls-ca/--tls-cert/--tls-key (None: from the environment or file)."""
     parser.add_argument(
         "--token",
-        default=None,
+        default=default,
         help="bearer token (default: $CWM_TOKEN, else client.token in the config file)",
     )
     parser.add_argument(
         "--tls-ca",
-        default=None,
+        default=default,
         metavar="PEM",
         help="CA of the manager's certificate; given, the connection uses TLS ($CWM_TLS_CA)",
     )
     parser.add_argument(
         "--tls-cert",
-        default=None,
+        default=default,
         metavar="PEM",
         help="client certificate for mutual TLS ($CWM_TLS_CLIENT_CERT)",
     )
     parser.add_argument(
         "--tls-key",
-        default=None,
+        default=default,
         metavar="PEM",
         help="key of the client certificate ($CWM_TLS_CLIENT_KEY)",
     )

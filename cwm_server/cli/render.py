@@ -55,6 +55,11 @@ def window_dict(window: pb.WindowInfo, full: bool = False) -> dict[str, Any]:
     return out
 
 
+def count_of(count: int, noun: str) -> str:
+    """ "1 chunk", "3 chunks": a count with its noun, singular for one."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def human_bytes(count: int) -> str:
     value = float(count)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):

@@ -8,6 +8,7 @@ from typing import Any
 from cwm_client import SessionClient, WindowClient, pb
 from cwm_server.cli.options import Subparsers, add_command, add_ttl_option, client_credentials
 from cwm_server.cli.render import (
+    count_of,
     human_bytes,
     iso_time,
     print_json,
@@ -111,7 +112,8 @@ def cmd_freeze(args: argparse.Namespace) -> int:
     else:
         print(
             f"froze session {args.session} on {response.agent_id} as {response.window.name}: "
-            f"{response.window.token_count} tokens, {response.chunks_sent} chunks sent "
+            f"{count_of(response.window.token_count, 'token')}, "
+            f"{count_of(response.chunks_sent, 'chunk')} sent "
             f"({human_bytes(response.bytes_sent)}), {response.chunks_reused} already stored"
         )
     return 0
@@ -141,7 +143,7 @@ def cmd_thaw(args: argparse.Namespace) -> int:
     else:
         print(
             f"thawed {args.window} into session {response.session_id} on {response.agent_id} "
-            f"({response.token_count} tokens, {response.chunks} chunks)\n"
+            f"({count_of(response.token_count, 'token')}, {count_of(response.chunks, 'chunk')})\n"
             f"continue with: POST {response.endpoint}/v1/completions "
             f'{{"cache_salt": "{response.cache_salt}", "prompt": <the {response.token_count} '
             f"token ids (cwm show {args.window} --tokens) + your new tokens>}}"

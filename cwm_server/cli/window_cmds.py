@@ -8,6 +8,7 @@ from cwm_client import WindowClient, pb
 from cwm_server.cli.options import Subparsers, add_command, add_ttl_option
 from cwm_server.cli.render import (
     WINDOW_HEADERS,
+    count_of,
     human_bytes,
     print_json,
     print_table,
@@ -78,7 +79,8 @@ def cmd_clone(args: argparse.Namespace, client: WindowClient) -> int:
     if args.json:
         print_json(window_dict(window))
     else:
-        print(f"cloned {args.source} -> {window.name} ({window.chunk_count} chunks shared)")
+        shared = count_of(window.chunk_count, "chunk")
+        print(f"cloned {args.source} -> {window.name} ({shared} shared)")
     return 0
 
 
@@ -94,7 +96,7 @@ def cmd_rm(args: argparse.Namespace, client: WindowClient) -> int:
         )
     else:
         print(
-            f"deleted {args.name} (freed {response.chunks_freed} chunks, "
+            f"deleted {args.name} (freed {count_of(response.chunks_freed, 'chunk')}, "
             f"{human_bytes(response.bytes_freed)})"
         )
     return 0
