@@ -149,7 +149,10 @@ def export_window(
     check_window_name(name)
     dest = Path(path)
     if dest.exists() and not overwrite:
-        raise AlreadyExists(f"{dest} exists; choose another file or allow overwriting it")
+        raise AlreadyExists(
+            f"{dest} exists; choose another file or overwrite it (`cwm export --force`, "
+            "`overwrite=True` in the SDK)"
+        )
     with client.thaw(name, transport=transport) as stream:
         window = stream.window
         tmp = dest.with_name(f".{dest.name}.{os.getpid()}.partial")

@@ -38,6 +38,7 @@ class AsyncSessionClient(AsyncServiceClient):
         tags: Mapping[str, str] | None = None,
         ttl_seconds: int = 0,
         agent_id: str = "",
+        replace: bool = False,
     ) -> pb.FreezeSessionResponse:
         """Order the agent hosting `session_id` to freeze it as `window_name`."""
         response: pb.FreezeSessionResponse = await self._unary(
@@ -49,6 +50,7 @@ class AsyncSessionClient(AsyncServiceClient):
                 tags=tags,
                 ttl_seconds=ttl_seconds,
                 agent_id=agent_id,
+                replace=replace,
             ),
         )
         return response

@@ -16,6 +16,7 @@ def freeze_session_request(
     tags: Mapping[str, str] | None,
     ttl_seconds: int,
     agent_id: str,
+    replace: bool = False,
 ) -> pb.FreezeSessionRequest:
     return build(
         pb.FreezeSessionRequest,
@@ -25,6 +26,7 @@ def freeze_session_request(
         tags=dict(tags or {}),
         ttl_seconds=ttl_seconds,
         agent_id=agent_id,
+        replace=replace,
     )
 
 

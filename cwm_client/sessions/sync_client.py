@@ -37,6 +37,7 @@ class SessionClient(ServiceClient):
         tags: Mapping[str, str] | None = None,
         ttl_seconds: int = 0,
         agent_id: str = "",
+        replace: bool = False,
     ) -> pb.FreezeSessionResponse:
         """Order the agent hosting `session_id` to freeze it as `window_name`."""
         response: pb.FreezeSessionResponse = self._unary(
@@ -48,6 +49,7 @@ class SessionClient(ServiceClient):
                 tags=tags,
                 ttl_seconds=ttl_seconds,
                 agent_id=agent_id,
+                replace=replace,
             ),
         )
         return response

@@ -193,6 +193,7 @@ class HostAgent:
                         description=f.description,
                         tags=dict(f.tags),
                         ttl_seconds=f.ttl_seconds,
+                        replace=f.replace,
                     )
                 )
             elif kind == "thaw":
@@ -227,8 +228,10 @@ class HostAgent:
         description: str = "",
         tags: dict[str, str] | None = None,
         ttl_seconds: int = 0,
+        replace: bool = False,
     ) -> pb.FreezeOrderResult:
-        """Export the session's KV and freeze it; only chunks the store lacks are sent."""
+        """Export the session's KV and freeze it; only chunks the store lacks are sent
+        (`replace`: a window of that name is replaced, atomically)."""
         assert self._windows is not None
         async with self._lock(session_id):
             exported = await asyncio.to_thread(
@@ -250,6 +253,7 @@ class HostAgent:
                 tags=tags,
                 description=description,
                 ttl_seconds=ttl_seconds,
+                replace=replace,
             )
             self._frozen_tokens[session_id] = len(exported.token_ids)
             self._last_window[session_id] = window_name

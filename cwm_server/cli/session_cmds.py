@@ -99,6 +99,7 @@ def cmd_freeze(args: argparse.Namespace) -> int:
             description=args.description or "",
             ttl_seconds=args.ttl or 0,
             agent_id=args.agent or "",
+            replace=args.replace,
         )
     if args.json:
         out = window_dict(response.window)
@@ -164,6 +165,12 @@ def add_parsers(sub: Subparsers) -> None:
     freeze.add_argument("window")
     freeze.add_argument("--agent", help="the hosting agent, if several report the session")
     freeze.add_argument("--description")
+    freeze.add_argument(
+        "--replace",
+        action="store_true",
+        help="replace a window of that name if one exists (atomically: the old one stays "
+        "until the new one is committed)",
+    )
     add_ttl_option(
         freeze,
         help="window lifetime: 5m, 1h, 24h, 7d, <n>s/m/h/d or seconds; never/pinned: no expiry",

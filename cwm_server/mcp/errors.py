@@ -29,6 +29,8 @@ def _hint(exc: CwmError, message: str, manager: str) -> str:
             return "cwm_health names the connected agents"
         return "window_list shows what exists"
     if code == grpc.StatusCode.ALREADY_EXISTS:
+        if exc.field == "new_session_id" or "already has a session" in message:
+            return "choose another new_session_id, or omit it to get a fresh one"
         return "choose another name, or window_delete the existing window first"
     if code == grpc.StatusCode.FAILED_PRECONDITION and "fingerprint" in message:
         return (

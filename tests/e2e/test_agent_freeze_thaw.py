@@ -208,6 +208,26 @@ def test_cli_lists_agents_and_sessions_and_orders(cluster: Cluster) -> None:
     assert salt in {s["session_id"] for s in cwm("sessions", "--agent", "node-a")}
     frozen = cwm("freeze", salt, "cli-window")
     assert frozen["agent_id"] == "node-a" and frozen["tokens"] == 300
+    again = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cwm_server.cli.main",
+            "freeze",
+            salt,
+            "cli-window",
+            "--manager",
+            cluster.manager.target,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert again.returncode == 1 and "ALREADY_EXISTS" in again.stderr
+    assert "cwm freeze --replace" in again.stderr  # the hint names a flag that exists
+    replaced = cwm("freeze", salt, "cli-window", "--replace")
+    assert replaced["name"] == "cli-window" and replaced["tokens"] == 300
     thawed = cwm("thaw", "cli-window", "--agent", "node-b", "--session", "cli-thawed")
     assert thawed["session_id"] == "cli-thawed" and thawed["endpoint"] == cluster.engine_b.endpoint
     assert thawed["token_ids"] == _prompt(21, 300)  # what the next prompt starts with

@@ -313,6 +313,16 @@ async def test_bad_inputs_are_tool_errors_with_the_code_and_the_bridge_keeps_ser
         await _fails(
             client, "window_thaw", "NOT_FOUND", "cwm_health", window_name=name, agent_id="nobody"
         )
+        text = await _fails(
+            client,
+            "window_thaw",
+            "ALREADY_EXISTS",
+            "choose another new_session_id",
+            window_name=name,
+            agent_id="node-a",
+            new_session_id=salt,  # the live session it was frozen from
+        )
+        assert "window_delete" not in text
 
         await _fails(
             client, "window_freeze", "INVALID_ARGUMENT", session_id=salt, window_name="bad name!"

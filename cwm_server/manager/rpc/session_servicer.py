@@ -100,6 +100,7 @@ class SessionServicer(pb.SessionServiceServicer):
                 description=request.description,
                 tags=dict(request.tags),
                 ttl_seconds=request.ttl_seconds,
+                replace=request.replace,
             )
         )
         result = (await self._registry.order(conn, order)).freeze

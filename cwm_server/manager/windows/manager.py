@@ -242,8 +242,8 @@ def window_not_found(name: str) -> NotFound:
 
 def window_exists_error(name: str) -> AlreadyExists:
     return AlreadyExists(
-        f"window {name!r} already exists; choose another name, delete it first, or ask to "
-        "replace it",
+        f"window {name!r} already exists; choose another name, delete it first (`cwm rm "
+        f"{name}`), or replace it (`cwm freeze --replace`, `replace=True` in the SDK)",
         reason="WINDOW_EXISTS",
         metadata={"window": name},
     )

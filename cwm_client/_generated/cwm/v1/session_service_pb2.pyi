@@ -196,6 +196,7 @@ class FreezeOrder(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     TAGS_FIELD_NUMBER: _builtins.int
     TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    REPLACE_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Session to freeze."""
     window_name: _builtins.str
@@ -204,6 +205,8 @@ class FreezeOrder(_message.Message):
     """Window description."""
     ttl_seconds: _builtins.int
     """Window lifetime in seconds; 0 means no expiry."""
+    replace: _builtins.bool
+    """Replace a window of that name if one exists (FreezeSessionRequest.replace)."""
     @_builtins.property
     def tags(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Window labels."""
@@ -216,10 +219,11 @@ class FreezeOrder(_message.Message):
         description: _builtins.str = ...,
         tags: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         ttl_seconds: _builtins.int = ...,
+        replace: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "session_id", b"session_id", "tags", b"tags", "ttl_seconds", b"ttl_seconds", "window_name", b"window_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "replace", b"replace", "session_id", b"session_id", "tags", b"tags", "ttl_seconds", b"ttl_seconds", "window_name", b"window_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -638,6 +642,7 @@ class FreezeSessionRequest(_message.Message):
     TAGS_FIELD_NUMBER: _builtins.int
     TTL_SECONDS_FIELD_NUMBER: _builtins.int
     AGENT_ID_FIELD_NUMBER: _builtins.int
+    REPLACE_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Session to freeze."""
     window_name: _builtins.str
@@ -648,6 +653,10 @@ class FreezeSessionRequest(_message.Message):
     """Window lifetime in seconds; 0 means no expiry."""
     agent_id: _builtins.str
     """Agent hosting the session; needed only when several agents report the same id."""
+    replace: _builtins.bool
+    """Replace a window of that name if one exists (atomically: the old one stays until the
+    new one is committed); otherwise an existing name is ALREADY_EXISTS.
+    """
     @_builtins.property
     def tags(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Window labels."""
@@ -661,10 +670,11 @@ class FreezeSessionRequest(_message.Message):
         tags: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         ttl_seconds: _builtins.int = ...,
         agent_id: _builtins.str = ...,
+        replace: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "description", b"description", "session_id", b"session_id", "tags", b"tags", "ttl_seconds", b"ttl_seconds", "window_name", b"window_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "description", b"description", "replace", b"replace", "session_id", b"session_id", "tags", b"tags", "ttl_seconds", b"ttl_seconds", "window_name", b"window_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
