@@ -7,14 +7,14 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from cwm_client import pb
 from cwm_client.archive.layout import iso_time
-from cwm_client.archive.reader import read_archive
+from cwm_client.archive.reader import ArchiveChunk, read_archive
 from cwm_client.errors import CwmError, FailedPrecondition
 from cwm_client.names import check_window_name
 from cwm_client.windows.progress import Progress
@@ -64,6 +64,10 @@ def remaining_ttl(window: pb.WindowInfo, now: float | None = None) -> int:
     return left
 
 
+FIND_MISSING_BATCH = 10_000
+"""Digests per FindMissingChunks call (the manager takes up to 100000)."""
+
+
 class _DropRequestIteratorErrors(logging.Filter):
     """gRPC logs a traceback when a request iterator raises; the import reports the
     exception itself instead."""
@@ -83,6 +87,18 @@ def _quiet_request_iterator_errors() -> Iterator[None]:
         logger.removeFilter(quiet)
 
 
+def _verify_what_is_not_sent(client: WindowClient, chunks: Sequence[ArchiveChunk]) -> None:
+    """Read and verify the archive's chunks that the manager already holds (the freeze
+    reads, verifies and sends the others)."""
+    missing: set[bytes] = set()
+    digests = [c.digest for c in chunks]
+    for start in range(0, len(digests), FIND_MISSING_BATCH):
+        missing.update(client.find_missing(digests[start : start + FIND_MISSING_BATCH]))
+    for chunk in chunks:
+        if chunk.digest not in missing:
+            chunk.data()  # DataLoss if the archive's copy is damaged
+
+
 def import_window(
     client: WindowClient,
     path: str | os.PathLike[str],
@@ -97,13 +113,17 @@ def import_window(
 
     The window keeps its token ids, fingerprint, chunking, session id, cache salt, parent,
     tags, description, pin and remaining lifetime (`ttl_seconds` overrides the lifetime;
-    0 means never expire). Only the chunks the manager lacks are read and sent, each
-    verified first; a corrupt chunk raises DataLoss and nothing is committed.
+    0 means never expire). Every chunk of the archive is read and verified: the ones the
+    manager lacks as they are sent, the others first (a damaged archive is refused even
+    where the manager would not need its bytes). A corrupt chunk raises DataLoss and
+    nothing is committed. Chunks the manager holds only in quarantine (found corrupt
+    there) count as lacking: importing the archive repairs them.
     """
     with read_archive(path) as archive:
         window = archive.window
         target = check_window_name(name or window.name)
         ttl = remaining_ttl(window) if ttl_seconds is None else ttl_seconds
+        _verify_what_is_not_sent(client, archive.chunks)
         with _quiet_request_iterator_errors():
             try:
                 result = client.freeze(

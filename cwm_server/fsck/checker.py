@@ -32,6 +32,7 @@ from cwm_server.manager.catalog.sqlite import SqliteCatalog
 from cwm_server.manager.tiers.base import ChunkCorrupt
 from cwm_server.manager.tiers.disk import DiskTier
 from cwm_server.manager.tiers.memory import MemoryTier
+from cwm_server.manager.tiers.quarantine import Quarantine
 from cwm_server.manager.tiers.sealing import KEY_UNAVAILABLE, Keyring
 from cwm_server.manager.tiers.store import ChunkStore
 
@@ -115,6 +116,7 @@ class Checker:
         self.progress = progress
         self.catalog = SqliteCatalog(data_dir / CATALOG_FILE, read_only=not repair)
         self.store = ChunkStore(DiskTier(data_dir, fsync=True), MemoryTier(0), compress=False)
+        self.quarantine = Quarantine(data_dir)
         self.store.keyring = keyring
         self.report = FsckReport(str(data_dir), manager_running=running, repair=repair)
         self.now = time.time()
@@ -192,6 +194,13 @@ class Checker:
                 self.progress(done, total)
             row = rows.get((tenant, digest))
             why = chunk_fault(self.store, tenant, digest, users[0].raw_size)
+            moved = why == "missing" and bool(self.quarantine.missing(tenant, [digest]))
+            if moved:
+                why = (
+                    f"corrupt (found so on a read and quarantined at "
+                    f"{self.quarantine.path_for(tenant, digest)}; the next freeze or `cwm "
+                    "import` of the same bytes repairs it)"
+                )
             if why is not None and why.startswith(UNVERIFIABLE):
                 self.report.warnings.append(
                     Problem(
@@ -208,7 +217,7 @@ class Checker:
             else:
                 self.report.chunks_verified += 1
             if why is not None:
-                self._report_bad_chunk(tenant, digest, users, why, row is None)
+                self._report_bad_chunk(tenant, digest, users, why, row is None, moved)
             elif row is None:
                 self._report_missing_row(tenant, digest, users)
             if row is not None and row.refcount != len(users):
@@ -232,11 +241,21 @@ class Checker:
         users: list[_Reference],
         why: str,
         no_row: bool,
+        moved: bool = False,
     ) -> None:
+        corrupt = why != "missing"
+        quarantined = moved or (corrupt and not no_row and self._quarantine(tenant, digest, why))
         for user in users:
             if not self._still_there(user):
                 continue
             detail = f"{why}; it has no catalog row either" if no_row else why
+            if corrupt and not no_row and not moved:
+                detail += (
+                    "; quarantined: the next freeze or `cwm import` of the same bytes repairs it"
+                    if quarantined
+                    else "; `--repair` (with the manager stopped) quarantines it, and the next "
+                    "freeze or `cwm import` of the same bytes then repairs it"
+                )
             self._add(
                 Problem(
                     MISSING_FILE if why == "missing" else CORRUPT,
@@ -247,6 +266,8 @@ class Checker:
                     chunk_index=None if user.key is not None else user.index,
                     digest=digest.hex(),
                     path=str(self.store.chunk_path(tenant, digest)),
+                    repairable=corrupt and not no_row and not quarantined,
+                    repaired=quarantined,
                 )
             )
             if user.key is not None:
@@ -254,6 +275,14 @@ class Checker:
             else:
                 name = f"{tenant}/{user.window}"
                 self.report.unrecoverable_windows.setdefault(name, []).append(user.index)
+
+    def _quarantine(self, tenant: str, digest: bytes, why: str) -> bool:
+        """With --repair and no manager running, move a corrupt chunk file into the
+        quarantine (`tiers.quarantine`), which the manager reads at start-up."""
+        if not self.repair or self.running:
+            return False
+        path = self.store.chunk_path(tenant, digest)
+        return self.quarantine.move(Path(path), tenant, digest, why)
 
     def _report_missing_row(self, tenant: str, digest: bytes, users: list[_Reference]) -> None:
         live = [u for u in users if self._still_there(u)]

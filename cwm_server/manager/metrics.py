@@ -300,6 +300,14 @@ class StoreMetrics(StoreObserver):
             ["reason"],
             registry=registry,
         )
+        self._corrupt = Counter(
+            "cwm_chunks_corrupt",
+            "Chunk copies that failed their check on a read, by tier (a disk copy is "
+            "quarantined: the next freeze or import of the same bytes repairs it).",
+            ["tier"],
+            registry=registry,
+        )
+        self._corrupt.labels("disk")
         for tier in ("memory", "disk"):
             self._hits.labels(tier)
             self._misses.labels(tier)
@@ -322,6 +330,9 @@ class StoreMetrics(StoreObserver):
 
     def redis_skipped(self, reason: str) -> None:
         self._redis_skips.labels(reason or "UNKNOWN").inc()
+
+    def corrupt(self, tier: str) -> None:
+        self._corrupt.labels(tier).inc()
 
 
 class StateCollector(Collector):

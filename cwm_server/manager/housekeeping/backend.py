@@ -28,6 +28,7 @@ from cwm_server.manager.housekeeping.collector import Collector, LocalCollector,
 from cwm_server.manager.housekeeping.pins import PinTable
 from cwm_server.manager.tiers.disk import DiskTier
 from cwm_server.manager.tiers.memory import MemoryTier
+from cwm_server.manager.tiers.quarantine import Quarantine
 from cwm_server.manager.tiers.redis import RedisTier
 from cwm_server.manager.tiers.redis_link import RedisLink, parse_urls
 from cwm_server.manager.tiers.sealing import Keyring
@@ -64,6 +65,7 @@ def open_backend(config: ManagerConfig, pins: PinTable, executors: Executors) ->
         disk_enabled=config.redis_policy != "redis-only",
         redis_required=config.redis_catalog,
     )
+    store.quarantine = Quarantine(config.data_dir)
     if config.key_file is not None:
         store.keyring = Keyring.load(config.key_file)
     if redis is not None and config.redis_catalog:

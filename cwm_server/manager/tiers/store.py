@@ -11,6 +11,7 @@ through `remove*`. These calls block; the manager runs them on its I/O threads (
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import time
 from collections.abc import Container, Iterator, Sequence
@@ -26,6 +27,7 @@ from cwm_server.manager.tiers.base import ChunkCorrupt
 from cwm_server.manager.tiers.disk import DiskFile, DiskTier
 from cwm_server.manager.tiers.format import StoredChunk
 from cwm_server.manager.tiers.memory import MemoryTier
+from cwm_server.manager.tiers.quarantine import Quarantine
 from cwm_server.manager.tiers.redis import RedisTier
 from cwm_server.manager.tiers.redis_link import tenant_from_tag
 from cwm_server.manager.tiers.sealing import Keyring, open_chunk, plain_codec, seal_chunk
@@ -64,6 +66,9 @@ class StoreObserver:
     def redis_skipped(self, reason: str) -> None:
         """A best-effort Redis copy was skipped (Redis away or refusing: `reason`)."""
 
+    def corrupt(self, tier: str) -> None:
+        """A copy in `tier` failed its check on a read (and was quarantined)."""
+
 
 def digest_mismatch(subject: str, digest: bytes, field: str = "chunk.data") -> DataLoss:
     """The refusal of bytes that arrived for storing under a digest they do not match;
@@ -100,6 +105,9 @@ class ChunkStore:
         self.redis_required = redis is not None and (redis_required or not self.disk_enabled)
         self.redis_skips = 0
         """Best-effort Redis copies skipped since start (Redis away, full or refusing)."""
+        self.quarantine: Quarantine | None = None
+        """Where disk copies found corrupt go, so the next copy of their bytes heals them
+        (`tiers.quarantine`); None: they stay where they are (fsck's own store)."""
         self.keyring: Keyring | None = None
         """Per-tenant keys (`sealing`): chunks of tenants with an active key are sealed
         before they reach any tier below memory, and opened on the way out."""
@@ -153,6 +161,8 @@ class ChunkStore:
             codec, encoded = encode_if_smaller(raw, word_size)
         chunk = StoredChunk(codec, word_size, len(raw), encoded)
         stored = self._write_durably(tenant, digest, chunk, subject)
+        if self.quarantine is not None:
+            self.quarantine.healed(tenant, digest)
         observer.stored(time.perf_counter() - verified)
         self._memory.write(tenant, digest, raw, seal)
         return StoreResult(codec=codec, stored_size=stored, raw_size=len(raw))
@@ -206,11 +216,7 @@ class ChunkStore:
                 if found is not None:
                     raw = self._decoded(tenant, digest, found)
             except ValueError as exc:  # ChunkCorrupt, or bytes that do not decode
-                raise DataLoss(
-                    f"{where}: chunk {digest.hex()} is corrupt on disk ({exc}); "
-                    "run `cwm fsck` to see what else is affected",
-                    reason="CHUNK_CORRUPT",
-                ) from None
+                return self._heal(tenant, digest, where, f"corrupt on disk ({exc})")
             if raw is None:
                 observer.miss("disk")
         if raw is None:
@@ -222,13 +228,43 @@ class ChunkStore:
                 reason="CHUNK_MISSING",
             )
         if not self._verify_load(digest, raw):
-            raise DataLoss(
-                f"{where}: chunk {digest.hex()} failed verification (stored bytes do not "
-                "match the digest); refusing to serve it; run `cwm fsck`",
-                reason="CHUNK_CORRUPT",
+            return self._heal(
+                tenant, digest, where, "corrupt on disk (its bytes do not match the digest)"
             )
         self._loaded(tenant, digest, raw, "disk", started)
         return raw
+
+    def _heal(self, tenant: str, digest: bytes, where: str, why: str) -> bytes:
+        """A disk copy failed its check: quarantine it, then serve (and rewrite on disk) a
+        verified copy from Redis if there is one; else DATA_LOSS saying how to repair it."""
+        if self.quarantine is not None:
+            self.quarantine.move(self._disk.path_for(tenant, digest), tenant, digest, why)
+        self.observer.corrupt("disk")
+        if self._redis is not None:
+            found = self._redis.read(tenant, digest)
+            if found is not None:
+                try:
+                    raw = self._decoded(tenant, digest, found)
+                except ValueError:
+                    raw = b""
+                if raw and self._verify_load(digest, raw):
+                    with contextlib.suppress(OSError):
+                        self._disk.write(tenant, digest, found)  # the local copy, repaired
+                        if self.quarantine is not None:
+                            self.quarantine.healed(tenant, digest)
+                    self._loaded(tenant, digest, raw, "redis", time.perf_counter())
+                    return raw
+        healing = (
+            "; it was quarantined, and the next freeze or `cwm import` of the same bytes "
+            "repairs every window that uses it (FindMissingChunks lists it as missing now)"
+            if self.quarantine is not None
+            else ""
+        )
+        raise DataLoss(
+            f"{where}: chunk {digest.hex()} is {why}; refusing to serve it{healing}; "
+            "run `cwm fsck` to see what else is affected",
+            reason="CHUNK_CORRUPT",
+        )
 
     def get_from_memory(self, tenant: str, digest: bytes) -> bytes | None:
         """The chunk's raw bytes if the memory tier holds them unchanged (its seal checked,

@@ -131,7 +131,14 @@ class WindowManager:
                     f"digests[{position}] is {len(digest)} bytes; BLAKE3 digests are {DIGEST_SIZE}",
                     field=f"digests[{position}]",
                 )
-        return await self.db(self.catalog.missing, tenant, digests)
+        missing: list[bytes] = await self.db(self.catalog.missing, tenant, digests)
+        quarantine = self.store.quarantine
+        if quarantine is not None and len(quarantine):
+            # Quarantined chunks still have rows, but no sound copy: ask for their bytes,
+            # so that this freeze heals every window that shares them.
+            listed = set(missing)
+            missing += [d for d in quarantine.missing(tenant, digests) if d not in listed]
+        return missing
 
     async def get(self, tenant: str, name: str, view: int) -> pb.WindowInfo:
         check_window_name(name)
