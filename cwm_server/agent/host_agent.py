@@ -33,6 +33,10 @@ from cwm_client.fingerprints import fingerprint_differences
 from cwm_server.agent.auto_freeze import AutoFreezePolicy, auto_window_name
 from cwm_server.agent.engines.base import EngineAdapter
 
+HEARTBEAT_S = 10.0
+"""Longest time between two reports to the manager, sessions changed or not."""
+ID_CONFLICTS = ("AGENT_ID_IN_USE", "AGENT_REPLACED")
+"""Why the manager ends or refuses a Connect over this agent's id."""
 log = structlog.get_logger("cwm.agent")
 
 SESSION_ID_RE = re.compile(r"\A[A-Za-z0-9._-]{1,128}\Z")
@@ -99,7 +103,12 @@ class HostAgent:
                 await self._connected(stop)
             except (grpc.RpcError, CwmError, OSError) as exc:
                 error = from_rpc_error(exc) if isinstance(exc, grpc.RpcError) else exc
-                log.warning("manager_unreachable", error=str(error), retry_in=round(delay, 2))
+                if isinstance(error, CwmError) and error.reason in ID_CONFLICTS:
+                    # Another agent holds this id (or took it over): say so, and keep
+                    # trying, since the other one may stop.
+                    log.error("agent_id_conflict", error=str(error), retry_in=round(delay, 2))
+                else:
+                    log.warning("manager_unreachable", error=str(error), retry_in=round(delay, 2))
             finally:
                 self.connected.clear()
             if self.connections > before:
@@ -156,13 +165,18 @@ class HostAgent:
                 call.cancel()
 
     async def _report_loop(self, outbox: asyncio.Queue[Any]) -> None:
+        """Report the sessions when they change, and at least every `HEARTBEAT_S` (the
+        manager lets another connection take over an agent id only once its holder has
+        been silent for longer: `cwm_server.manager.agents.SILENT_AFTER_S`)."""
         last: list[tuple[str, int]] | None = None
+        sent_at = 0.0
         while True:
             sessions = await asyncio.to_thread(self.engine.sessions)
             snapshot = sorted((s.session_id, s.token_count) for s in sessions)
-            if snapshot != last:
+            if snapshot != last or time.monotonic() - sent_at >= HEARTBEAT_S:
                 await outbox.put(pb.ConnectRequest(sessions=self._report(sessions)))
                 last = snapshot
+                sent_at = time.monotonic()
             await asyncio.sleep(self.report_interval)
 
     def _report(self, sessions: list[Any]) -> pb.SessionReport:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from dataclasses import dataclass, field
 
 import grpc
@@ -21,6 +22,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from cwm_client import pb
 from cwm_client.errors import (
+    AlreadyExists,
     CwmError,
     DeadlineExceeded,
     FailedPrecondition,
@@ -35,6 +37,10 @@ from cwm_server.manager.windows.checks import now_timestamp
 log = structlog.get_logger("cwm.agents")
 
 ORDER_TIMEOUT_S = 600.0
+SILENT_AFTER_S = 30.0
+"""An agent not heard from for this long (no report, no result: a live one reports at
+least every `cwm_server.agent.host_agent.HEARTBEAT_S`) may be taken over by another
+connection with its id; a live one may not."""
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
 
 
@@ -48,6 +54,10 @@ class AgentConnection:
     outbox: asyncio.Queue[pb.Order] = field(default_factory=asyncio.Queue)
     sessions: dict[str, pb.SessionInfo] = field(default_factory=dict)
     pending: dict[str, asyncio.Future[pb.OrderResult]] = field(default_factory=dict)
+    heard_at: float = field(default_factory=time.monotonic)
+    """When the agent last sent anything (its hello, a report, a result)."""
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when another connection took this agent id over: its Connect stream ends."""
 
     def info(self) -> pb.AgentInfo:
         return pb.AgentInfo(
@@ -72,7 +82,32 @@ class AgentRegistry:
         key = (tenant, hello.agent_id)
         old = self._agents.get(key)
         if old is not None:
-            self._fail_pending(old, f"agent {hello.agent_id!r} reconnected")
+            silent = time.monotonic() - old.heard_at
+            if silent < SILENT_AFTER_S:
+                log.warning(
+                    "agent_id_in_use",
+                    agent_id=hello.agent_id,
+                    holder=old.endpoint,
+                    refused=hello.endpoint,
+                )
+                raise AlreadyExists(
+                    f"agent id {hello.agent_id!r} is in use by the agent at "
+                    f"{old.endpoint or 'an unnamed endpoint'} (connected since "
+                    f"{old.connected_at.ToJsonString()}, heard from {silent:.0f} s ago); give "
+                    "this agent another --agent-id, or stop the other one",
+                    reason="AGENT_ID_IN_USE",
+                    field="hello.agent_id",
+                    metadata={"agent_id": hello.agent_id, "holder_endpoint": old.endpoint},
+                )
+            log.warning(
+                "agent_taken_over",
+                agent_id=hello.agent_id,
+                silent_s=round(silent),
+                old=old.endpoint,
+                new=hello.endpoint,
+            )
+            self._fail_pending(old, f"agent {hello.agent_id!r} went silent and was replaced")
+            old.ended.set()
         conn = AgentConnection(
             tenant=tenant,
             agent_id=hello.agent_id,
@@ -96,6 +131,9 @@ class AgentRegistry:
             if not future.done():
                 future.set_exception(Unavailable(f"{why} before answering; try again"))
         conn.pending.clear()
+
+    def heard(self, conn: AgentConnection) -> None:
+        conn.heard_at = time.monotonic()
 
     def report_sessions(self, conn: AgentConnection, report: pb.SessionReport) -> None:
         conn.sessions = {}

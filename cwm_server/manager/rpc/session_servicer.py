@@ -10,7 +10,7 @@ import grpc.aio
 import structlog
 
 from cwm_client import pb
-from cwm_client.errors import InvalidArgument
+from cwm_client.errors import Aborted, InvalidArgument
 from cwm_client.names import check_window_name
 from cwm_server.manager.agents import AgentConnection, AgentRegistry
 from cwm_server.manager.rpc.tenancy import current_tenant
@@ -38,18 +38,31 @@ class SessionServicer(pb.SessionServiceServicer):
         reader = asyncio.ensure_future(self._read(conn, request_iterator))
         try:
             yield pb.ConnectResponse(welcome=pb.Welcome(manager_id=self._manager_id))
-            while True:
-                get = asyncio.ensure_future(conn.outbox.get())
-                try:
-                    await asyncio.wait({get, reader}, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    if not get.done():
-                        get.cancel()
-                # Not done: the reader ended first and `get` was just asked to cancel (it is
-                # only "cancelling" until the loop runs it; its result() would raise).
-                if not get.done() or get.cancelled():
-                    break
-                yield pb.ConnectResponse(order=get.result())
+            ended = asyncio.ensure_future(conn.ended.wait())
+            try:
+                while True:
+                    get = asyncio.ensure_future(conn.outbox.get())
+                    try:
+                        await asyncio.wait(
+                            {get, reader, ended}, return_when=asyncio.FIRST_COMPLETED
+                        )
+                    finally:
+                        if not get.done():
+                            get.cancel()
+                    # Not done: the reader ended first (or the id was taken over) and `get`
+                    # was just asked to cancel (it is only "cancelling" until the loop runs
+                    # it; its result() would raise).
+                    if not get.done() or get.cancelled():
+                        break
+                    yield pb.ConnectResponse(order=get.result())
+            finally:
+                ended.cancel()
+            if conn.ended.is_set():
+                raise Aborted(
+                    f"agent id {conn.agent_id!r} was taken over by another connection after "
+                    "this one went silent",
+                    reason="AGENT_REPLACED",
+                )
             reader.result()
         finally:
             reader.cancel()
@@ -61,6 +74,7 @@ class SessionServicer(pb.SessionServiceServicer):
         self, conn: AgentConnection, request_iterator: AsyncIterator[pb.ConnectRequest]
     ) -> None:
         async for message in request_iterator:
+            self._registry.heard(conn)
             kind = message.WhichOneof("payload")
             if kind == "sessions":
                 self._registry.report_sessions(conn, message.sessions)

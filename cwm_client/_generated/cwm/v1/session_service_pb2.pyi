@@ -119,7 +119,11 @@ class AgentHello(_message.Message):
     FINGERPRINT_FIELD_NUMBER: _builtins.int
     ENDPOINT_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
-    """Unique agent id; a second connection with the same id replaces the first."""
+    """Unique agent id (within the tenant). A second connection with the id of a live agent
+    is refused with ALREADY_EXISTS (reason AGENT_ID_IN_USE, naming the holder's endpoint);
+    one whose holder has sent nothing for 30 s takes the id over, and the holder's stream
+    ends with ABORTED (AGENT_REPLACED). Agents report at least every 10 s.
+    """
     endpoint: _builtins.str
     """Where clients reach the engine."""
     @_builtins.property
