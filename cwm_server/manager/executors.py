@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
+
+from cwm_client.errors import ResourceExhausted
 
 T = TypeVar("T")
 
@@ -25,8 +28,18 @@ class Executors:
         self._store_slots: asyncio.Semaphore | None = None
 
     async def db(self, fn: Callable[..., T], *args: object) -> T:
-        """Run `fn(*args)` on the catalog thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._db_executor, fn, *args)
+        """Run `fn(*args)` on the catalog thread. SQLite's "database or disk is full" is
+        RESOURCE_EXHAUSTED (DISK_FULL) saying what to do, not an INTERNAL traceback."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._db_executor, fn, *args)
+        except sqlite3.OperationalError as exc:
+            if "full" not in str(exc):
+                raise
+            raise ResourceExhausted(
+                f"the disk holding the catalog is full ({exc}); free space on it, or delete "
+                "windows (`cwm rm` works on a full disk), then retry",
+                reason="DISK_FULL",
+            ) from None
 
     async def io(self, fn: Callable[..., T], *args: object) -> T:
         """Run blocking chunk work on the I/O threads."""

@@ -18,7 +18,7 @@ import structlog
 
 from cwm_client import pb
 from cwm_client.chunks import DIGEST_SIZE
-from cwm_client.errors import AlreadyExists, InvalidArgument, NotFound
+from cwm_client.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from cwm_client.names import check_window_name
 from cwm_server.manager import paging
 from cwm_server.manager.catalog.base import WindowExists, WindowGone, basic_view
@@ -27,6 +27,7 @@ from cwm_server.manager.executors import Executors
 from cwm_server.manager.housekeeping.backend import open_backend
 from cwm_server.manager.housekeeping.pins import PinTable
 from cwm_server.manager.housekeeping.recovery import RecoveryReport, recover
+from cwm_server.manager.housekeeping.space_reserve import SpaceReserve
 from cwm_server.manager.housekeeping.ttl import Expiry
 from cwm_server.manager.quotas import QuotaLedger, QuotaPolicy
 from cwm_server.manager.windows.checks import check_labels, expiry_from_ttl, now_timestamp
@@ -42,6 +43,9 @@ class WindowManager:
     def __init__(self, config: ManagerConfig) -> None:
         self.config = config
         config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.space_reserve = SpaceReserve(config.data_dir)
+        """Room a delete can use on a full disk (`housekeeping.space_reserve`)."""
+        self.space_reserve.ensure()
         self.executors = Executors(config.io_threads)
         self.db = self.executors.db
         """Run on the catalog thread (`Executors.db`)."""
@@ -227,11 +231,18 @@ class WindowManager:
 
     async def delete(self, tenant: str, name: str) -> tuple[int, int]:
         check_window_name(name)
-        freed = await self.db(self.catalog.delete_window, tenant, name)
+        try:
+            freed = await self.db(self.catalog.delete_window, tenant, name)
+        except ResourceExhausted as exc:
+            if exc.reason != "DISK_FULL" or not self.space_reserve.release():
+                raise
+            freed = await self.db(self.catalog.delete_window, tenant, name)  # in the room
         if freed is None:
             raise window_not_found(name)
         removed = await self.collect(tenant, [d for d, _ in freed])
         log.info("deleted", tenant=tenant, window=name, chunks_freed=len(freed), unlinked=removed)
+        if not self.space_reserve.held:
+            await self.io(self.space_reserve.ensure)  # back, now that space was freed
         return len(freed), sum(size for _, size in freed)
 
 
