@@ -299,7 +299,46 @@ def _print_table(title: str, summary: dict[str, Any]) -> None:
         print(f"  {key.replace('_', ' '):<28} {value}")
 
 
+HEADROOM_TOKENS = 48 + 32 + 32
+"""What the demo adds after `--tokens` of context: the last reply (up to 48), the next
+user turn (32) and the compared continuation (32)."""
+
+
+def model_positions(model: str) -> int | None:
+    """The model's context length from its config.json (None if it does not say)."""
+    try:
+        config = json.loads((Path(model) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    value = config.get("max_position_embeddings")
+    return int(value) if isinstance(value, int) else None
+
+
+def tokens_problem(tokens: int, positions: int | None) -> str:
+    """Why `--tokens` cannot run on a model of `positions` ("" if it can)."""
+    if tokens < 1:
+        return f"--tokens must be at least 1, got {tokens}"
+    if positions is not None and tokens + HEADROOM_TOKENS > positions:
+        return (
+            f"--tokens {tokens} does not fit: the model takes {positions} positions and the "
+            f"demo adds up to {HEADROOM_TOKENS} tokens after the context; use --tokens "
+            f"{positions - HEADROOM_TOKENS} or less"
+        )
+    return ""
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.synthetic:
+        problem = tokens_problem(args.tokens, None)
+    elif args.model is not None:
+        problem = tokens_problem(args.tokens, model_positions(args.model))
+    else:
+        from cwm_server.agent.engines.reference.tiny_model import RECIPE
+
+        problem = tokens_problem(args.tokens, int(RECIPE["max_position_embeddings"]))
+    if problem:  # before two agents and a model are started, not minutes after
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     if args.synthetic:
         summary = run_synthetic_demo(args.tokens)
         verdict = bool(summary["identical_after_restart"])

@@ -93,3 +93,10 @@ def test_counts_of_one_are_singular() -> None:
     from cwm_server.cli.render import count_of
 
     assert [count_of(n, "chunk") for n in (0, 1, 2)] == ["0 chunks", "1 chunk", "2 chunks"]
+
+
+def test_demo_refuses_a_context_the_model_cannot_hold_before_starting_anything() -> None:
+    result = run("demo", "--tokens", "8192")
+    assert result.returncode == 2
+    assert "--tokens 8192 does not fit" in result.stderr and "8080 or less" in result.stderr
+    assert run("demo", "--synthetic", "--tokens", "0").returncode == 2
