@@ -92,7 +92,17 @@ def window_row(window: pb.WindowInfo) -> list[str]:
         human_bytes(window.stored_bytes),
         window.parent or "-",
         table_time(window.created_at),
+        table_time(window.expires_at) if window.HasField("expires_at") else "never",
     ]
 
 
-WINDOW_HEADERS = ["NAME", "TOKENS", "CHUNKS", "RAW", "STORED", "PARENT", "CREATED (UTC)"]
+WINDOW_HEADERS = [
+    "NAME",
+    "TOKENS",
+    "CHUNKS",
+    "RAW",
+    "STORED",
+    "PARENT",
+    "CREATED (UTC)",
+    "EXPIRES (UTC)",
+]

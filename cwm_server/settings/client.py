@@ -21,7 +21,7 @@ def default_manager_address() -> str:
     try:
         value: str = load()["client.manager"]
     except ConfigError as exc:
-        print(f"warning: ignoring the config file: {exc}", file=sys.stderr)
+        _warn_once(exc)
         return DEFAULT_TARGET
     return value
 
@@ -35,9 +35,19 @@ def client_setting(key: str) -> str:
     try:
         value: str = load()[key]
     except ConfigError as exc:
-        print(f"warning: ignoring the config file: {exc}", file=sys.stderr)
+        _warn_once(exc)
         return str(setting.default())
     return value
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(exc: ConfigError) -> None:
+    """One warning per problem per command, however many settings it reads."""
+    if str(exc) not in _warned:
+        _warned.add(str(exc))
+        print(f"warning: ignoring the config file: {exc}", file=sys.stderr)
 
 
 def manager_address(value: str) -> str:

@@ -51,3 +51,24 @@ def test_show_json_includes_the_token_ids(manager: ThreadedManager) -> None:
     assert result.returncode == 0, result.stderr
     shown = json.loads(result.stdout)
     assert shown["token_ids"] == token_ids(300) and shown["tokens"] == 300
+
+
+def test_ls_shows_when_each_window_expires(manager: ThreadedManager) -> None:
+    with WindowClient(manager.target) as client:
+        client.clone("w", "brief", ttl_seconds=3600)
+    result = cwm(manager, "ls")
+    assert result.returncode == 0, result.stderr
+    header, *rows = result.stdout.splitlines()
+    assert header.split()[-2:] == ["EXPIRES", "(UTC)"]
+    by_name = {row.split()[0]: row for row in rows}
+    assert by_name["w"].rstrip().endswith("never")
+    assert not by_name["brief"].rstrip().endswith("never")
+
+
+def test_a_missing_config_file_is_warned_about_once(
+    manager: ThreadedManager, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CWM_CONFIG", str(tmp_path / "absent.toml"))
+    result = cwm(manager, "ls")
+    assert result.returncode == 0
+    assert result.stderr.count("ignoring the config file") == 1
