@@ -185,11 +185,16 @@ class HealthResult(BaseModel):
     """Whether the manager answers, and what it holds."""
 
     manager: str = Field(description="the manager address this bridge talks to")
-    reachable: bool
+    reachable: bool = Field(
+        description="the manager answered (true also when it refused this bridge's token or "
+        "role: error says so); false when it did not answer at all"
+    )
     agents: int = Field(description="connected agents")
     agent_ids: list[str]
     windows: int = Field(description="windows in the catalog")
-    error: str | None = Field(description="why the manager did not answer, else null")
+    error: str | None = Field(
+        description="why the manager did not answer, or what it refused, else null"
+    )
 
 
 def model_summary(fp: pb.ModelFingerprint) -> ModelSummary:

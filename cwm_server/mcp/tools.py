@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated
 
+import grpc
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import Field
@@ -299,7 +300,15 @@ class Bridge:
                 async for _ in self.windows.list(page_size=1000):
                     count += 1
         except CwmError as exc:
-            return _unreachable(self.manager, describe(exc, self.manager, hint=False))
+            # A manager that answered with a refusal (a bad or missing token, a role that
+            # may not list) was reached: only no answer at all is "unreachable".
+            answered = exc.code not in (
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+            )
+            return _unreachable(
+                self.manager, describe(exc, self.manager, hint=False), reachable=answered
+            )
         except TimeoutError:
             return _unreachable(
                 self.manager, f"DEADLINE_EXCEEDED: no answer within {HEALTH_TIMEOUT_S:.0f} s"
@@ -314,9 +323,9 @@ class Bridge:
         )
 
 
-def _unreachable(manager: str, error: str) -> HealthResult:
+def _unreachable(manager: str, error: str, reachable: bool = False) -> HealthResult:
     return HealthResult(
-        manager=manager, reachable=False, agents=0, agent_ids=[], windows=0, error=error
+        manager=manager, reachable=reachable, agents=0, agent_ids=[], windows=0, error=error
     )
 
 
