@@ -39,7 +39,9 @@ ID_CONFLICTS = ("AGENT_ID_IN_USE", "AGENT_REPLACED")
 """Why the manager ends or refuses a Connect over this agent's id."""
 log = structlog.get_logger("cwm.agent")
 
-SESSION_ID_RE = re.compile(r"\A[A-Za-z0-9._-]{1,128}\Z")
+SESSION_ID_RE = re.compile(r"\A[^\x00-\x1f\x7f]{1,256}\Z")
+"""A new session's id (its cache_salt): what an engine takes as a salt (1-256 characters),
+without control characters, so a session frozen under any salt can be thawed under it."""
 _STOP = object()
 
 
@@ -294,7 +296,8 @@ class HostAgent:
         session_id = new_session_id or secrets.token_hex(32)
         if not SESSION_ID_RE.match(session_id):
             raise InvalidArgument(
-                f"session id {session_id[:40]!r} must be 1-128 characters from A-Z a-z 0-9 . _ -",
+                f"session id {session_id[:40]!r} must be 1-256 characters, none of them a "
+                "control character",
                 field="new_session_id",
             )
         async with self._lock(session_id):

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from cwm_client import SessionClient, WindowClient
-from cwm_client.errors import FailedPrecondition, NotFound
+from cwm_client.errors import FailedPrecondition, InvalidArgument, NotFound
 from cwm_server.agent.auto_freeze import AutoFreezePolicy
 from cwm_server.agent.engines.reference.adapter import ReferenceAdapter
 from cwm_server.agent.engines.reference.engine import ReferenceEngine
@@ -130,6 +130,20 @@ def test_thaw_on_another_node_continues_bit_for_bit(
     assert a["choices"][0]["token_ids"] == b["choices"][0]["token_ids"]
     assert len(b["choices"][0]["token_ids"]) == 32
     assert b["usage"]["prompt_tokens_details"]["cached_tokens"] == length + extension
+
+
+def test_a_session_under_any_salt_an_engine_takes_can_be_frozen_and_thawed_under_it(
+    cluster: Cluster,
+) -> None:
+    salt = "bad salt! (spaces, punctuation, ünïcode)"
+    _complete(cluster.engine_a.endpoint, prompt=_prompt(8, 300), cache_salt=salt, max_tokens=1)
+    cluster.wait_reported(salt, 300)
+    cluster.sessions.freeze_session(salt, "odd-salt")
+    thawed = cluster.sessions.thaw_window("odd-salt", agent_id="node-b", new_session_id=salt)
+    assert thawed.cache_salt == salt
+    with pytest.raises(InvalidArgument) as refused:
+        cluster.sessions.thaw_window("odd-salt", agent_id="node-b", new_session_id="a\nb")
+    assert refused.value.field == "new_session_id" or "control character" in refused.value.message
 
 
 def test_thaw_into_an_engine_with_another_fingerprint_is_refused(
