@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -66,6 +66,14 @@ from cwm_server.agent.engines.reference.sessions import (
     SessionTable,
     common_prefix,
 )
+
+FALLBACK_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ message['role'] }}: {{ message['content'] }}\n"
+    "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+)
+"""The chat template of a model whose tokenizer has none: one line per message,
+"role: content", then "assistant:"."""
 
 DEFAULT_CHUNK_TOKENS = 256
 
@@ -199,6 +207,19 @@ class ReferenceEngine:
         with self._tokenizer_lock:
             return str(self._tokenizer.decode(list(token_ids), skip_special_tokens=True))
 
+    def chat_prompt(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+        """Token ids of a chat, ready for the assistant's turn: the model's own chat
+        template, or (for a model without one, such as the built-in tiny model)
+        `FALLBACK_CHAT_TEMPLATE`."""
+        with self._tokenizer_lock:
+            template = getattr(self._tokenizer, "chat_template", None) or FALLBACK_CHAT_TEMPLATE
+            ids = self._tokenizer.apply_chat_template(
+                list(messages), chat_template=template, add_generation_prompt=True, tokenize=True
+            )
+        if isinstance(ids, Mapping):  # some tokenizers answer with a BatchEncoding
+            ids = ids["input_ids"]
+        return [int(t) for t in ids]
+
     # ------------------------------------------------------------------ inference
 
     def prefill(self, cache_salt: str | None, prompt_token_ids: Sequence[int]) -> PrefillResult:
@@ -228,8 +249,10 @@ class ReferenceEngine:
         max_tokens: int,
         temperature: float = 0.0,
         seed: int | None = None,
+        on_token: Callable[[int], None] | None = None,
     ) -> GenerationResult:
-        """Complete a prompt, reusing and then extending the session's KV.
+        """Complete a prompt, reusing and then extending the session's KV. `on_token` is
+        called with each token as it is sampled (a streaming response sends it at once).
 
         `cache_salt=None` runs without a session (nothing reused, nothing kept). Greedy when
         `temperature` is 0; otherwise sampled from softmax(logits / temperature) in float32
@@ -256,6 +279,8 @@ class ReferenceEngine:
             while True:
                 token = self._sample(logits, temperature, generator)
                 generated.append(token)
+                if on_token is not None:
+                    on_token(token)
                 if token in self._eos_ids:
                     finish_reason = "stop"
                     break

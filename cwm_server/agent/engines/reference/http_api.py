@@ -1,8 +1,12 @@
 """A minimal OpenAI-style HTTP front for the reference engine.
 
-It speaks the subset of vLLM's API that cwm's end-to-end checks use, so the same checks run
-against both engines: POST /v1/completions with `cache_salt` and a usage block that reports
-`prompt_tokens_details.cached_tokens`, GET /v1/models and GET /health. Standard library only
+It speaks the subset of vLLM's API that cwm's end-to-end checks and chat clients use, so the
+same checks run against both engines: POST /v1/completions and POST /v1/chat/completions
+(the model's chat template, or `FALLBACK_CHAT_TEMPLATE` for a model without one), each with
+`cache_salt`, a usage block that reports `prompt_tokens_details.cached_tokens`, and
+`stream: true` as server-sent events, one event per token as it is sampled
+(`stream_options.include_usage` adds the usage event); GET /v1/models and GET /health. `n`
+other than 1 is refused (one choice per request). Standard library only
 (ThreadingHTTPServer): the engine serialises model calls behind its own lock, so a heavier
 server would buy nothing here.
 """
@@ -18,7 +22,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from cwm_server.agent.engines.reference.engine import ReferenceEngine
+from cwm_server.agent.engines.reference.engine import GenerationResult, ReferenceEngine
 from cwm_server.agent.engines.reference.inputs import EngineInputError
 
 MAX_BODY_BYTES = 16 << 20
@@ -46,8 +50,9 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _parse_completion(engine: ReferenceEngine, body: Any) -> dict[str, Any]:
-    """Validate a /v1/completions body; every failure names the offending field."""
+def _parse_completion(engine: ReferenceEngine, body: Any, chat: bool = False) -> dict[str, Any]:
+    """Validate a /v1/completions (or, with `chat`, /v1/chat/completions) body; every
+    failure names the offending field."""
     if not isinstance(body, dict):
         raise RequestError("request body must be a JSON object")
     model = body.get("model")
@@ -56,9 +61,46 @@ def _parse_completion(engine: ReferenceEngine, body: Any) -> dict[str, Any]:
     if model is not None and model != engine.model_id:
         raise RequestError(f"The model `{model}` does not exist.", "model", status=404)
 
-    if "prompt" not in body:
+    n = body.get("n", 1)
+    if not _is_int(n) or n != 1:
+        raise RequestError("only n=1 is supported: one choice per request", "n")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise RequestError("stream must be a boolean", "stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+        raise RequestError("stream_options.include_usage must be a boolean", "stream_options")
+    if chat:
+        prompt_ids = _chat_prompt(engine, body)
+    elif "prompt" not in body:
         raise RequestError("prompt is required", "prompt")
-    prompt = body["prompt"]
+    else:
+        prompt_ids = _prompt_ids(engine, body["prompt"])
+    return _sampling(engine, body, prompt_ids) | {
+        "stream": stream,
+        "include_usage": bool(options.get("include_usage", False)),
+        "chat": chat,
+    }
+
+
+def _chat_prompt(engine: ReferenceEngine, body: dict[str, Any]) -> list[int]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("messages must be a non-empty list", "messages")
+    for position, message in enumerate(messages):
+        if (
+            not isinstance(message, dict)
+            or not isinstance(message.get("role"), str)
+            or not isinstance(message.get("content"), str)
+        ):
+            raise RequestError(
+                f"messages[{position}] must be an object with string role and content",
+                "messages",
+            )
+    return engine.chat_prompt([{"role": m["role"], "content": m["content"]} for m in messages])
+
+
+def _prompt_ids(engine: ReferenceEngine, prompt: Any) -> list[int]:
     if isinstance(prompt, str):
         if not prompt:
             raise RequestError("prompt must not be empty", "prompt")
@@ -69,7 +111,12 @@ def _parse_completion(engine: ReferenceEngine, body: Any) -> dict[str, Any]:
         raise RequestError("batched prompts are not supported; send one prompt", "prompt")
     else:
         raise RequestError("prompt must be a non-empty string or list of token ids", "prompt")
+    return prompt_ids
 
+
+def _sampling(
+    engine: ReferenceEngine, body: dict[str, Any], prompt_ids: list[int]
+) -> dict[str, Any]:
     max_tokens = body.get("max_tokens", 16)
     limit = engine.max_model_len
     if not _is_int(max_tokens) or not 1 <= max_tokens <= limit:
@@ -101,41 +148,121 @@ def _parse_completion(engine: ReferenceEngine, body: Any) -> dict[str, Any]:
     }
 
 
-def _completion(engine: ReferenceEngine, body: Any) -> dict[str, Any]:
-    request = _parse_completion(engine, body)
+def _generate(
+    engine: ReferenceEngine, request: dict[str, Any], on_token: Any = None
+) -> GenerationResult:
     try:
-        result = engine.generate(
+        return engine.generate(
             request["prompt_ids"],
             cache_salt=request["cache_salt"],
             max_tokens=request["max_tokens"],
             temperature=request["temperature"],
             seed=request["seed"],
+            on_token=on_token,
         )
     except EngineInputError as exc:
-        raise RequestError(str(exc), "prompt") from exc
-    choice: dict[str, Any] = {
-        "index": 0,
-        "text": result.text,
-        "logprobs": None,
-        "finish_reason": result.finish_reason,
-        "token_ids": result.token_ids,
-    }
-    if request["return_token_ids"]:
-        choice["prompt_token_ids"] = request["prompt_ids"]
+        raise RequestError(str(exc), "messages" if request["chat"] else "prompt") from exc
+
+
+def _usage(result: GenerationResult) -> dict[str, Any]:
     completion_tokens = len(result.token_ids)
     return {
-        "id": f"cmpl-{uuid.uuid4().hex}",
-        "object": "text_completion",
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": result.prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": result.cached_tokens},
+    }
+
+
+def _completion(engine: ReferenceEngine, request: dict[str, Any]) -> dict[str, Any]:
+    result = _generate(engine, request)
+    choice: dict[str, Any] = {"index": 0, "finish_reason": result.finish_reason}
+    if request["chat"]:
+        choice["message"] = {"role": "assistant", "content": result.text}
+    else:
+        choice["text"] = result.text
+        choice["logprobs"] = None
+    choice["token_ids"] = result.token_ids
+    if request["return_token_ids"]:
+        choice["prompt_token_ids"] = request["prompt_ids"]
+    return {
+        "id": f"{'chatcmpl' if request['chat'] else 'cmpl'}-{uuid.uuid4().hex}",
+        "object": "chat.completion" if request["chat"] else "text_completion",
         "created": int(time.time()),
         "model": engine.model_id,
         "choices": [choice],
-        "usage": {
-            "prompt_tokens": result.prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": result.prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": result.cached_tokens},
-        },
+        "usage": _usage(result),
     }
+
+
+class _EventStream:
+    """A streamed completion: one server-sent event per token, sent as it is sampled. The
+    headers go with the first token, so a request refused before it (a prompt too long)
+    still gets an ordinary error response."""
+
+    def __init__(self, handler: _Handler, engine: ReferenceEngine, request: dict[str, Any]):
+        self._handler = handler
+        self._engine = engine
+        self._request = request
+        self._chat = request["chat"]
+        self._id = f"{'chatcmpl' if self._chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self._created = int(time.time())
+        self._tokens: list[int] = []
+        self._text = ""
+        self.started = False
+
+    def run(self) -> None:
+        result = _generate(self._engine, self._request, on_token=self._token)
+        self._start()
+        self._event(self._choice("", [], result.finish_reason))
+        if self._request["include_usage"]:
+            self._event({"choices": [], "usage": _usage(result)})
+        self._write(b"data: [DONE]\n\n")
+
+    def _token(self, token: int) -> None:
+        self._start()
+        self._tokens.append(token)
+        shown = [t for t in self._tokens if t not in self._engine.eos_token_ids]
+        text = self._engine.detokenize(shown)
+        delta, self._text = text[len(self._text) :], text
+        self._event(self._choice(delta, [token], None))
+
+    def _choice(self, delta: str, token_ids: list[int], finish: str | None) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "token_ids": token_ids}
+        if self._chat:
+            choice["delta"] = {"content": delta} if finish is None else {}
+            if finish is None and len(self._tokens) == 1:
+                choice["delta"]["role"] = "assistant"
+        else:
+            choice["text"] = delta
+            choice["logprobs"] = None
+        return {"choices": [choice]}
+
+    def _start(self) -> None:
+        if self.started:
+            return
+        self.started = True
+        handler = self._handler
+        handler.send_response(200, "OK")
+        handler.send_header("Content-Type", "text/event-stream")
+        handler.send_header("Cache-Control", "no-cache")
+        handler.send_header("Connection", "close")  # the stream's end is the body's end
+        handler.end_headers()
+        handler.close_connection = True
+
+    def _event(self, body: dict[str, Any]) -> None:
+        event = {
+            "id": self._id,
+            "object": "chat.completion.chunk" if self._chat else "text_completion",
+            "created": self._created,
+            "model": self._engine.model_id,
+            **body,
+        }
+        self._write(b"data: " + json.dumps(event).encode() + b"\n\n")
+
+    def _write(self, data: bytes) -> None:
+        self._handler.wfile.write(data)
+        self._handler.wfile.flush()
 
 
 def _models(engine: ReferenceEngine) -> dict[str, Any]:
@@ -172,15 +299,30 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         path = self.path.split("?", 1)[0]
+        stream: _EventStream | None = None
         try:
             body = self._read_json()
-            if path != "/v1/completions":
+            if path not in ("/v1/completions", "/v1/chat/completions"):
                 raise RequestError(f"no route for POST {path}", status=404)
-            self._send(200, _completion(self.server.engine, body))
+            engine = self.server.engine
+            request = _parse_completion(engine, body, chat=path == "/v1/chat/completions")
+            if request["stream"]:
+                stream = _EventStream(self, engine, request)
+                stream.run()
+            else:
+                self._send(200, _completion(engine, request))
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the client went away mid-stream
         except RequestError as exc:
-            self._send(exc.status, _error_body(exc.status, exc.message, exc.param))
+            if stream is not None and stream.started:
+                self.close_connection = True  # mid-stream: nothing more can be said
+            else:
+                self._send(exc.status, _error_body(exc.status, exc.message, exc.param))
         except Exception as exc:  # noqa: BLE001 - a server must answer, not drop the socket
-            self._send(500, _error_body(500, f"internal error: {type(exc).__name__}", None))
+            if stream is not None and stream.started:
+                self.close_connection = True
+            else:
+                self._send(500, _error_body(500, f"internal error: {type(exc).__name__}", None))
 
     def _read_json(self) -> Any:
         length_header = self.headers.get("Content-Length")

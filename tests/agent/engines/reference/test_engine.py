@@ -371,3 +371,81 @@ def test_http_malformed_and_unknown(http_base: str) -> None:
     status, answer = _call(http_base, "/v1/completions", {"prompt": "hi", "model": "other"})
     assert status == 404
     assert _call(http_base, "/v1/nothing")[0] == 404
+
+
+def _stream(base: str, path: str, body: dict[str, Any]) -> list[Any]:
+    """The events of a streamed response, in order ("[DONE]" last)."""
+    request = urllib.request.Request(
+        base + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        assert response.headers["Content-Type"] == "text/event-stream"
+        raw = response.read().decode()
+    events: list[Any] = []
+    for block in raw.split("\n\n"):
+        if block.startswith("data: "):
+            payload = block[len("data: ") :]
+            events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return events
+
+
+def test_http_streams_one_event_per_token_matching_the_plain_reply(
+    engine: ReferenceEngine, http_base: str
+) -> None:
+    body = {"prompt": "The manager verifies", "max_tokens": 6, "temperature": 0}
+    status, plain = _call(http_base, "/v1/completions", body)
+    assert status == 200
+    events = _stream(
+        http_base,
+        "/v1/completions",
+        {**body, "stream": True, "stream_options": {"include_usage": True}},
+    )
+    assert events[-1] == "[DONE]"
+    *token_events, finish, usage = events[:-1]
+    tokens = [t for e in token_events for t in e["choices"][0]["token_ids"]]
+    assert tokens == plain["choices"][0]["token_ids"]
+    assert len(token_events) == len(tokens)  # one event per token
+    assert "".join(e["choices"][0]["text"] for e in token_events) == plain["choices"][0]["text"]
+    assert finish["choices"][0]["finish_reason"] == plain["choices"][0]["finish_reason"]
+    assert usage["choices"] == [] and usage["usage"] == plain["usage"]
+
+
+def test_http_chat_completions_use_a_chat_template_and_the_session_cache(
+    engine: ReferenceEngine, http_base: str
+) -> None:
+    messages = [
+        {"role": "system", "content": "You keep context windows."},
+        {"role": "user", "content": "What does the manager verify?"},
+    ]
+    body = {"messages": messages, "cache_salt": "chat", "max_tokens": 4, "temperature": 0}
+    status, first = _call(http_base, "/v1/chat/completions", body)
+    assert status == 200, first
+    assert first["object"] == "chat.completion"
+    reply = first["choices"][0]["message"]
+    assert reply["role"] == "assistant" and isinstance(reply["content"], str)
+    assert first["usage"]["prompt_tokens"] == len(engine.chat_prompt(messages))
+    longer = {**body, "messages": [*messages, {"role": "assistant", "content": "Chunks."}]}
+    status, second = _call(http_base, "/v1/chat/completions", longer)
+    assert status == 200
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] > 0  # the first turn's
+    events = _stream(http_base, "/v1/chat/completions", {**body, "stream": True})
+    assert events[0]["object"] == "chat.completion.chunk"
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    streamed = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1])
+    assert streamed == first["choices"][0]["message"]["content"]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/completions", {"prompt": "x", "n": 2}, "n"),
+        ("/v1/completions", {"prompt": "x", "stream": "yes"}, "stream"),
+        ("/v1/chat/completions", {"messages": []}, "messages"),
+        ("/v1/chat/completions", {"messages": [{"role": "user"}]}, "messages"),
+    ],
+)
+def test_http_refuses_what_it_does_not_do_naming_the_field(
+    http_base: str, path: str, body: dict[str, Any], param: str
+) -> None:
+    status, error = _call(http_base, path, body)
+    assert status == 400 and error["error"]["param"] == param, error
