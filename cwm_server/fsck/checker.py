@@ -266,8 +266,9 @@ class Checker:
                     chunk_index=None if user.key is not None else user.index,
                     digest=digest.hex(),
                     path=str(self.store.chunk_path(tenant, digest)),
+                    # Quarantined is contained, not repaired: the window still lacks the
+                    # chunk until its bytes come again.
                     repairable=corrupt and not no_row and not quarantined,
-                    repaired=quarantined,
                 )
             )
             if user.key is not None:

@@ -539,3 +539,4 @@ def test_serve_collects_then_fsck_finds_and_repairs(tmp_path: Path) -> None:
     assert repaired["unrecoverable_windows"] == [{"window": "default/keep", "chunks": [1]}]
     rc, after = fsck()
     assert kinds(after) == ["corrupt"]  # a corrupt chunk is reported, never deleted
+    assert "quarantined" in str(after)  # moved aside: an import of its bytes repairs it

@@ -144,8 +144,9 @@ def test_fsck_repair_quarantines_a_corrupt_file_and_the_manager_then_asks_for_it
     assert len(checked.problems) == 1 and checked.problems[0].repairable
     assert chunk_file.exists()  # without --repair nothing moves
     repaired = run_fsck(tmp_path / "data", repair=True)
-    assert len(repaired.problems) == 1 and repaired.problems[0].repaired
+    assert len(repaired.problems) == 1 and not repaired.problems[0].repaired
     assert "quarantined" in repaired.problems[0].message and not chunk_file.exists()
+    assert (tmp_path / "data" / "quarantine" / "default" / chunks[2].digest.hex()).exists()
 
     running = start(tmp_path / "data")
     try:
