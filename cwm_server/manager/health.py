@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 import enum
 import os
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -48,7 +49,7 @@ import structlog
 from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
 
-from cwm_client.errors import NotFound
+from cwm_client.errors import CwmError, NotFound
 from cwm_server.manager.windows.manager import WindowManager
 
 log = structlog.get_logger("cwm.health")
@@ -334,6 +335,39 @@ class RedisCheck:
 
     def __init__(self, manager: WindowManager) -> None:
         self._manager = manager
+        self._epoch: str | None = None
+        """The fleet's epoch marker as this manager first read it (fleet mode)."""
+        self._reset_seen = ""
+        """When a reset of the shared catalog was first noticed ("" if never): reported
+        until this manager restarts, so nobody misses it between two checks."""
+
+    def _check_epoch(self) -> str:
+        """In fleet mode, compare the epoch marker with the one this manager started with:
+        a Redis that lost its data (restarted without persistence, flushed) has none, and
+        the catalog it serves is not the fleet's. A new marker is set at once, so every
+        manager of the fleet sees the reset too. Returns a reset's description, or ""."""
+        link = self._manager.redis
+        assert link is not None
+        key = f"{self._manager.config.redis_prefix}:epoch"
+
+        def read_or_start(client: Any) -> str:
+            client.set(key, secrets.token_hex(8), nx=True)
+            value = client.get(key)
+            return value.decode() if isinstance(value, bytes) else str(value)
+
+        epoch = link.call(read_or_start, "the fleet's epoch marker")
+        if self._epoch is None:
+            self._epoch = epoch
+        elif epoch != self._epoch and not self._reset_seen:
+            self._reset_seen = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+            log.error(
+                "shared_catalog_reset",
+                where=link.where,
+                was=self._epoch,
+                now=epoch,
+                why="Redis lost its data (restarted without persistence, or flushed)",
+            )
+        return self._reset_seen
 
     async def run(self) -> tuple[Level, str]:
         manager = self._manager
@@ -341,6 +375,21 @@ class RedisCheck:
         assert link is not None
         ok, detail = await asyncio.to_thread(link.ping)
         shared = manager.config.redis_catalog
+        if ok and shared:
+            try:
+                reset = await asyncio.to_thread(self._check_epoch)
+            except CwmError as exc:
+                ok, detail = False, exc.message
+            else:
+                if reset:
+                    return (
+                        Level.DEGRADED,
+                        f"the shared catalog in Redis ({link.where}) was reset at {reset}: "
+                        "Redis came back without the fleet's data (no persistence, or "
+                        "flushed), so windows frozen before are gone from the catalog; "
+                        "restore them from exports (`cwm import`), and give Redis "
+                        "persistence (appendonly yes). Restart this manager to clear this",
+                    )
         if not ok:
             needs = "the shared catalog and " if shared else ""
             return (

@@ -274,3 +274,31 @@ def test_a_cluster_node_killed_and_restarted(tmp_path: Path) -> None:
     finally:
         manager.stop()
         cluster.stop()
+
+
+def test_a_redis_that_comes_back_empty_is_reported_as_a_reset_catalog(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Redis restarted without persistence (here: flushed) serves an empty catalog: the
+    fleet's managers say so in health and `cwm status`, instead of serving on as if
+    nothing happened."""
+    import redis as redis_py
+
+    manager = RedisManager(redis_config(tmp_path / "m", redis_server.url))
+    try:
+        with WindowClient(manager.target) as client:
+            client.freeze(
+                "w",
+                synthetic_chunks(256, seed=1),
+                fingerprint=FINGERPRINT,
+                token_ids=token_ids(256),
+            )
+        wait_for(lambda: health_status(manager.target, "cwm.tier.redis")[0] == "SERVING")
+        redis_py.Redis.from_url(redis_server.url).flushall()
+        wait_for(lambda: health_status(manager.target, "cwm.tier.redis")[0] == "NOT_SERVING")
+        _, trailing = health_status(manager.target, "cwm.tier.redis")
+        assert "was reset" in trailing["cwm-health-detail"]
+        time.sleep(0.5)  # it stays reported, check after check
+        assert health_status(manager.target, "cwm.tier.redis")[0] == "NOT_SERVING"
+    finally:
+        manager.stop()
