@@ -42,6 +42,8 @@ FLAG_KEYS = {
     "quota_file": "serve.quota_file",
     "key_file": "serve.key_file",
     "ttl_interval": "serve.ttl_interval_seconds",
+    "scrub_interval": "serve.scrub_interval_seconds",
+    "scrub_mib_per_s": "serve.scrub_mib_per_s",
     "upload_ttl": "serve.upload_ttl_seconds",
     "redis_url": "serve.redis_url",
     "redis_cluster": "serve.redis_cluster",
@@ -217,6 +219,19 @@ def add_parser(sub: Subparsers) -> None:
         type=float,
         metavar="SECONDS",
         help="seconds between sweeps deleting expired windows (default 30)",
+    )
+    serve_p.add_argument(
+        "--scrub-interval",
+        type=float,
+        metavar="SECONDS",
+        help="seconds between background passes that read and verify every chunk file, "
+        "quarantining corrupt ones (default 0: off)",
+    )
+    serve_p.add_argument(
+        "--scrub-mib-per-s",
+        type=float,
+        metavar="MIB",
+        help="how fast a scrub pass reads, at most (default 64)",
     )
     serve_p.add_argument(
         "--upload-ttl",

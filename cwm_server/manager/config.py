@@ -44,6 +44,10 @@ class ManagerConfig:
     """Per-tenant encryption keys (TOML, see cwm_server/manager/tiers/sealing.py); None: chunks
     are stored unencrypted (and encrypted ones cannot be read)."""
     ttl_interval_s: float = 30.0
+    scrub_interval_s: float = 0.0
+    """Seconds between passes of the scrubber that verifies every chunk file (0: off)."""
+    scrub_mib_per_s: float = 64.0
+    """How fast a scrub pass reads, at most."""
     """Seconds between sweeps of the TTL collector, which deletes expired windows (they are
     invisible from the moment they expire; the sweep frees their space)."""
     redis_url: str = ""

@@ -23,6 +23,7 @@ from cwm_server.manager import health
 from cwm_server.manager.agents import AgentRegistry
 from cwm_server.manager.bulk.channel import BulkChannel
 from cwm_server.manager.config import ManagerConfig, ServerOptions
+from cwm_server.manager.housekeeping.scrub import Scrubber
 from cwm_server.manager.housekeeping.sweeper import Sweeper
 from cwm_server.manager.housekeeping.ttl import TtlCollector
 from cwm_server.manager.metrics import ManagerMetrics, StateCollector
@@ -91,6 +92,14 @@ class ManagerServer:
         self._health_task: asyncio.Task[None] | None = None
         self.ttl_collector = TtlCollector(self.manager.expiry, config.ttl_interval_s)
         """Deletes expired windows every `config.ttl_interval_s` seconds."""
+        self.scrubber = Scrubber(
+            self.manager.store,
+            self.manager.disk,
+            self.manager.io,
+            config.scrub_interval_s if self.manager.store.disk_enabled else 0.0,
+            config.scrub_mib_per_s,
+        )
+        """Verifies every chunk file every `config.scrub_interval_s` seconds (0: never)."""
         self.sweeper = Sweeper(self.manager.collector.sweeps(), self.manager.redis)
         """Finishes collections that Redis trouble or a crash left, each on its schedule."""
         self.bulk = BulkChannel(self.manager, self.options, self.metrics.bulk)
@@ -144,6 +153,7 @@ class ManagerServer:
         await self.server.start()
         self._health_task = asyncio.ensure_future(self.health.run_forever())
         self.ttl_collector.start()
+        self.scrubber.start()
         self.sweeper.start()
         host = self.config.listen.rsplit(":", 1)[0]
         warn_if_exposed(host, self.options, credentials is not None)
@@ -164,6 +174,7 @@ class ManagerServer:
 
     async def stop(self, grace: float | None = 2.0) -> None:
         await self.ttl_collector.stop()
+        await self.scrubber.stop()
         await self.sweeper.stop()
         if self._health_task is not None:
             self._health_task.cancel()

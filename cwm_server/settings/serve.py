@@ -21,6 +21,8 @@ def manager_config(effective: Effective) -> ManagerConfig:
         quota_file=_optional_path(effective["serve.quota_file"]),
         key_file=_optional_path(effective["serve.key_file"]),
         ttl_interval_s=effective["serve.ttl_interval_seconds"],
+        scrub_interval_s=effective["serve.scrub_interval_seconds"],
+        scrub_mib_per_s=effective["serve.scrub_mib_per_s"],
         upload_ttl_s=effective["serve.upload_ttl_seconds"],
         redis_url=effective["serve.redis_url"],
         redis_cluster=effective["serve.redis_cluster"],

@@ -14,6 +14,7 @@ from cwm_server.settings.values import (
     host_port,
     host_port_or_empty,
     log_level,
+    non_negative_float,
     non_negative_int,
     parse_bool,
     positive_float,
@@ -211,6 +212,23 @@ SETTINGS: tuple[Setting, ...] = (
         lambda: 30.0,
         "seconds between sweeps of the TTL collector that deletes expired windows",
         "--ttl-interval",
+        positive_float,
+    ),
+    Setting(
+        "serve.scrub_interval_seconds",
+        float,
+        lambda: 0.0,
+        "seconds between passes of the scrubber that reads and verifies every chunk file, "
+        "quarantining corrupt ones (0: off)",
+        "--scrub-interval",
+        non_negative_float,
+    ),
+    Setting(
+        "serve.scrub_mib_per_s",
+        float,
+        lambda: 64.0,
+        "how fast a scrub pass reads chunk files, at most (MiB/s)",
+        "--scrub-mib-per-s",
         positive_float,
     ),
     Setting(

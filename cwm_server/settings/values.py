@@ -74,6 +74,13 @@ def positive_int(value: str) -> int:
     return number
 
 
+def non_negative_float(value: str) -> float:
+    number = float(value)
+    if not number >= 0:
+        raise ValueError(f"expected a number >= 0, got {value!r}")
+    return number
+
+
 def positive_float(value: str) -> float:
     number = float(value)
     if not number > 0:

@@ -157,3 +157,29 @@ def test_fsck_repair_quarantines_a_corrupt_file_and_the_manager_then_asks_for_it
     finally:
         running.stop()
     assert run_fsck(tmp_path / "data").clean
+
+
+def test_the_scrubber_finds_and_quarantines_a_corrupt_file_no_read_asked_for(
+    tmp_path: Path,
+) -> None:
+    from tests.helpers import eventually
+
+    chunks = synthetic_chunks(TOKENS, seed=55)
+    config = ManagerConfig(
+        data_dir=tmp_path / "data",
+        listen="127.0.0.1:0",
+        fsync=False,
+        scrub_interval_s=0.2,
+        scrub_mib_per_s=1024,
+    )
+    running = ThreadedManager(config)
+    try:
+        with WindowClient(running.target) as client:
+            client.freeze("w", chunks, fingerprint=FINGERPRINT, token_ids=token_ids(TOKENS))
+            flip_a_byte(running.manager.disk.path_for("default", chunks[0].digest))
+            digests = [c.digest for c in chunks]
+            assert eventually(lambda: client.find_missing(digests) == [chunks[0].digest])
+            assert running.server.scrubber.found_corrupt == 1
+            assert running.server.scrubber.passes >= 1
+    finally:
+        running.stop()
