@@ -437,3 +437,28 @@ def test_tenants_are_apart_in_the_shared_catalog(redis_server: RedisServer) -> N
         assert catalog.all_tenants() == ["alice", "b{o}b:x"]
     finally:
         link.close()
+
+
+def test_a_corrupt_disk_copy_is_served_from_redis_and_rewritten(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Before answering DATA_LOSS a read tries the other tiers: a verified Redis copy is
+    served, and the local copy is repaired from it (nothing left in quarantine)."""
+    manager = RedisManager(
+        redis_config(tmp_path / "m", redis_server.url, redis_catalog=False, memory_cache_bytes=0)
+    )
+    chunks = synthetic_chunks(300, seed=19)
+    try:
+        with WindowClient(manager.target) as client:
+            client.freeze("w", chunks, fingerprint=FINGERPRINT, token_ids=token_ids(300))
+            path = manager.manager.disk.path_for("default", chunks[0].digest)
+            damaged = bytearray(path.read_bytes())
+            damaged[len(damaged) // 2] ^= 0x10
+            path.write_bytes(bytes(damaged))
+            assert thawed(client, "w") == [c.data() for c in chunks]
+            assert path.exists() and path.read_bytes() != bytes(damaged)  # rewritten
+            assert manager.manager.store.check_disk_copy("default", chunks[0].digest)
+            assert len(manager.manager.store.quarantine) == 0
+            assert client.find_missing([c.digest for c in chunks]) == []
+    finally:
+        manager.stop()
