@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 from cwm_client import SessionClient, WindowClient, pb
@@ -91,9 +94,14 @@ def cmd_sessions(args: argparse.Namespace) -> int:
     return 0
 
 
+FREEZE_NOTICE_S = 2.0
+"""How long a freeze may take before the CLI says what it is waiting for."""
+
+
 def cmd_freeze(args: argparse.Namespace) -> int:
-    with _session_client(args) as client:
-        response = client.freeze_session(
+    with _session_client(args) as client, ThreadPoolExecutor(1) as worker:
+        order = worker.submit(
+            client.freeze_session,
             args.session,
             args.window,
             description=args.description or "",
@@ -101,6 +109,17 @@ def cmd_freeze(args: argparse.Namespace) -> int:
             agent_id=args.agent or "",
             replace=args.replace,
         )
+        try:
+            response = order.result(timeout=FREEZE_NOTICE_S)
+        except FutureTimeout:
+            # An engine busy generating for the session finishes that first: say so,
+            # rather than sit silent.
+            print(
+                f"waiting for the agent to freeze {args.session!r} (a generation in progress "
+                "on it finishes first) ...",
+                file=sys.stderr,
+            )
+            response = order.result()
     if args.json:
         out = window_dict(response.window)
         out.update(
