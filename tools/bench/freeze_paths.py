@@ -9,7 +9,9 @@ TRANSPORT (auto, grpc, shm, unix, tcp); this prints MiB/s and the client's CPU. 
 py-spy records the manager during the timed rounds into /tmp/spy-freeze-TRANSPORT.txt.
 """
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,7 +29,8 @@ transport = sys.argv[1]
 mib = int(sys.argv[2])
 rounds = int(sys.argv[3])
 geo = sys.argv[4] if len(sys.argv) > 4 else "8b"
-scratch = Path(tempfile.mkdtemp())
+scratch = Path(tempfile.mkdtemp(prefix="cwm-bench-"))
+atexit.register(shutil.rmtree, scratch, ignore_errors=True)  # GiBs of chunk files
 m = Manager(scratch / "m", "127.0.0.1", in_namespace=False)
 windows = [dataset(geo, mib, seed) for seed in range(rounds + 1)]
 with WindowClient(m.target, timeout=600) as c:

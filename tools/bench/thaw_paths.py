@@ -9,7 +9,9 @@ client's CPU. With SPY=1, py-spy records the manager (CLIENT=1: this process) du
 timed rounds into /tmp/spy-TRANSPORT.txt (raw stacks).
 """
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,7 +29,8 @@ transport = sys.argv[1]
 mib = int(sys.argv[2])
 rounds = int(sys.argv[3])
 geo = sys.argv[4] if len(sys.argv) > 4 else "8b"
-scratch = Path(tempfile.mkdtemp())
+scratch = Path(tempfile.mkdtemp(prefix="cwm-bench-"))
+atexit.register(shutil.rmtree, scratch, ignore_errors=True)  # GiBs of chunk files
 m = Manager(scratch / "m", "127.0.0.1", in_namespace=False)
 chunks, ids = dataset(geo, mib, 1)
 with WindowClient(m.target, timeout=600) as c:
