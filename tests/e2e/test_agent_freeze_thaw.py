@@ -324,13 +324,20 @@ def test_cli_freeze_that_waits_says_what_it_waits_for(
     cluster: Cluster, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from cwm_server.cli import session_cmds
-    from cwm_server.cli.main import main
+    from cwm_server.cli.main import build_parser
+    from cwm_server.cli.options import apply_global_defaults
 
     salt = "cli-slow-freeze"
     _complete(cluster.engine_a.endpoint, prompt=_prompt(23, 300), cache_salt=salt, max_tokens=1)
     cluster.wait_reported(salt, 300)
     monkeypatch.setattr(session_cmds, "FREEZE_NOTICE_S", 0.0)  # any freeze "takes long"
-    assert main(["freeze", salt, "cli-slow", "--manager", cluster.manager.target]) == 0
+    # The command's handler in this process (not `main`, which would point the logging of
+    # every later test at this test's captured stderr).
+    args = build_parser().parse_args(
+        ["freeze", salt, "cli-slow", "--manager", cluster.manager.target]
+    )
+    apply_global_defaults(args)
+    assert args.handler(args) == 0
     captured = capsys.readouterr()
     assert f"waiting for the agent to freeze {salt!r}" in captured.err
     assert "cli-slow" in captured.out
