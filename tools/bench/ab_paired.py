@@ -9,7 +9,8 @@ memory tier and a client, both running that tree's code), take turns on every me
 order flipping each round, so drift on a shared machine lands on both. Each run reports MiB/s
 and the manager's and the client's CPU milliseconds per MiB, which stay steadier than
 throughput when other jobs share the cores. Datasets: random (1 MiB chunks of random bytes)
-or kv (256 KiB chunks of bf16-like words). Measures: thaw (from the memory tier), freeze
+kv (256 KiB chunks of bf16-like words) or 8b (32 MiB chunks of random bytes, Llama-3-8B's
+geometry). Measures: thaw (from the memory tier), freeze
 (re-sends the same chunks: the store rewrites the same files) and freeze_fresh (bytes the
 store has never seen: new chunk files, as a new session's KV). Prints JSON.
 """
@@ -45,11 +46,15 @@ if kind == "kv":
         for _ in range(mib * 4)
     ]
     heads = 1
-else:
+elif kind == "8b":  # Llama-3-8B's geometry: 32 MiB chunks (the shared-memory transport's)
+    pieces = [rng.integers(0, 256, 32 * MiB, dtype=np.uint8).tobytes() for _ in range(mib // 32)]
+if kind == "random":
     pieces = [rng.integers(0, 256, MiB, dtype=np.uint8).tobytes() for _ in range(mib)]
     heads = 4
-fp = pb.ModelFingerprint(model_id="ab", kv_dtype=pb.KvDtype.KV_DTYPE_BFLOAT16, num_layers=4,
-                         num_kv_heads=heads, head_dim=64, engine_name="ab", block_size=16)
+layers, dim = (32, 128) if kind == "8b" else (4, 64)
+heads = 8 if kind == "8b" else heads
+fp = pb.ModelFingerprint(model_id="ab", kv_dtype=pb.KvDtype.KV_DTYPE_BFLOAT16, num_layers=layers,
+                         num_kv_heads=heads, head_dim=dim, engine_name="ab", block_size=16)
 chunks = chunks_from_bytes(pieces, 256, 256 * len(pieces))
 ids = [i % 32000 for i in range(256 * len(pieces))]
 scratch = Path(tempfile.mkdtemp())
@@ -114,7 +119,7 @@ def main() -> int:
     parser.add_argument("before", type=Path)
     parser.add_argument("after", type=Path)
     parser.add_argument("--mib", type=int, default=512)
-    parser.add_argument("--kind", choices=("random", "kv"), default="random")
+    parser.add_argument("--kind", choices=("random", "kv", "8b"), default="random")
     parser.add_argument("--measures", default="thaw,freeze")
     parser.add_argument("--rounds", type=int, default=8)
     args = parser.parse_args()

@@ -3,6 +3,7 @@ sampling, timing helpers and where results are recorded."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import signal
@@ -12,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -199,3 +200,24 @@ class ManagerProcess:
 
 def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+@contextlib.contextmanager
+def py_spy(pid: int, out: str, *extra: str) -> Iterator[None]:
+    """With $SPY set, py-spy records `pid`'s raw stacks (every thread, 200 Hz) into `out`
+    for the block; otherwise nothing happens."""
+    if not os.environ.get("SPY"):
+        yield
+        return
+    spy = subprocess.Popen(
+        [str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(pid), "-o", out,
+         "-f", "raw", "-r", "200", "--threads", *extra],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    time.sleep(1)
+    try:
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)
+        spy.wait()

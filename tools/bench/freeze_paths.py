@@ -12,7 +12,6 @@ py-spy records the manager during the timed rounds into /tmp/spy-freeze-TRANSPOR
 import atexit
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from common import py_spy
 from data_plane import Manager, dataset, fingerprint
 
 from cwm_client import WindowClient, tune_allocator
@@ -41,35 +41,12 @@ with WindowClient(m.target, timeout=600) as c:
         return sum(ch.raw_size for ch in chunks)
 
     freeze(rounds)  # warm
-    spy = None
-    if os.environ.get("SPY"):
-        spy = subprocess.Popen(
-            [
-                str(Path(sys.executable).parent / "py-spy"),
-                "record",
-                "-p",
-                str(m.pid),
-                "-o",
-                f"/tmp/spy-freeze-{transport}.txt",
-                "-f",
-                "raw",
-                "-r",
-                "200",
-                "--threads",
-                "--nonblocking",
-                *(["--gil"] if os.environ.get("SPY") == "gil" else []),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        time.sleep(1)
-    t = time.perf_counter()
-    cpu0 = time.process_time()
-    n = sum(freeze(i) for i in range(rounds))
-    dt = time.perf_counter() - t
-    cpu = time.process_time() - cpu0
-    print(f"freeze {transport}: {n / dt / 2**20:.0f} MiB/s, client cpu {cpu / dt:.2f} cores")
-    if spy:
-        spy.send_signal(2)
-        spy.wait()
+    gil = ["--gil"] if os.environ.get("SPY") == "gil" else []
+    with py_spy(m.pid, f"/tmp/spy-freeze-{transport}.txt", "--nonblocking", *gil):
+        t = time.perf_counter()
+        cpu0 = time.process_time()
+        n = sum(freeze(i) for i in range(rounds))
+        dt = time.perf_counter() - t
+        cpu = time.process_time() - cpu0
+        print(f"freeze {transport}: {n / dt / 2**20:.0f} MiB/s, client cpu {cpu / dt:.2f} cores")
 m.stop()

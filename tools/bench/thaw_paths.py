@@ -12,7 +12,6 @@ timed rounds into /tmp/spy-TRANSPORT.txt (raw stacks).
 import atexit
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from common import py_spy
 from data_plane import Manager, dataset, fingerprint
 
 from cwm_client import WindowClient, tune_allocator
@@ -43,34 +43,13 @@ with WindowClient(m.target, timeout=600) as c:
         return n
 
     thaw()
-    spy = None
-    if os.environ.get("SPY"):
-        spy = subprocess.Popen(
-            [
-                str(Path(sys.executable).parent / "py-spy"),
-                "record",
-                "-p",
-                str(os.getpid() if os.environ.get("CLIENT") else m.pid),
-                "-o",
-                f"/tmp/spy-{transport}.txt",
-                "-f",
-                "raw",
-                "-r",
-                "200",
-                "--threads",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        time.sleep(1)
-    t = time.perf_counter()
-    cpu0 = time.process_time()
-    for _ in range(rounds):
-        n = thaw()
-    dt = time.perf_counter() - t
-    cpu = time.process_time() - cpu0
-    print(f"{transport}: {n * rounds / dt / 2**20:.0f} MiB/s, client cpu {cpu / dt:.2f} cores")
-    if spy:
-        spy.send_signal(2)
-        spy.wait()
+    spied = os.getpid() if os.environ.get("CLIENT") else m.pid
+    with py_spy(spied, f"/tmp/spy-{transport}.txt"):
+        t = time.perf_counter()
+        cpu0 = time.process_time()
+        for _ in range(rounds):
+            n = thaw()
+        dt = time.perf_counter() - t
+        cpu = time.process_time() - cpu0
+        print(f"{transport}: {n * rounds / dt / 2**20:.0f} MiB/s, client cpu {cpu / dt:.2f} cores")
 m.stop()
