@@ -13,7 +13,6 @@ every window that shares it. Chunks sealed with a key this manager lacks are ski
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -21,6 +20,7 @@ from collections.abc import Awaitable, Callable
 import structlog
 
 from cwm_client.errors import CwmError
+from cwm_server.manager.housekeeping.periodic import Periodic
 from cwm_server.manager.tiers.base import ChunkCorrupt
 from cwm_server.manager.tiers.disk import DiskTier
 from cwm_server.manager.tiers.store import ChunkStore
@@ -47,7 +47,7 @@ class Scrubber:
         self.passes = 0
         self.verified = 0
         self.found_corrupt = 0
-        self._task: asyncio.Task[None] | None = None
+        self._periodic = Periodic(interval_s, self.scrub, log, "scrub_failed")
 
     async def scrub(self) -> int:
         """One pass over every chunk file; returns how many were found corrupt."""
@@ -88,23 +88,8 @@ class Scrubber:
             return ""  # gone, or unreadable for now: the next pass looks again
         return ""
 
-    async def run_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval_s)
-            try:
-                await self.scrub()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # the next pass tries again
-                log.exception("scrub_failed")
-
     def start(self) -> None:
-        if self._task is None and self.interval_s > 0:
-            self._task = asyncio.ensure_future(self.run_forever())
+        self._periodic.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._periodic.stop()

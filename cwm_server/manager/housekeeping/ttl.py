@@ -16,8 +16,6 @@ long at a time (each deletion is its own short transaction between other calls).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -28,6 +26,7 @@ from cwm_client.errors import ResourceExhausted
 from cwm_server.manager.catalog.base import WindowCatalog
 from cwm_server.manager.executors import Executors
 from cwm_server.manager.housekeeping.collector import Collector
+from cwm_server.manager.housekeeping.periodic import Periodic
 
 T = TypeVar("T")
 log = structlog.get_logger("cwm.ttl")
@@ -90,7 +89,7 @@ class TtlCollector:
         self.expired_total = 0
         """Windows this collector has deleted since it started."""
         self.sweeps = 0
-        self._task: asyncio.Task[None] | None = None
+        self._periodic = Periodic(interval_s, self.sweep, log, "ttl_sweep_failed")
 
     async def sweep(self) -> int:
         """Delete every window expired by now; returns how many were deleted."""
@@ -106,23 +105,8 @@ class TtlCollector:
             log.info("ttl_sweep", expired=deleted)
         return deleted
 
-    async def run_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval_s)
-            try:
-                await self.sweep()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # the next sweep tries again
-                log.exception("ttl_sweep_failed")
-
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.ensure_future(self.run_forever())
+        self._periodic.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._periodic.stop()
