@@ -52,7 +52,7 @@ class HostAgent:
         manager_target: str,
         agent_id: str,
         *,
-        chunk_tokens: int = 256,
+        chunk_tokens: int | None = None,
         policy: AutoFreezePolicy | None = None,
         report_interval: float = 0.25,
         backoff: tuple[float, float] = (0.2, 5.0),
@@ -61,7 +61,8 @@ class HostAgent:
         self.engine = engine
         self.manager_target = manager_target
         self.agent_id = agent_id
-        self.chunk_tokens = chunk_tokens
+        self.chunk_tokens = chunk_tokens or engine.default_chunk_tokens()
+        """Tokens per chunk of a freeze: given, or what suits the engine's KV size."""
         self.policy = policy or AutoFreezePolicy()
         self.report_interval = report_interval
         self.backoff = backoff
@@ -317,14 +318,24 @@ class HostAgent:
                         + "; ".join(diffs),
                         reason="FINGERPRINT_MISMATCH",
                     )
-                datas = [chunk.data async for chunk in stream]
-            await asyncio.to_thread(
-                self.engine.import_session,
-                session_id,
-                list(window.token_ids),
-                datas,
-                window.chunk_tokens,
-            )
+                # Each chunk goes to the engine as it arrives (vLLM stages it in shared
+                # memory) while the next one is on the wire.
+                sink = await asyncio.to_thread(
+                    self.engine.begin_import,
+                    session_id,
+                    list(window.token_ids),
+                    window.chunk_tokens,
+                )
+                chunks = raw_bytes = 0
+                try:
+                    async for chunk in stream:
+                        await asyncio.to_thread(sink.add_chunk, chunks, chunk.data, chunk.digest)
+                        chunks += 1
+                        raw_bytes += len(chunk.data)
+                except BaseException:
+                    await asyncio.to_thread(sink.abort)
+                    raise
+            await asyncio.to_thread(sink.finish)
             self._frozen_tokens[session_id] = window.token_count
             self._last_window[session_id] = window_name
         log.info("thawed", window=window_name, session_id=session_id, tokens=window.token_count)
@@ -336,9 +347,7 @@ class HostAgent:
             last_window=window_name,
         )
         session.last_active.GetCurrentTime()
-        return pb.ThawOrderResult(
-            session=session, chunks=len(datas), raw_bytes=sum(len(d) for d in datas)
-        )
+        return pb.ThawOrderResult(session=session, chunks=chunks, raw_bytes=raw_bytes)
 
     # -- auto-freeze ------------------------------------------------------------------
 

@@ -85,7 +85,13 @@ def add_parser(sub: Subparsers) -> None:
     agent.add_argument(
         "--http", default="127.0.0.1:0", help="HOST:PORT of the engine's OpenAI-style API"
     )
-    agent.add_argument("--chunk-tokens", type=int, default=256, help="tokens per chunk")
+    agent.add_argument(
+        "--chunk-tokens",
+        type=int,
+        default=None,
+        help="tokens per chunk (default: from the engine's KV bytes per token, chunks of up "
+        "to 32 MiB in whole blocks; 256 for the reference engine)",
+    )
     agent.add_argument(
         "--auto-freeze-tokens",
         type=int,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -57,6 +56,15 @@ def _wait(predicate: Any, timeout: float = 30.0, what: str = "condition") -> Any
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _staged(engine: VllmAdapter, salt: str, token_ids: list[int], datas: list[Any]) -> Any:
+    """A window staged for a load, as the agent stages it, but not submitted."""
+    staged = engine.begin_import(salt, token_ids, 256)
+    for index, data in enumerate(datas):
+        staged.add_chunk(index, data)
+    staged.stage()
+    return staged
+
+
 class VllmCluster:
     def __init__(self, base: Path, model_dir: Path) -> None:
         self.base = base
@@ -81,7 +89,9 @@ class VllmCluster:
         self.model = self.engine_a.model_name
 
     def _agent(self, engine: VllmAdapter, agent_id: str) -> ThreadedAgent:
-        agent = ThreadedAgent(HostAgent(engine, self.manager.target, agent_id))
+        # 256-token chunks (the tiny model's default span is larger): several per window,
+        # so a damaged chunk leaves loaded blocks before it.
+        agent = ThreadedAgent(HostAgent(engine, self.manager.target, agent_id, chunk_tokens=256))
         agent.wait_connected()
         self.agents.append(agent)
         return agent
@@ -203,18 +213,19 @@ def test_another_cache_salt_gets_no_hit_from_the_window(
     window = cluster.windows.get(frozen_session["frozen"].window.name)
     with cluster.windows.thaw(window.name) as stream:
         datas = [chunk.data for chunk in stream]
-    op_id = staging.new_op_id()
     tokens = frozen_session["window_tokens"]
-    directory = engine._stage(op_id, "owner", history[:tokens], tokens, datas, 256)
+    staged = _staged(engine, "owner", history[:tokens], datas)
+    directory = staged.directory
     try:
-        reply = engine._complete(history[: tokens + 1], "intruder", "load", op_id)
+        reply = engine._complete(history[: tokens + 1], "intruder", "load", staged.op_id)
         assert _cached(reply) == 0
         note = json.loads((directory / staging.SCHEDULER_FILE).read_text())
         assert note["claimed_tokens"] == 0
         assert "cache_salt" in note["refusal"]
         assert not (directory / staging.RESULT_FILE).exists()  # the worker loaded nothing
     finally:
-        staging.remove_tree(directory)
+        staged.abort()
+    assert not staged.chunk_dir.exists() and not directory.exists()
 
 
 def test_window_of_another_model_is_refused_before_any_kv_is_loaded(
@@ -256,21 +267,22 @@ def test_failed_chunk_is_recomputed_never_used(
     engine = cluster.engine_b
     with cluster.windows.thaw(frozen_session["frozen"].window.name) as stream:
         datas = [chunk.data for chunk in stream]
-    op_id = staging.new_op_id()
-    directory = engine._stage(op_id, "damaged", history[:tokens], tokens, datas, 256)
-    damaged = directory / staging.chunk_file_name(1)
+    staged = _staged(engine, "damaged", history[:tokens], datas)
+    directory = staged.directory
+    damaged = staged.chunk_dir / staging.chunk_file_name(1)
     raw = bytearray(damaged.read_bytes())
     raw[1000] ^= 0xFF
     damaged.write_bytes(bytes(raw))
     try:
-        engine._submit_load(history[: tokens + 1], "damaged", op_id)
+        engine._submit_load(history[: tokens + 1], "damaged", staged.op_id)
         with pytest.raises(DataLoss) as lost:
             engine._check_load(directory, "damaged")
         assert "BLAKE3" in lost.value.message and "recomputed" in lost.value.message
         result = json.loads((directory / staging.RESULT_FILE).read_text())
         assert result["loaded_blocks"] == 2  # chunk 0 (two blocks) went in, chunk 1 did not
+        assert result["asynchronous"] is True  # loaded off the engine's step
     finally:
-        staging.remove_tree(directory)
+        staged.abort()
 
     # What B now holds under that salt, read back through the connector.
     staging.write_json_atomic(
@@ -385,8 +397,12 @@ def test_killing_the_agent_during_a_thaw_leaves_b_serving_correctly(
         assert _cached(reply) == 0
         leftovers = list((cluster.dir_b / staging.LOAD_DIR).glob(".*.building"))
         assert leftovers  # the half-staged window, never named, never loaded
-        for path in leftovers:
-            shutil.rmtree(path)
+        chunk_load_dir = cluster.engine_b.chunk_root / staging.LOAD_DIR
+        assert any(chunk_load_dir.iterdir())  # its chunks, in shared memory
+        # An agent that starts releases what the dead one staged.
+        VllmAdapter(cluster.vllm_b.url, cluster.dir_b)
+        assert not any(chunk_load_dir.iterdir())
+        assert not list((cluster.dir_b / staging.LOAD_DIR).glob(".*.building"))
     if _cached(reply) == tokens:
         assert _tokens(reply) == _tokens(uninterrupted)
     else:

@@ -20,6 +20,10 @@ an adapter by the engine's name. The agent only ever uses these primitives, grou
   * `import_session(session_id, token_ids, chunks, chunk_tokens)`: create a session holding
     exactly that KV, so the next request whose prompt extends `token_ids` computes only the
     new tokens and gives bit-identical results.
+  * `begin_import(session_id, token_ids, chunk_tokens)`: the same, chunk by chunk as they
+    arrive (`ImportSink`), so an engine that stages chunks (vLLM) writes each one while the
+    next is still on the wire; by default the chunks are collected for `import_session`.
+  * `default_chunk_tokens()`: the chunk span that suits this engine's KV size.
 
 Adapters are called from worker threads (engines block); they do their own locking.
 """
@@ -74,6 +78,62 @@ class ExportedKV:
     chunks: list[bytes]
 
 
+TARGET_CHUNK_BYTES = 32 << 20
+"""What a chunk's span aims at: tens of MiB, large enough that per-chunk costs vanish, small
+enough for the manager's default cap (`--max-chunk-mib` 64) and for pipelining."""
+MAX_CHUNK_TOKENS = 2048
+"""A small model's chunks stop growing here: the span is also what an incremental freeze
+re-sends when a session grows."""
+
+
+def chunk_tokens_for(bytes_per_token: int, block_size: int = 1, fallback: int = 256) -> int:
+    """The chunk span for KV of `bytes_per_token`: a multiple of `block_size` whose chunks
+    come closest to `TARGET_CHUNK_BYTES` without passing it (one block when a single block
+    is already larger). Llama-3-8B (128 KiB per token) gets 256 tokens (32 MiB); a 70B
+    model (320 KiB) 96 tokens with blocks of 16 or one block of 128 on vLLM's CPU build."""
+    if bytes_per_token <= 0:
+        return fallback
+    blocks = TARGET_CHUNK_BYTES // (bytes_per_token * block_size)
+    blocks = min(blocks, MAX_CHUNK_TOKENS // block_size)
+    return max(1, blocks) * block_size
+
+
+class ImportSink(ABC):
+    """One import in progress: chunks arrive in order, then `finish` makes the session."""
+
+    @abstractmethod
+    def add_chunk(self, index: int, data: bytes | memoryview, digest: bytes | None = None) -> None:
+        """Chunk `index` (in order), with its BLAKE3-256 `digest` when the caller already
+        verified it (thawed chunks are), so it need not be hashed again."""
+
+    @abstractmethod
+    def finish(self) -> None:
+        """Create the session (raise as `import_session` does)."""
+
+    def abort(self) -> None:  # noqa: B027 - optional hook
+        """Drop what was staged (the import failed before `finish`)."""
+
+
+class _CollectingSink(ImportSink):
+    def __init__(
+        self, adapter: EngineAdapter, session_id: str, token_ids: list[int], chunk_tokens: int
+    ) -> None:
+        self._adapter = adapter
+        self._args = (session_id, token_ids, chunk_tokens)
+        self._chunks: list[bytes] = []
+
+    def add_chunk(self, index: int, data: bytes | memoryview, digest: bytes | None = None) -> None:
+        self._chunks.append(bytes(data))
+
+    def finish(self) -> None:
+        session_id, token_ids, chunk_tokens = self._args
+        chunks, self._chunks = self._chunks, []
+        self._adapter.import_session(session_id, token_ids, chunks, chunk_tokens)
+
+    def abort(self) -> None:
+        self._chunks = []
+
+
 class EngineAdapter(ABC):
     # -- building ------------------------------------------------------------------------
 
@@ -116,3 +176,13 @@ class EngineAdapter(ABC):
         chunk_tokens: int,
     ) -> None:
         """Raise cwm_client.errors.AlreadyExists if the session id is taken."""
+
+    def begin_import(
+        self, session_id: str, token_ids: Sequence[int], chunk_tokens: int
+    ) -> ImportSink:
+        """An import fed chunk by chunk; by default collected for `import_session`."""
+        return _CollectingSink(self, session_id, [int(t) for t in token_ids], chunk_tokens)
+
+    def default_chunk_tokens(self) -> int:
+        """The chunk span `cwm agent` uses unless told (`--chunk-tokens`)."""
+        return 256

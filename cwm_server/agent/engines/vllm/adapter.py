@@ -11,9 +11,13 @@ two share a staging directory (`staging`). This adapter never touches vLLM's mem
 - `export_session` registers a save under a fresh id, re-submits the session's tokens (plus
   the next one, so every whole block is a prefix-cache hit) with a save directive, and reads
   the canonical chunks the connector wrote, checking each one's BLAKE3 digest.
-- `import_session` stages the window's chunks under a fresh id, submits its tokens plus one
-  with a load directive and the session's salt, and checks what the scheduler claimed and
-  the worker loaded. The blocks then sit in vLLM's prefix cache under that salt.
+- `begin_import` (and `import_session` on top of it) stages each chunk of the window as it
+  arrives, under a fresh id in the chunk root (shared memory by default: one copy from the
+  receive buffer), then the manifest; submits the window's tokens plus one with a load
+  directive and the session's salt, and checks what the scheduler claimed and the worker
+  loaded. The blocks then sit in vLLM's prefix cache under that salt. Staged chunks are
+  removed on every path, and an agent that starts removes what a dead one left.
+- `default_chunk_tokens` sizes chunks from vLLM's KV bytes per token (`chunk_tokens_for`).
 
 Only whole blocks move: a window's tokens are cut to a multiple of the block size (128 on
 CPU), and `chunk_tokens` must be a multiple of it.
@@ -48,6 +52,8 @@ from cwm_server.agent.engines.base import (
     EngineSettings,
     EngineSettingsError,
     ExportedKV,
+    ImportSink,
+    chunk_tokens_for,
 )
 from cwm_server.agent.engines.fingerprint import kv_dtype_from_name, model_fingerprint
 from cwm_server.agent.engines.vllm import staging
@@ -86,12 +92,15 @@ class VllmAdapter(EngineAdapter):
         self._lock = threading.Lock()
         self._records: dict[Path, tuple[int, int, EngineSession]] = {}
         staging.ensure_layout(self.root)
-        # Orders of an agent that died are dead too: nobody will read their files.
-        for kind in (staging.LOAD_DIR, staging.SAVE_DIR):
-            for stale in (self.root / kind).iterdir():
-                staging.remove_tree(stale)
         self.model_name, root = self._wait_for_server(startup_timeout)
         self.engine_info = self._wait_for_engine_file(startup_timeout)
+        self.chunk_root = Path(str(self.engine_info.get("chunk_root") or self.root))
+        staging.ensure_chunk_root(self.chunk_root)
+        # Orders of an agent that died are dead too: nobody will read their files.
+        for base in {self.root, self.chunk_root}:
+            for kind in (staging.LOAD_DIR, staging.SAVE_DIR):
+                for stale in (base / kind).iterdir():
+                    staging.remove_tree(stale)
         self.block_size = int(self.engine_info["block_size"])
         self.model_dir = Path(model_dir or self.engine_info.get("model") or root)
         if not self.model_dir.is_dir():
@@ -243,6 +252,7 @@ class VllmAdapter(EngineAdapter):
             )
         op_id = staging.new_op_id()
         directory = staging.op_dir(self.root, staging.SAVE_DIR, op_id)
+        chunk_dir = staging.op_dir(self.chunk_root, staging.SAVE_DIR, op_id)
         directory.mkdir(parents=True)
         try:
             staging.write_json_atomic(
@@ -259,7 +269,7 @@ class VllmAdapter(EngineAdapter):
                 )
             chunks = []
             for chunk in result["chunks"]:
-                data = (directory / str(chunk["file"])).read_bytes()
+                data = (chunk_dir / str(chunk["file"])).read_bytes()
                 if blake3.blake3(data).hexdigest() != chunk["digest"]:
                     raise DataLoss(
                         f"staged chunk {chunk['file']} of session {session_id!r} "
@@ -269,6 +279,17 @@ class VllmAdapter(EngineAdapter):
             return ExportedKV(token_ids=token_ids[:tokens], chunks=chunks)
         finally:
             staging.remove_tree(directory)
+            staging.remove_tree(chunk_dir)
+
+    def default_chunk_tokens(self) -> int:
+        per_token = int(self.engine_info.get("bytes_per_token") or 0) or int(
+            2
+            * int(self.engine_info["num_layers"])
+            * int(self.engine_info["num_kv_heads"])
+            * int(self.engine_info["head_dim"])
+            * (4 if self.engine_info["kv_dtype"] == "float32" else 2)
+        )
+        return chunk_tokens_for(per_token, self.block_size)
 
     def import_session(
         self,
@@ -277,6 +298,18 @@ class VllmAdapter(EngineAdapter):
         chunks: Sequence[bytes],
         chunk_tokens: int,
     ) -> None:
+        sink = self.begin_import(session_id, token_ids, chunk_tokens)
+        try:
+            for index, data in enumerate(chunks):
+                sink.add_chunk(index, data)
+        except BaseException:
+            sink.abort()
+            raise
+        sink.finish()
+
+    def begin_import(
+        self, session_id: str, token_ids: Sequence[int], chunk_tokens: int
+    ) -> _StagedImport:
         if self._record(session_id) is not None:
             raise AlreadyExists(f"the engine already has a session {session_id!r}")
         self._check_chunk_tokens(chunk_tokens)
@@ -286,81 +319,50 @@ class VllmAdapter(EngineAdapter):
             raise InvalidArgument(
                 f"the window holds {len(ids)} tokens, less than one block of {self.block_size}"
             )
-        op_id = staging.new_op_id()
-        directory = self._stage(op_id, session_id, ids, tokens, chunks, chunk_tokens)
-        try:
-            follow = ids[tokens] if len(ids) > tokens else ids[-1]
-            try:
-                self._submit_load([*ids[:tokens], follow], session_id, op_id)
-            except VllmError:
-                # kv_load_failure_policy=fail: vLLM failed the request; say why if we know.
-                if isinstance(staging.read_json(directory / staging.RESULT_FILE), dict):
-                    self._check_load(directory, session_id)
-                raise
-            self._check_load(directory, session_id)
-            staging.write_json_atomic(
-                staging.session_path(self.root, session_id),
-                {
-                    "cache_salt": session_id,
-                    "token_ids": ids,
-                    "kv_tokens": tokens,
-                    "block_size": self.block_size,
-                    "finished_at": time.time(),
-                    "thawed": True,
-                },
-            )
-        finally:
-            staging.remove_tree(directory)
+        return _StagedImport(self, session_id, ids, tokens, chunk_tokens)
 
-    def _stage(
-        self,
-        op_id: str,
-        session_id: str,
-        ids: list[int],
-        tokens: int,
-        chunks: Sequence[bytes],
-        chunk_tokens: int,
-    ) -> Path:
-        """Write the window's chunks and then, atomically, its manifest: a load id names a
-        complete staging or nothing."""
-        final = staging.op_dir(self.root, staging.LOAD_DIR, op_id)
-        building = final.with_name(f".{op_id}.building")
-        building.mkdir(parents=True)
-        refs = []
-        for index, data in enumerate(chunks):
-            start = index * chunk_tokens
-            if start >= tokens:
-                break
-            name = staging.chunk_file_name(index)
-            (building / name).write_bytes(data)
-            refs.append(
-                {
-                    "file": name,
-                    "token_start": start,
-                    "token_count": min(chunk_tokens, len(ids) - start),
-                    "digest": blake3.blake3(data).hexdigest(),
-                }
-            )
-        info = self.engine_info
+    def _load_staged(self, session_id: str, ids: list[int], tokens: int, op_id: str) -> None:
+        """Submit the load of a completely staged window and record the new session."""
+        directory = staging.op_dir(self.root, staging.LOAD_DIR, op_id)
+        follow = ids[tokens] if len(ids) > tokens else ids[-1]
+        try:
+            self._submit_load([*ids[:tokens], follow], session_id, op_id)
+        except VllmError:
+            # kv_load_failure_policy=fail: vLLM failed the request; say why if we know.
+            if isinstance(staging.read_json(directory / staging.RESULT_FILE), dict):
+                self._check_load(directory, session_id)
+            raise
+        self._check_load(directory, session_id)
         staging.write_json_atomic(
-            building / staging.MANIFEST_FILE,
+            staging.session_path(self.root, session_id),
             {
                 "cache_salt": session_id,
-                "tokens": tokens,
-                "token_ids": ids[:tokens],
-                "chunk_tokens": chunk_tokens,
-                "chunks": refs,
-                "layout": {
-                    "num_layers": int(info["num_layers"]),
-                    "num_kv_heads": int(info["num_kv_heads"]),
-                    "head_dim": int(info["head_dim"]),
-                    "kv_dtype": str(info["kv_dtype"]),
-                    "block_size": self.block_size,
-                },
+                "token_ids": ids,
+                "kv_tokens": tokens,
+                "block_size": self.block_size,
+                "finished_at": time.time(),
+                "thawed": True,
             },
         )
-        building.rename(final)
-        return final
+
+    def _manifest(
+        self, session_id: str, ids: list[int], tokens: int, chunk_tokens: int, refs: list[Any]
+    ) -> dict[str, Any]:
+        info = self.engine_info
+        return {
+            "cache_salt": session_id,
+            "tokens": tokens,
+            "token_ids": ids[:tokens],
+            "chunk_tokens": chunk_tokens,
+            "chunks": refs,
+            "layout": {
+                "num_layers": int(info["num_layers"]),
+                "num_kv_heads": int(info["num_kv_heads"]),
+                "head_dim": int(info["head_dim"]),
+                "kv_dtype": str(info["kv_dtype"]),
+                "block_size": self.block_size,
+            },
+        }
 
     def _submit_load(self, prompt: list[int], session_id: str, op_id: str) -> None:
         self._complete(prompt, session_id, "load", op_id)
@@ -422,3 +424,86 @@ class VllmAdapter(EngineAdapter):
             raise VllmError(f"vLLM answered {exc.code}: {detail}", reason="VLLM_ERROR") from None
         except (urllib.error.URLError, OSError) as exc:
             raise Unavailable(f"vLLM at {self.url} is unreachable: {exc}") from None
+
+
+class _StagedImport(ImportSink):
+    """A window staged for vLLM chunk by chunk: each chunk is written into the chunk root
+    (shared memory) as it arrives, with its BLAKE3 digest; `finish` writes the manifest
+    (atomically: a load id names a complete staging or nothing), submits the load and
+    removes the staging whatever happens."""
+
+    def __init__(
+        self,
+        adapter: VllmAdapter,
+        session_id: str,
+        ids: list[int],
+        tokens: int,
+        chunk_tokens: int,
+    ) -> None:
+        self._adapter = adapter
+        self._session_id = session_id
+        self._ids = ids
+        self._tokens = tokens
+        self._chunk_tokens = chunk_tokens
+        self._op_id = staging.new_op_id()
+        self._final = staging.op_dir(adapter.root, staging.LOAD_DIR, self._op_id)
+        self._building = self._final.with_name(f".{self._op_id}.building")
+        self._chunk_dir = staging.op_dir(adapter.chunk_root, staging.LOAD_DIR, self._op_id)
+        self._chunk_dir.mkdir(parents=True)
+        self._refs: list[dict[str, Any]] = []
+        self._done = False
+
+    def add_chunk(self, index: int, data: bytes | memoryview, digest: bytes | None = None) -> None:
+        start = index * self._chunk_tokens
+        if index != len(self._refs) or start >= self._tokens:
+            # Chunks past the whole blocks (a partial last block) are not staged.
+            return
+        name = staging.chunk_file_name(index)
+        with open(self._chunk_dir / name, "wb") as handle:
+            handle.write(data)
+        self._refs.append(
+            {
+                "file": name,
+                "token_start": start,
+                "token_count": min(self._chunk_tokens, len(self._ids) - start),
+                "digest": (digest or blake3.blake3(data).digest()).hex(),
+            }
+        )
+
+    @property
+    def op_id(self) -> str:
+        return self._op_id
+
+    @property
+    def directory(self) -> Path:
+        """The staged window's folder (manifest, and the connector's notes on it)."""
+        return self._final
+
+    @property
+    def chunk_dir(self) -> Path:
+        return self._chunk_dir
+
+    def stage(self) -> None:
+        """Write the manifest: from here on the load id names a complete staging."""
+        self._building.mkdir(parents=True)
+        staging.write_json_atomic(
+            self._building / staging.MANIFEST_FILE,
+            self._adapter._manifest(
+                self._session_id, self._ids, self._tokens, self._chunk_tokens, self._refs
+            ),
+        )
+        self._building.rename(self._final)
+
+    def finish(self) -> None:
+        try:
+            self.stage()
+            self._adapter._load_staged(self._session_id, self._ids, self._tokens, self._op_id)
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        for path in (self._building, self._final, self._chunk_dir):
+            staging.remove_tree(path)

@@ -21,13 +21,19 @@ configuration both share and forwards each call to its role's half:
 - `CwmConnectorMetadata` carries a step's orders (`transfers.LoadOp`, `transfers.SaveOp`)
   from the first to the second.
 
-Limits: one KV cache group (plain attention models), one worker (no tensor or pipeline
-parallelism), KV dtypes bf16/fp16/fp32, and CPU attention (the GPU layouts are documented in
-docs/VLLM.md but not wired up here: no GPU was available to verify them).
+Options in `kv_connector_extra_config`: `cwm_dir` (required), `cwm_chunk_dir` (where chunks
+are staged; default a folder of /dev/shm) and `cwm_async_load` (default true: loads run off
+the engine's step).
+
+Limits: one KV cache group (plain attention models; hybrid models are refused at start with
+the groups named), one worker (no tensor or pipeline parallelism), KV dtypes bf16/fp16/fp32,
+little-endian hosts; attention backends CPU_ATTN, FLASH_ATTN, FLASHINFER and TRITON_ATTN
+(`backends`; MLA and quantised caches are refused).
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -60,6 +66,8 @@ if TYPE_CHECKING:
 logger = init_logger(__name__)
 
 EXTRA_DIR_KEY = "cwm_dir"
+EXTRA_CHUNK_DIR_KEY = "cwm_chunk_dir"
+EXTRA_ASYNC_LOAD_KEY = "cwm_async_load"
 
 
 @dataclass
@@ -70,18 +78,42 @@ class CwmConnectorMetadata(KVConnectorMetadata):
     saves: list[SaveOp] = field(default_factory=list)
 
 
+def _describe_group(index: int, group: Any) -> str:
+    spec = group.kv_cache_spec
+    window = getattr(spec, "sliding_window", None)
+    kind = type(spec).__name__ + (f" (sliding window {window})" if window else "")
+    names = list(group.layer_names)
+    shown = ", ".join(names[:2]) + (", ..." if len(names) > 2 else "")
+    return f"group {index}: {kind}, {len(names)} layers ({shown})"
+
+
 def kv_geometry(kv_cache_config: KVCacheConfig) -> KVGeometry:
-    """The shape of the single KV cache group (ValueError for any other kind of model)."""
+    """The shape of the single KV cache group (ValueError naming the groups for any other
+    kind of model)."""
     groups = kv_cache_config.kv_cache_groups
     if len(groups) != 1:
+        described = "; ".join(_describe_group(i, g) for i, g in enumerate(groups))
         raise ValueError(
             f"the cwm connector supports models with one KV cache group; this one has "
-            f"{len(groups)} (hybrid or sliding-window models are not supported yet)"
+            f"{len(groups)}: {described}. Hybrid (sliding-window beside full attention, or "
+            "linear-attention) models are not supported yet"
         )
     spec: Any = groups[0].kv_cache_spec
+    if "MLA" in type(spec).__name__:
+        raise ValueError(
+            f"the cwm connector does not support MLA caches ({type(spec).__name__}): they "
+            "hold one latent vector per token, not K and V"
+        )
     for attr in ("num_kv_heads", "head_size", "dtype", "block_size"):
         if not hasattr(spec, attr):
             raise ValueError(f"the cwm connector needs an attention KV cache, got {spec!r}")
+    if any(kind in type(spec).__name__ for kind in ("SlidingWindow", "ChunkedLocal")):
+        # (A FullAttentionSpec with a window keeps every block: that is fine.)
+        raise ValueError(
+            "the cwm connector does not support sliding-window attention "
+            f"({_describe_group(0, groups[0])}): vLLM frees the blocks that fall out of "
+            "the window"
+        )
     return KVGeometry(
         num_layers=len(groups[0].layer_names),
         num_kv_heads=int(spec.num_kv_heads),
@@ -89,6 +121,13 @@ def kv_geometry(kv_cache_config: KVCacheConfig) -> KVGeometry:
         dtype=spec.dtype,
         block_size=int(spec.block_size),
     )
+
+
+def _flag(extra: dict[str, Any], key: str, default: bool) -> bool:
+    value = extra.get(key, default)
+    if isinstance(value, str):
+        value = value.strip().lower() not in ("0", "false", "no", "off", "")
+    return bool(value)
 
 
 class CwmConnector(KVConnectorBase_V1, SupportsHMA):
@@ -118,18 +157,27 @@ class CwmConnector(KVConnectorBase_V1, SupportsHMA):
                 "the cwm connector needs vLLM's prefix caching: thawed blocks are served from "
                 "it and freezes re-read sessions through it"
             )
+        if sys.byteorder != "little":
+            raise ValueError("the cwm connector needs a little-endian host (canonical chunks are)")
         self.root = Path(directory).resolve()
         staging.ensure_layout(self.root)
+        chunk_dir = extra.get(EXTRA_CHUNK_DIR_KEY)
+        self.chunk_root = (
+            Path(chunk_dir).resolve() if chunk_dir else staging.default_chunk_root(self.root)
+        )
+        staging.ensure_chunk_root(self.chunk_root)
         self.geometry = kv_geometry(kv_cache_config)
         if self.geometry.dtype not in WORD_DTYPES:
             raise ValueError(f"the cwm connector does not support KV dtype {self.geometry.dtype}")
         self._scheduler: CwmConnectorScheduler | None = None
         self._worker: CwmConnectorWorker | None = None
         if role == KVConnectorRole.SCHEDULER:
-            self._scheduler = CwmConnectorScheduler(self.root, self.geometry)
+            self._scheduler = CwmConnectorScheduler(
+                self.root, self.geometry, async_load=_flag(extra, EXTRA_ASYNC_LOAD_KEY, True)
+            )
         else:
             self._worker = CwmConnectorWorker(
-                self.root, self.geometry, vllm_config, self._kv_transfer_config
+                self.root, self.chunk_root, self.geometry, vllm_config, self._kv_transfer_config
             )
         logger.info("cwm connector (%s) using %s", role.name.lower(), self.root)
 
@@ -166,13 +214,17 @@ class CwmConnector(KVConnectorBase_V1, SupportsHMA):
         return
 
     def wait_for_save(self) -> None:
-        """Hand this step's saves to the worker side, which gathers them before the step
-        ends (see `CwmConnectorWorker.gather_saves`)."""
+        """Hand this step's saves to the worker side's saver thread (see
+        `CwmConnectorWorker.start_saves`); nothing here waits."""
         if not self.has_connector_metadata():
             return
         metadata = self._get_connector_metadata()
         assert isinstance(metadata, CwmConnectorMetadata)
-        self._worker_side().gather_saves(metadata.saves)
+        self._worker_side().start_saves(metadata.saves)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        sending, recving = self._worker_side().get_finished(finished_req_ids)
+        return sending or None, recving or None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker_side().get_block_ids_with_load_errors()
@@ -196,8 +248,7 @@ class CwmConnector(KVConnectorBase_V1, SupportsHMA):
     def request_finished(
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
-        self._scheduler_side().request_finished(request)
-        return False, None
+        return self._scheduler_side().request_finished(request), None
 
     def request_finished_all_groups(
         self, request: Request, block_ids: tuple[list[int], ...]

@@ -24,14 +24,20 @@ CONNECTOR_CLASS = "CwmConnector"
 CONNECTOR_MODULE = "cwm_server.agent.engines.vllm.connector"
 
 
-def kv_transfer_config(cwm_dir: str | os.PathLike[str], failure_policy: str = "recompute") -> str:
+def kv_transfer_config(
+    cwm_dir: str | os.PathLike[str],
+    failure_policy: str = "recompute",
+    connector_options: dict[str, Any] | None = None,
+) -> str:
+    """The `--kv-transfer-config` value; `connector_options` adds to the connector's extra
+    config (`cwm_chunk_dir`, `cwm_async_load`)."""
     return json.dumps(
         {
             "kv_connector": CONNECTOR_CLASS,
             "kv_connector_module_path": CONNECTOR_MODULE,
             "kv_role": "kv_both",
             "kv_load_failure_policy": failure_policy,
-            "kv_connector_extra_config": {"cwm_dir": str(cwm_dir)},
+            "kv_connector_extra_config": {"cwm_dir": str(cwm_dir), **(connector_options or {})},
         }
     )
 
@@ -44,6 +50,7 @@ def server_command(
     python: str = sys.executable,
     max_model_len: int = 8192,
     failure_policy: str = "recompute",
+    connector_options: dict[str, Any] | None = None,
     extra: list[str] | None = None,
 ) -> list[str]:
     return [
@@ -63,7 +70,7 @@ def server_command(
         str(max_model_len),
         "--enable-prompt-tokens-details",
         "--kv-transfer-config",
-        kv_transfer_config(cwm_dir, failure_policy),
+        kv_transfer_config(cwm_dir, failure_policy, connector_options),
         *(extra or []),
     ]
 
@@ -80,7 +87,10 @@ class VllmServer:
         *,
         cpu: str | None = None,
         kv_cache_gib: int = 1,
+        max_model_len: int = 8192,
         failure_policy: str = "recompute",
+        connector_options: dict[str, Any] | None = None,
+        extra: list[str] | None = None,
     ) -> None:
         self.model_dir = str(model_dir)
         self.port = port
@@ -88,7 +98,10 @@ class VllmServer:
         self.log_path = Path(log_path)
         self.cpu = cpu
         self.kv_cache_gib = kv_cache_gib
+        self.max_model_len = max_model_len
         self.failure_policy = failure_policy
+        self.connector_options = dict(connector_options or {})
+        self.extra = list(extra or [])
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
@@ -108,7 +121,13 @@ class VllmServer:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(
             server_command(
-                self.model_dir, self.port, self.cwm_dir, failure_policy=self.failure_policy
+                self.model_dir,
+                self.port,
+                self.cwm_dir,
+                max_model_len=self.max_model_len,
+                failure_policy=self.failure_policy,
+                connector_options=self.connector_options,
+                extra=self.extra,
             ),
             stdout=self._log,
             stderr=subprocess.STDOUT,

@@ -140,46 +140,181 @@ def probe_block_layout(
     return BlockLayout(num_kv_heads, block_size, head_dim, per_block, gather_index)
 
 
-class PagedKV:
-    """One engine's per-layer caches, read and written block by block in canonical order."""
+@dataclass(frozen=True)
+class Strides:
+    """Where one of K or V sits in a block: (token n, head h, dim d) is `offset + n * token
+    + h * head + d * dim` elements after the block's first element."""
 
-    def __init__(self, layers: Sequence[torch.Tensor], layout: BlockLayout) -> None:
+    offset: int
+    token: int
+    head: int
+    dim: int
+
+
+@dataclass(frozen=True)
+class StridedPlacement:
+    """K and V of a block as two strided views. Every layout seen so far is of this kind
+    (CPU `vec`: K transposed, V row-major; the GPU backends' logical `[..., :D] / [..., D:]`
+    split), and a strided view lets one copy per layer move a whole request's blocks, with
+    no index tensor as large as the data."""
+
+    key: Strides
+    value: Strides
+
+
+def strided_placement(layout: BlockLayout) -> StridedPlacement | None:
+    """The probed permutation as strides, or None when it is not one (tiled layouts)."""
+    n, h, d = layout.block_size, layout.num_kv_heads, layout.head_dim
+    index = layout.gather_index.view(2, n, h, d)
+
+    def fit(part: torch.Tensor) -> Strides | None:
+        origin = int(part[0, 0, 0])
+
+        def step(axis: int) -> int:
+            if part.shape[axis] == 1:
+                return 0
+            one = [0, 0, 0]
+            one[axis] = 1
+            return int(part[tuple(one)]) - origin
+
+        strides = Strides(origin, step(0), step(1), step(2))
+        expected = (
+            origin
+            + torch.arange(n).view(n, 1, 1) * strides.token
+            + torch.arange(h).view(1, h, 1) * strides.head
+            + torch.arange(d).view(1, 1, d) * strides.dim
+        )
+        return strides if torch.equal(expected, part) else None
+
+    key, value = fit(index[0]), fit(index[1])
+    if key is None or value is None:
+        return None
+    return StridedPlacement(key, value)
+
+
+def logical_placement(tensor: torch.Tensor, head_dim: int) -> StridedPlacement:
+    """The GPU backends' `[B, H, N, 2*D]` view, K = `[..., :D]`, V = `[..., D:]`, in
+    whatever physical order the view's strides say (LBHNC, LBNHC, LHBNC, BLHNC, ...)."""
+    if tensor.dim() != 4 or tensor.shape[3] != 2 * head_dim:
+        raise LayoutError(
+            f"expected a [blocks, heads, block_size, 2 * {head_dim}] layer cache, got "
+            f"{tuple(tensor.shape)}"
+        )
+    _, head, token, dim = tensor.stride()
+    return StridedPlacement(Strides(0, token, head, dim), Strides(head_dim * dim, token, head, dim))
+
+
+Placement = BlockLayout | StridedPlacement
+
+
+class PagedKV:
+    """One engine's per-layer caches, read and written block by block in canonical order.
+
+    With a `StridedPlacement` each layer's K and V are two `[blocks, N, H, D]` views of the
+    cache, so a request's blocks move with one `index_select` / `index_copy_` per layer and
+    K/V, straight into or out of the caller's canonical buffer (a mapped staging file: no
+    intermediate copy). A probed permutation that is not strided (tiled layouts) goes
+    through the permutation, one layer at a time.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[torch.Tensor],
+        placement: Placement,
+        *,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        block_size: int | None = None,
+    ) -> None:
         if not layers:
             raise LayoutError("no attention layers")
-        self.layout = layout
+        self.placement = placement
         self.dtype = layers[0].dtype
+        self.device = layers[0].device
+        if isinstance(placement, BlockLayout):
+            num_kv_heads, head_dim = placement.num_kv_heads, placement.head_dim
+            block_size = placement.block_size
+        if num_kv_heads is None or head_dim is None or block_size is None:
+            raise LayoutError("a strided placement needs the heads, head size and block size")
+        self.num_kv_heads, self.head_dim, self.block_size = num_kv_heads, head_dim, block_size
+        self.hidden = num_kv_heads * head_dim
         self._flat: list[torch.Tensor] = []
+        self._views: list[tuple[torch.Tensor, torch.Tensor]] = []
+        strided = (
+            placement if isinstance(placement, StridedPlacement) else strided_placement(placement)
+        )
         for tensor in layers:
             if tensor.dim() != 4 or tensor.dtype != self.dtype:
                 raise LayoutError(f"unexpected layer cache {tuple(tensor.shape)} {tensor.dtype}")
             blocks, heads, tokens, content = tensor.shape
-            if (heads, tokens) != (layout.num_kv_heads, layout.block_size):
+            if (heads, tokens) != (num_kv_heads, block_size):
                 raise LayoutError(f"layer cache {tuple(tensor.shape)} does not match the probe")
-            inner = (tokens * content, content, 1)
-            if tuple(tensor.stride()[1:]) != inner:
-                raise LayoutError(
-                    f"a layer's block is not one contiguous page (strides {tensor.stride()})"
-                )
-            self._flat.append(
+            if isinstance(placement, BlockLayout):
+                inner = (tokens * content, content, 1)
+                if tuple(tensor.stride()[1:]) != inner:
+                    raise LayoutError(
+                        f"a layer's block is not one contiguous page (strides {tensor.stride()})"
+                    )
+                if strided is None:
+                    self._flat.append(
+                        torch.as_strided(
+                            tensor,
+                            (blocks, placement.per_block),
+                            (tensor.stride(0), 1),
+                            tensor.storage_offset(),
+                        )
+                    )
+                    continue
+            assert strided is not None
+            size = (blocks, block_size, num_kv_heads, head_dim)
+            key, value = (
                 torch.as_strided(
                     tensor,
-                    (blocks, layout.per_block),
-                    (tensor.stride(0), 1),
-                    tensor.storage_offset(),
+                    size,
+                    (tensor.stride(0), part.token, part.head, part.dim),
+                    tensor.storage_offset() + part.offset,
                 )
+                for part in (strided.key, strided.value)
             )
+            self._views.append((key, value))
+        if strided is not None and isinstance(placement, BlockLayout):
+            self.placement = strided
 
     @property
     def num_layers(self) -> int:
-        return len(self._flat)
+        return len(self._views) or len(self._flat)
 
-    def gather(self, block_ids: Sequence[int]) -> torch.Tensor:
-        """A copy of the blocks' KV as `[2, L, len(block_ids) * N, H * D]`."""
-        layout = self.layout
-        index = torch.tensor(list(block_ids), dtype=torch.int64, device=self._flat[0].device)
-        gather = layout.gather_index.to(index.device)
-        n, k = layout.block_size, len(block_ids)
-        out = torch.empty(2, self.num_layers, k * n, layout.hidden, dtype=self.dtype)
+    @property
+    def strided(self) -> bool:
+        """Whether blocks move through strided views (else through the permutation)."""
+        return bool(self._views)
+
+    def _shape_for(self, count: int) -> tuple[int, int, int, int]:
+        return (2, self.num_layers, count * self.block_size, self.hidden)
+
+    def gather(self, block_ids: Sequence[int], out: torch.Tensor | None = None) -> torch.Tensor:
+        """The blocks' KV as `[2, L, len(block_ids) * N, H * D]`, written into `out` when
+        given (a contiguous host tensor of that shape and the cache's dtype)."""
+        k = len(block_ids)
+        if out is None:
+            out = torch.empty(self._shape_for(k), dtype=self.dtype)
+        elif tuple(out.shape) != self._shape_for(k) or out.dtype != self.dtype:
+            raise LayoutError(f"KV buffer {tuple(out.shape)} {out.dtype} does not fit {k} blocks")
+        index = torch.tensor(list(block_ids), dtype=torch.int64, device=self.device)
+        if self._views:
+            n, h, d = self.block_size, self.num_kv_heads, self.head_dim
+            for layer, views in enumerate(self._views):
+                for kv, view in enumerate(views):
+                    dest = out[kv, layer].view(k, n, h, d)
+                    if dest.device == view.device and dest.is_contiguous():
+                        torch.index_select(view, 0, index, out=dest)
+                    else:
+                        dest.copy_(view.index_select(0, index))
+            return out
+        layout = self.placement
+        assert isinstance(layout, BlockLayout)
+        gather = layout.gather_index.to(self.device)
+        n = layout.block_size
         for layer, flat in enumerate(self._flat):
             picked = flat.index_select(0, index)[:, gather]  # [k, 2 * N * HD] canonical order
             out[:, layer] = (
@@ -192,17 +327,25 @@ class PagedKV:
 
     def scatter(self, block_ids: Sequence[int], kv: torch.Tensor) -> None:
         """Write `[2, L, len(block_ids) * N, H * D]` canonical KV into the blocks."""
-        layout = self.layout
-        n, k = layout.block_size, len(block_ids)
-        if tuple(kv.shape) != (2, self.num_layers, k * n, layout.hidden) or kv.dtype != self.dtype:
+        k = len(block_ids)
+        if tuple(kv.shape) != self._shape_for(k) or kv.dtype != self.dtype:
             raise LayoutError(f"KV {tuple(kv.shape)} {kv.dtype} does not fit {k} blocks")
-        device = self._flat[0].device
-        index = torch.tensor(list(block_ids), dtype=torch.int64, device=device)
-        gather = layout.gather_index.to(device)
+        index = torch.tensor(list(block_ids), dtype=torch.int64, device=self.device)
+        if self._views:
+            n, h, d = self.block_size, self.num_kv_heads, self.head_dim
+            for layer, views in enumerate(self._views):
+                for side, view in enumerate(views):
+                    src = kv[side, layer].reshape(k, n, h, d)
+                    view.index_copy_(0, index, src.to(self.device))
+            return
+        layout = self.placement
+        assert isinstance(layout, BlockLayout)
+        gather = layout.gather_index.to(self.device)
+        n = layout.block_size
         for layer, flat in enumerate(self._flat):
             src = kv[:, layer].reshape(2, k, n * layout.hidden).transpose(0, 1).reshape(k, -1)
-            page = torch.empty(k, layout.per_block, dtype=self.dtype, device=device)
-            page[:, gather] = src.to(device)
+            page = torch.empty(k, layout.per_block, dtype=self.dtype, device=self.device)
+            page[:, gather] = src.to(self.device)
             flat.index_copy_(0, index, page)
 
 

@@ -7,12 +7,15 @@ save KV, and the session records the agent lists.
 - A request with `{"cwm": {"op": "load", "id": ID}}` is matched against the window staged in
   `load/ID/` (`transfers.check_load_manifest`): only a request whose `cache_salt` is the
   staged session's salt and whose prompt starts with the staged tokens gets a hit, of whole
-  blocks only, loaded synchronously into the blocks vLLM allocated. vLLM then hashes those
-  blocks under the request's salt like any prefill, so later requests of the session hit
-  them in the prefix cache.
+  blocks only, loaded into the blocks vLLM allocated: asynchronously by default (the
+  request waits in WAITING_FOR_REMOTE_KVS, other requests keep running), synchronously
+  before the step's forward with `cwm_async_load: false`. vLLM then hashes those blocks
+  under the request's salt like any prefill, so later requests of the session hit them in
+  the prefix cache.
 - A request with `{"cwm": {"op": "save", "id": ID}}` that the agent registered in `save/ID/`
   has its first N tokens' blocks handed to the worker once they are all computed (normally
-  at once: the agent re-submits a session's tokens, a prefix-cache hit).
+  at once: the agent re-submits a session's tokens, a prefix-cache hit). Its blocks stay
+  allocated after it finishes until the worker reports the save done.
 
 What the scheduler decides reaches the agent as `scheduler.json` (a load's claim or refusal)
 or `result.json` (a refused or abandoned save).
@@ -61,19 +64,24 @@ class _LoadPlan:
     tokens: int
     chunks: list[ChunkRef]
     refusal: str = ""
+    noted: bool = False
+    """The claim went to the agent: a request re-allocated later (vLLM retrying after a
+    failed async load recomputes what failed) must not overwrite it."""
 
 
 class CwmConnectorScheduler:
     """The scheduler-side half of `CwmConnector` (which forwards vLLM's calls here)."""
 
-    def __init__(self, root: Path, geometry: KVGeometry) -> None:
+    def __init__(self, root: Path, geometry: KVGeometry, *, async_load: bool = True) -> None:
         self.root = root
+        self.async_load = async_load
         self.geometry = geometry
         self.block_size = geometry.block_size
         self._layout = geometry.staging_layout()
         self._plans: dict[str, _LoadPlan] = {}
         self._pending_loads: list[LoadOp] = []
         self._saves: dict[str, _PendingSave] = {}
+        self._saves_handed: set[str] = set()
         self._records: queue.Queue[tuple[Path, dict[str, Any]]] = queue.Queue()
         self._record_thread: threading.Thread | None = None
 
@@ -91,7 +99,7 @@ class CwmConnectorScheduler:
         plan = self._plan_load(request, command["id"])
         if plan.refusal or plan.tokens <= num_computed_tokens:
             return 0, False
-        return plan.tokens - num_computed_tokens, False
+        return plan.tokens - num_computed_tokens, self.async_load
 
     def _plan_load(self, request: Request, op_id: str) -> _LoadPlan:
         cached = self._plans.get(request.request_id)
@@ -138,8 +146,9 @@ class CwmConnectorScheduler:
         if command is None or command["op"] != "load":
             return
         plan = self._plans.get(request.request_id)
-        if plan is None:
+        if plan is None or plan.noted:
             return
+        plan.noted = True
         directory = staging.op_dir(self.root, staging.LOAD_DIR, plan.op_id)
         note: dict[str, Any] = {"claimed_tokens": num_external_tokens, "refusal": plan.refusal}
         if num_external_tokens > 0:
@@ -154,6 +163,8 @@ class CwmConnectorScheduler:
                     block_ids=list(block_ids[first : first + count]),
                     first_token=first_token,
                     chunks=plan.chunks,
+                    req_id=request.request_id,
+                    asynchronous=self.async_load,
                 )
             )
             note["first_token"] = first_token
@@ -206,6 +217,7 @@ class CwmConnectorScheduler:
         if len(pending.block_ids) < needed:
             return
         del self._saves[req_id]
+        self._saves_handed.add(req_id)
         saves.append(
             SaveOp(
                 op_id=pending.op_id,
@@ -213,12 +225,15 @@ class CwmConnectorScheduler:
                 block_ids=pending.block_ids[:needed],
                 num_tokens=pending.num_tokens,
                 chunk_tokens=pending.chunk_tokens,
+                req_id=req_id,
             )
         )
 
     # -- a finished request --------------------------------------------------------------
 
-    def request_finished(self, request: Request) -> None:
+    def request_finished(self, request: Request) -> bool:
+        """Record the session; True when the request's blocks must outlive it until the
+        worker reports its save done (vLLM then frees them)."""
         self._plans.pop(request.request_id, None)
         pending = self._saves.pop(request.request_id, None)
         if pending is not None:
@@ -229,6 +244,10 @@ class CwmConnectorScheduler:
             )
         if request.cache_salt and staging.directive(request.kv_transfer_params) is None:
             self._record_session(request)
+        if request.request_id in self._saves_handed:
+            self._saves_handed.discard(request.request_id)
+            return True
+        return False
 
     def _record_session(self, request: Request) -> None:
         assert request.cache_salt is not None

@@ -12,6 +12,14 @@ sides (`kv_connector_extra_config.cwm_dir` and `cwm agent --vllm-dir`), laid out
     save/<id>/request.json      a save the agent asked for (the connector only saves these)
     save/<id>/result.json       the worker's canonical chunks and their digests, or an error
 
+The chunks themselves (`chunk-NNNNN.bin`, canonical bytes) live apart, under the chunk root
+that `engine.json` names (`chunk_root`, with the same `load/<id>/` and `save/<id>/` folders):
+by default a folder in `/dev/shm`, so a chunk is shared memory that one side writes and the
+other maps. A thawed chunk is written once from the socket's buffer and copied once, by the
+worker, from the mapping into the paged cache; a frozen one is gathered by the worker
+straight into its mapping. `kv_connector_extra_config.cwm_chunk_dir` picks another place
+(any local folder; a disk only costs speed).
+
 Every file is written to a temporary name and renamed, so a reader never sees half of one;
 ids are 32 lowercase hex digits, checked before they become paths, because directives arrive
 in `kv_transfer_params`, which any HTTP client of vLLM can send.
@@ -41,7 +49,8 @@ MANIFEST_FILE = "manifest.json"
 SCHEDULER_FILE = "scheduler.json"
 RESULT_FILE = "result.json"
 REQUEST_FILE = "request.json"
-STAGING_VERSION = 1
+STAGING_VERSION = 2
+SHM_ROOT = Path("/dev/shm")
 
 OP_ID_RE = re.compile(r"\A[0-9a-f]{32}\Z")
 
@@ -78,6 +87,69 @@ def op_dir(root: Path, kind: str, op_id: str) -> Path:
 def ensure_layout(root: Path) -> None:
     for name in (SESSIONS_DIR, LOAD_DIR, SAVE_DIR):
         (root / name).mkdir(parents=True, exist_ok=True)
+
+
+def default_chunk_root(root: Path) -> Path:
+    """Where the chunks of the staging directory `root` live unless configured: a folder of
+    `/dev/shm` named after `root` (so two vLLM servers never share one), or `root` itself
+    where there is no `/dev/shm`."""
+    import hashlib
+
+    if SHM_ROOT.is_dir() and os.access(SHM_ROOT, os.W_OK):
+        digest = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
+        return SHM_ROOT / f"cwm-chunks-{digest}"
+    return root
+
+
+def ensure_chunk_root(chunk_root: Path) -> None:
+    for name in (LOAD_DIR, SAVE_DIR):
+        (chunk_root / name).mkdir(parents=True, exist_ok=True, mode=0o700)
+
+
+class MappedFile:
+    """A staged chunk file mapped into memory: `buffer` is writable (a shared mapping when
+    the file was opened for writing, else a private copy-on-write one that is only read),
+    so numpy and torch can wrap it without copying. Close it before the file is removed
+    from a tmpfs, or the pages stay allocated."""
+
+    def __init__(self, path: Path, size: int | None = None) -> None:
+        import mmap
+
+        writing = size is not None
+        flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC if writing else os.O_RDONLY
+        fd = os.open(path, flags, 0o600)
+        try:
+            if writing:
+                assert size is not None
+                os.ftruncate(fd, size)
+            else:
+                size = os.fstat(fd).st_size
+            self.size = size
+            if size == 0:
+                self._map: Any = None
+                self.buffer = memoryview(bytearray())
+                return
+            if writing:
+                self._map = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+            else:
+                self._map = mmap.mmap(
+                    fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE
+                )
+            self.buffer = memoryview(self._map)
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        self.buffer.release()
+        if self._map is not None:
+            with contextlib.suppress(BufferError):
+                self._map.close()
+
+    def __enter__(self) -> MappedFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:

@@ -28,6 +28,9 @@ class LoadOp:
     first_token: int
     """Window position of the first block loaded (tokens before it were already cached)."""
     chunks: list[ChunkRef]
+    req_id: str = ""
+    asynchronous: bool = False
+    """Loaded off the engine's step; vLLM waits for `get_finished` to report `req_id`."""
 
 
 @dataclass
@@ -37,6 +40,7 @@ class SaveOp:
     block_ids: list[int]
     num_tokens: int
     chunk_tokens: int
+    req_id: str = ""
 
 
 def check_load_manifest(

@@ -1,15 +1,19 @@
 """The connector's worker side, in vLLM's worker process: it owns the KV tensors.
 
-It learns the block layout from the attention backend (`layout.probe_block_layout`), writes
+It learns the block layout from the attention backend (`backends.block_placement`), writes
 `engine.json` for the agent, and performs the step's orders:
 
-- loads: every chunk's size and BLAKE3 digest is checked before a single byte reaches the
-  cache; a chunk that fails is reported through `get_block_ids_with_load_errors`, so vLLM
-  applies its `kv_load_failure_policy` (recompute those blocks, or fail the request) and
-  never uses them;
-- saves: the blocks are gathered during the step (they may be reused once it ends) and
-  written as canonical chunks by a background thread, so the forward pass never waits on
-  encoding or disk.
+- loads: each staged chunk is mapped from the chunk root (shared memory by default), its
+  size and BLAKE3 digest checked on the mapping before a single byte reaches the cache, and
+  then copied once, a request's blocks at a time, into the paged cache. A load runs on the
+  loader thread, off the engine's step (vLLM's `load_kv_async`: the request waits in
+  WAITING_FOR_REMOTE_KVS while every other request keeps running), unless the connector
+  was configured with `cwm_async_load: false`. A chunk that fails is reported through
+  `get_block_ids_with_load_errors`, so vLLM applies its `kv_load_failure_policy` (recompute
+  those blocks, or fail the request) and never uses them;
+- saves: on the saver thread, the blocks are gathered straight into mapped chunk files and
+  digested there; vLLM keeps the request's blocks allocated until `get_finished` reports
+  the save done (`request_finished` returned True), so the step never waits for a save.
 
 Outcomes reach the agent as `result.json` beside the staged window or the save order.
 """
@@ -20,6 +24,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,14 +33,11 @@ import torch
 from vllm.logger import init_logger
 
 from cwm_server.agent.engines.vllm import staging
+from cwm_server.agent.engines.vllm.backends import block_placement
 from cwm_server.agent.engines.vllm.layout import (
-    BlockLayout,
+    WORD_DTYPES,
     KVGeometry,
-    LayoutError,
     PagedKV,
-    from_canonical_bytes,
-    probe_block_layout,
-    to_canonical_bytes,
 )
 from cwm_server.agent.engines.vllm.transfers import LoadOp, SaveOp, blocks_by_chunk
 
@@ -45,26 +47,58 @@ if TYPE_CHECKING:
 logger = init_logger(__name__)
 
 
+class _Lane:
+    """One daemon thread that runs submitted jobs in order (the loader, the saver)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._jobs: queue.Queue[Callable[[], None]] = queue.Queue()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, job: Callable[[], None]) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+            self._thread.start()
+        self._jobs.put(job)
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                job()
+            except Exception as exc:  # noqa: BLE001 - a job reports its own failures
+                logger.error("%s: %s", self.name, exc)
+
+
 class CwmConnectorWorker:
     """The worker-side half of `CwmConnector` (which forwards vLLM's calls here)."""
 
     def __init__(
         self,
         root: Path,
+        chunk_root: Path,
         geometry: KVGeometry,
         vllm_config: VllmConfig,
         kv_transfer_config: KVTransferConfig,
     ) -> None:
         self.root = root
+        self.chunk_root = chunk_root
         self.geometry = geometry
         self.block_size = geometry.block_size
         self.bytes_per_token = geometry.bytes_per_token
         self._vllm_config = vllm_config
         self._kv_transfer_config = kv_transfer_config
         self._paged: PagedKV | None = None
+        self._backend = ""
+        self._lock = threading.Lock()
         self._load_errors: set[int] = set()
-        self._writes: queue.Queue[tuple[SaveOp, torch.Tensor]] = queue.Queue()
-        self._write_thread: threading.Thread | None = None
+        self._async_errors: set[int] = set()
+        self._loads_done: set[str] = set()
+        self._saves_running: set[str] = set()
+        self._saves_done: set[str] = set()
+        self._finished_requests: set[str] = set()
+        self._loader = _Lane("cwm-load")
+        self._saver = _Lane("cwm-save")
 
     # -- the KV tensors ------------------------------------------------------------------
 
@@ -80,57 +114,37 @@ class CwmConnectorWorker:
                 f"the cwm connector expected {geometry.num_layers} distinct layer caches, got "
                 f"{len(tensors)} (shared-KV layers are not supported)"
             )
-        isa, layout = self._probe(names[0], tensors[0])
-        self._paged = PagedKV(tensors, layout)
-        self._write_engine_file(isa)
+        context = self._vllm_config.compilation_config.static_forward_context
+        choice = block_placement(
+            context.get(names[0]),
+            names[0],
+            tensors[0],
+            geometry,
+            str(self._vllm_config.cache_config.cache_dtype),
+        )
+        self._backend = choice.description
+        self._paged = PagedKV(
+            tensors,
+            choice.placement,
+            num_kv_heads=geometry.num_kv_heads,
+            head_dim=geometry.head_dim,
+            block_size=geometry.block_size,
+        )
+        self._write_engine_file(choice.platform, choice.description)
         logger.info(
-            "cwm connector: %d layers, %d KV heads x %d, %s, blocks of %d, layout from %s",
+            "cwm connector: %d layers, %d KV heads x %d, %s, blocks of %d, layout from %s "
+            "(%s), chunks in %s",
             geometry.num_layers,
             geometry.num_kv_heads,
             geometry.head_dim,
             geometry.dtype,
             geometry.block_size,
-            isa,
+            choice.description,
+            "strided" if self._paged.strided else "permuted",
+            self.chunk_root,
         )
 
-    def _probe(self, layer_name: str, tensor: torch.Tensor) -> tuple[str, BlockLayout]:
-        from vllm.platforms import current_platform
-
-        if not current_platform.is_cpu():
-            raise NotImplementedError(
-                "the cwm connector handles vLLM's CPU attention layouts only so far; see "
-                "docs/VLLM.md for the GPU backends' layouts"
-            )
-        from vllm import _custom_ops as ops
-
-        context = self._vllm_config.compilation_config.static_forward_context
-        layer = context.get(layer_name)
-        isa = getattr(layer, "isa", None)
-        if not isinstance(isa, str):
-            raise LayoutError(f"cannot tell which CPU attention kernel layer {layer_name} uses")
-        bound = getattr(layer, "kv_cache", None)
-        if isinstance(bound, torch.Tensor) and tuple(bound.shape) != tuple(tensor.shape):
-            raise LayoutError(
-                f"the attention kernel uses blocks of another size ({tuple(bound.shape)} vs "
-                f"{tuple(tensor.shape)}); set --block-size to a size the kernel supports"
-            )
-        cache_dtype = self._vllm_config.cache_config.cache_dtype
-
-        def write(key: torch.Tensor, value: torch.Tensor, block: torch.Tensor) -> None:
-            blocks, heads, tokens, _ = block.shape
-            view = block.view(blocks, heads, tokens * 2, -1)
-            key_cache, value_cache = view.chunk(2, dim=2)
-            slots = torch.arange(tokens, dtype=torch.int64)
-            ops.cpu_attn_reshape_and_cache(
-                key, value, key_cache, value_cache, slots, isa, 1.0, 1.0, cache_dtype
-            )
-
-        _, heads, tokens, content = tensor.shape
-        return isa, probe_block_layout(
-            write, heads, tokens, self.geometry.head_dim, content, tensor.dtype
-        )
-
-    def _write_engine_file(self, isa: str) -> None:
+    def _write_engine_file(self, platform: str, attention: str) -> None:
         import vllm
 
         config = self._vllm_config
@@ -146,52 +160,70 @@ class CwmConnectorWorker:
                 "num_kv_heads": geometry.num_kv_heads,
                 "head_dim": geometry.head_dim,
                 "block_size": geometry.block_size,
+                "bytes_per_token": geometry.bytes_per_token,
                 "vllm_version": vllm.__version__,
                 "torch_version": str(torch.__version__),
-                "platform": "cpu",
-                "attention_isa": isa,
+                "platform": platform,
+                "attention_isa": attention,
+                "chunk_root": str(self.chunk_root),
                 "kv_load_failure_policy": self._kv_transfer_config.kv_load_failure_policy,
                 "pid": os.getpid(),
                 "started_at": time.time(),
             },
         )
 
+    def _canonical(self, buffer: memoryview, tokens: int) -> torch.Tensor:
+        """A `[2, L, tokens, HD]` view of canonical (little-endian) bytes, no copy: the
+        connector refuses big-endian hosts."""
+        geometry = self.geometry
+        word = WORD_DTYPES[geometry.dtype][0]
+        return (
+            torch.frombuffer(buffer, dtype=word)
+            .view(geometry.dtype)
+            .view(2, geometry.num_layers, tokens, geometry.hidden)
+        )
+
     # -- loads ---------------------------------------------------------------------------
 
     def start_loads(self, loads: list[LoadOp]) -> None:
         for op in loads:
-            self._load(op)
+            if op.asynchronous:
+                self._loader.submit(lambda op=op: self._load(op))  # type: ignore[misc]
+            else:
+                self._load(op)
 
     def _load(self, op: LoadOp) -> None:
         """Load one staged window into its blocks; on any failure report the blocks from the
         first one not loaded onwards, so vLLM recomputes (or fails) them."""
         assert self._paged is not None
-        geometry = self.geometry
         directory = Path(op.directory)
+        chunk_dir = staging.op_dir(self.chunk_root, staging.LOAD_DIR, op.op_id)
         loaded = 0
         error = ""
+        started = time.perf_counter()
         try:
-            by_block = blocks_by_chunk(op, self.block_size)
-            for chunk, positions in by_block:
-                data = (directory / chunk.file).read_bytes()
-                if len(data) != chunk.token_count * self.bytes_per_token:
-                    raise ValueError(
-                        f"{chunk.file} holds {len(data)} bytes, "
-                        f"{chunk.token_count * self.bytes_per_token} expected"
+            for chunk, positions in blocks_by_chunk(op, self.block_size):
+                expected = chunk.token_count * self.bytes_per_token
+                with staging.MappedFile(chunk_dir / chunk.file) as mapped:
+                    if mapped.size != expected:
+                        raise ValueError(
+                            f"{chunk.file} holds {mapped.size} bytes, {expected} expected"
+                        )
+                    if blake3.blake3(mapped.buffer).hexdigest() != chunk.digest:
+                        raise ValueError(f"{chunk.file} does not match its BLAKE3 digest")
+                    kv = self._canonical(mapped.buffer, chunk.token_count)
+                    first_index, first_offset = positions[0]
+                    count = len(positions)
+                    self._paged.scatter(
+                        op.block_ids[first_index : first_index + count],
+                        kv[:, :, first_offset : first_offset + count * self.block_size],
                     )
-                if blake3.blake3(data).hexdigest() != chunk.digest:
-                    raise ValueError(f"{chunk.file} does not match its BLAKE3 digest")
-                kv = from_canonical_bytes(
-                    data, geometry.dtype, geometry.num_layers, chunk.token_count, geometry.hidden
-                )
-                for block_index, offset in positions:
-                    piece = kv[:, :, offset : offset + self.block_size]
-                    self._paged.scatter([op.block_ids[block_index]], piece)
-                    loaded += 1
+                    del kv
+                    loaded += count
         except Exception as exc:  # noqa: BLE001 - any failure means: do not use these blocks
             error = f"{type(exc).__name__}: {exc}"
-            self._load_errors.update(op.block_ids[loaded:])
             logger.error("cwm load %s failed after %d blocks: %s", op.op_id, loaded, error)
+        failed = set(op.block_ids[loaded:]) if error else set()
         staging.write_json_atomic(
             directory / staging.RESULT_FILE,
             {
@@ -199,56 +231,79 @@ class CwmConnectorWorker:
                 "loaded_blocks": loaded,
                 "first_token": op.first_token,
                 "loaded_tokens": loaded * self.block_size,
+                "seconds": round(time.perf_counter() - started, 4),
+                "asynchronous": op.asynchronous,
                 "error": error,
             },
         )
+        with self._lock:
+            if op.asynchronous:
+                # Published with the request's completion, never before it (vLLM's rule).
+                self._async_errors |= failed
+                self._loads_done.add(op.req_id)
+            else:
+                self._load_errors |= failed
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str], set[str]]:
+        """(requests whose save is done and that vLLM has finished, requests whose load is
+        done). A load's failed blocks become visible to `get_block_ids_with_load_errors` in
+        the same call that reports the request, as vLLM requires."""
+        with self._lock:
+            self._finished_requests |= finished_req_ids & (self._saves_running | self._saves_done)
+            sending = self._saves_done & self._finished_requests
+            self._saves_done -= sending
+            self._finished_requests -= sending
+            recving, self._loads_done = self._loads_done, set()
+            self._load_errors |= self._async_errors
+            self._async_errors = set()
+        return sending, recving
 
     def get_block_ids_with_load_errors(self) -> set[int]:
-        errors, self._load_errors = self._load_errors, set()
+        with self._lock:
+            errors, self._load_errors = self._load_errors, set()
         return errors
 
     # -- saves ---------------------------------------------------------------------------
 
-    def gather_saves(self, saves: list[SaveOp]) -> None:
-        """Gather this step's saves now (the blocks are complete after the forward and may be
-        reused once the step ends); encode and write them on a background thread."""
+    def start_saves(self, saves: list[SaveOp]) -> None:
+        """Hand this step's saves to the saver thread. The blocks are complete after the
+        forward and stay allocated until `get_finished` reports the save (vLLM was told so
+        by `request_finished`), so the step does not wait."""
         for op in saves:
-            try:
-                assert self._paged is not None
-                kv = self._paged.gather(op.block_ids)[:, :, : op.num_tokens]
-            except Exception as exc:  # noqa: BLE001 - reported to the agent, never raised into vLLM
-                self._save_failed(op, exc)
-                continue
-            if self._write_thread is None:
-                self._write_thread = threading.Thread(
-                    target=self._write_loop, name="cwm-save", daemon=True
-                )
-                self._write_thread.start()
-            self._writes.put((op, kv))
+            with self._lock:
+                self._saves_running.add(op.req_id)
+            self._saver.submit(lambda op=op: self._save(op))  # type: ignore[misc]
 
-    def _write_loop(self) -> None:
-        while True:
-            op, kv = self._writes.get()
-            try:
-                self._write_save(op, kv)
-            except Exception as exc:  # noqa: BLE001
-                self._save_failed(op, exc)
+    def _save(self, op: SaveOp) -> None:
+        try:
+            self._write_save(op)
+        except Exception as exc:  # noqa: BLE001 - reported to the agent, never raised into vLLM
+            self._save_failed(op, exc)
+        finally:
+            with self._lock:
+                self._saves_running.discard(op.req_id)
+                self._saves_done.add(op.req_id)
 
-    def _write_save(self, op: SaveOp, kv: torch.Tensor) -> None:
+    def _write_save(self, op: SaveOp) -> None:
+        assert self._paged is not None
         directory = Path(op.directory)
+        chunk_dir = staging.op_dir(self.chunk_root, staging.SAVE_DIR, op.op_id)
+        chunk_dir.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
         chunks: list[dict[str, Any]] = []
         for index, start in enumerate(range(0, op.num_tokens, op.chunk_tokens)):
             count = min(op.chunk_tokens, op.num_tokens - start)
-            data = to_canonical_bytes(kv[:, :, start : start + count])
+            blocks = op.block_ids[start // self.block_size : (start + count) // self.block_size]
             name = staging.chunk_file_name(index)
-            staging.write_bytes_atomic(directory / name, data)
+            tmp = chunk_dir / f".{name}.tmp"
+            with staging.MappedFile(tmp, count * self.bytes_per_token) as mapped:
+                out = self._canonical(mapped.buffer, count)
+                self._paged.gather(blocks, out=out)
+                del out
+                digest = blake3.blake3(mapped.buffer).hexdigest()
+            os.replace(tmp, chunk_dir / name)
             chunks.append(
-                {
-                    "file": name,
-                    "token_start": start,
-                    "token_count": count,
-                    "digest": blake3.blake3(data).hexdigest(),
-                }
+                {"file": name, "token_start": start, "token_count": count, "digest": digest}
             )
         staging.write_json_atomic(
             directory / staging.RESULT_FILE,
@@ -256,6 +311,7 @@ class CwmConnectorWorker:
                 "tokens": op.num_tokens,
                 "chunk_tokens": op.chunk_tokens,
                 "chunks": chunks,
+                "seconds": round(time.perf_counter() - started, 4),
                 "error": "",
             },
         )

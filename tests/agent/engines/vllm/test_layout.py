@@ -12,8 +12,12 @@ from cwm_server.agent.engines.vllm.layout import (  # noqa: E402
     KVGeometry,
     LayoutError,
     PagedKV,
+    StridedPlacement,
+    Strides,
     from_canonical_bytes,
+    logical_placement,
     probe_block_layout,
+    strided_placement,
     to_canonical_bytes,
 )
 
@@ -41,6 +45,7 @@ def test_scattered_kv_sits_where_the_backend_writer_puts_it(dtype: torch.dtype) 
     layout = probe_block_layout(vec_writer, HEADS, BLOCK, HEAD_DIM, CONTENT, dtype)
     caches = [torch.zeros(5, HEADS, BLOCK, CONTENT, dtype=dtype) for _ in range(LAYERS)]
     paged = PagedKV(caches, layout)
+    assert isinstance(paged.placement, StridedPlacement)
     kv = random_kv(dtype, 2 * BLOCK)
     paged.scatter([3, 1], kv)
     for layer, cache in enumerate(caches):
@@ -141,3 +146,114 @@ def test_the_geometry_names_the_fields_a_staged_window_must_match() -> None:
         "block_size": BLOCK,
     }
     assert geometry.bytes_per_token == 2 * LAYERS * HEADS * HEAD_DIM * 2
+
+
+def pair_tiled_writer(key: torch.Tensor, value: torch.Tensor, block: torch.Tensor) -> None:
+    """A tiled block (as AMX's VNNI packing is): per head, K's tokens interleaved in pairs
+    along the head dimension, then V as [block_size, head_dim]. Not a strided layout."""
+    tokens = key.shape[0]
+    for head in range(key.shape[1]):
+        page = block[0, head].view(-1)
+        pairs = key[:, head, :].reshape(tokens // 2, 2, HEAD_DIM).transpose(1, 2)
+        page[: HEAD_DIM * tokens] = pairs.reshape(-1)
+        page[HEAD_DIM * tokens :] = value[:, head, :].reshape(-1)
+
+
+def test_the_vec_layout_is_recognised_as_strided() -> None:
+    layout = probe_block_layout(vec_writer, HEADS, BLOCK, HEAD_DIM, CONTENT, torch.bfloat16)
+    placement = strided_placement(layout)
+    # K transposed: tokens adjacent, head dims BLOCK apart; V after all of K, rows of D.
+    assert placement == StridedPlacement(
+        key=Strides(offset=0, token=1, head=BLOCK * CONTENT, dim=BLOCK),
+        value=Strides(offset=HEAD_DIM * BLOCK, token=HEAD_DIM, head=BLOCK * CONTENT, dim=1),
+    )
+    assert (
+        strided_placement(
+            probe_block_layout(pair_tiled_writer, HEADS, BLOCK, HEAD_DIM, CONTENT, torch.bfloat16)
+        )
+        is None
+    )
+
+
+def test_a_tiled_layout_moves_through_its_permutation_bit_for_bit() -> None:
+    dtype = torch.bfloat16
+    layout = probe_block_layout(pair_tiled_writer, HEADS, BLOCK, HEAD_DIM, CONTENT, dtype)
+    caches = [torch.zeros(4, HEADS, BLOCK, CONTENT, dtype=dtype) for _ in range(LAYERS)]
+    paged = PagedKV(caches, layout)
+    assert paged.placement is layout
+    kv = random_kv(dtype, 2 * BLOCK, seed=3)
+    paged.scatter([3, 1], kv)
+    expected = torch.zeros(1, HEADS, BLOCK, CONTENT, dtype=dtype)
+    span = kv[:, 0, BLOCK : 2 * BLOCK].view(2, BLOCK, HEADS, HEAD_DIM)
+    pair_tiled_writer(span[0], span[1], expected)
+    assert torch.equal(caches[0][1].view(torch.int16), expected[0].view(torch.int16))
+    assert torch.equal(paged.gather([3, 1]).view(torch.int16), kv.view(torch.int16))
+
+
+def test_gather_writes_into_the_callers_buffer() -> None:
+    dtype = torch.float16
+    layout = probe_block_layout(vec_writer, HEADS, BLOCK, HEAD_DIM, CONTENT, dtype)
+    caches = [torch.zeros(4, HEADS, BLOCK, CONTENT, dtype=dtype) for _ in range(LAYERS)]
+    paged = PagedKV(caches, layout)
+    kv = random_kv(dtype, 2 * BLOCK, seed=4)
+    paged.scatter([0, 2], kv)
+    raw = bytearray(kv.numel() * 2)
+    out = torch.frombuffer(raw, dtype=torch.int16).view(dtype).view(kv.shape)
+    assert paged.gather([0, 2], out=out) is out
+    assert bytes(raw) == to_canonical_bytes(kv)
+    with pytest.raises(LayoutError, match="does not fit 1 blocks"):
+        paged.gather([0], out=out)
+
+
+# The GPU backends (FlashAttention, FlashInfer, Triton): per layer a [B, H, N, 2*D] view of
+# one allocation whose physical order vLLM picks per backend; K = [..., :D], V = [..., D:].
+PHYSICAL_ORDERS = ["LBHNC", "LBNHC", "LHBNC", "BLHNC", "BLNHC", "BHLNC"]
+
+
+def logical_caches(order: str, blocks: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    """The per-layer [B, H, N, C] views of one allocation laid out in `order`."""
+    sizes = {"L": LAYERS, "B": blocks, "H": HEADS, "N": BLOCK, "C": CONTENT}
+    raw = torch.zeros([sizes[axis] for axis in order], dtype=dtype)
+    logical = raw.permute([order.index(axis) for axis in "LBHNC"])
+    return [logical[layer] for layer in range(LAYERS)]
+
+
+def flash_writer(cache: torch.Tensor, block: int, key: torch.Tensor, value: torch.Tensor) -> None:
+    """What the backends' reshape_and_cache does: `kv_cache.transpose(1, 2).split(D, -1)`
+    gives K and V as [B, N, H, D]; slot i of the block takes token i."""
+    key_cache, value_cache = cache.transpose(1, 2).split(HEAD_DIM, -1)
+    key_cache[block] = key
+    value_cache[block] = value
+
+
+@pytest.mark.parametrize("order", PHYSICAL_ORDERS)
+def test_logical_gpu_layouts_round_trip_in_every_physical_order(order: str) -> None:
+    dtype = torch.bfloat16
+    caches = logical_caches(order, 5, dtype)
+    paged = PagedKV(
+        caches,
+        logical_placement(caches[0], HEAD_DIM),
+        num_kv_heads=HEADS,
+        head_dim=HEAD_DIM,
+        block_size=BLOCK,
+    )
+    kv = random_kv(dtype, 2 * BLOCK, seed=5)
+    paged.scatter([4, 1], kv)
+    for layer, cache in enumerate(caches):
+        expected = torch.zeros_like(cache)
+        for block, first in ((4, 0), (1, BLOCK)):
+            span = kv[:, layer, first : first + BLOCK].view(2, BLOCK, HEADS, HEAD_DIM)
+            flash_writer(expected, block, span[0], span[1])
+        assert torch.equal(cache.view(torch.int16), expected.view(torch.int16))
+    assert torch.equal(paged.gather([4, 1]).view(torch.int16), kv.view(torch.int16))
+    # Blocks written by the backend read back as canonical K then V.
+    fresh = random_kv(dtype, BLOCK, seed=6)
+    for layer, cache in enumerate(caches):
+        span = fresh[:, layer].view(2, BLOCK, HEADS, HEAD_DIM)
+        flash_writer(cache, 2, span[0], span[1])
+    assert torch.equal(paged.gather([2]).view(torch.int16), fresh.view(torch.int16))
+
+
+def test_a_logical_layout_needs_k_and_v_side_by_side() -> None:
+    with pytest.raises(LayoutError, match="2 \\* 8"):
+        logical_placement(torch.zeros(2, HEADS, BLOCK, HEAD_DIM), HEAD_DIM)
