@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import blake3
+import structlog
 
 from cwm_client import pb
 from cwm_client.errors import (
@@ -59,6 +60,7 @@ from cwm_server.agent.engines.fingerprint import kv_dtype_from_name, model_finge
 from cwm_server.agent.engines.vllm import staging
 
 ENGINE_NAME = "vllm"
+log = structlog.get_logger("cwm.agent.vllm")
 
 
 class VllmError(FailedPrecondition):
@@ -267,6 +269,12 @@ class VllmAdapter(EngineAdapter):
                 raise FailedPrecondition(
                     f"vLLM could not save session {session_id!r}: {result['error']}"
                 )
+            log.info(
+                "vllm_saved",
+                session_id=session_id,
+                chunks=len(result["chunks"]),
+                worker_seconds=result.get("seconds"),
+            )
             chunks = []
             for chunk in result["chunks"]:
                 data = (chunk_dir / str(chunk["file"])).read_bytes()
@@ -374,6 +382,13 @@ class VllmAdapter(EngineAdapter):
         if note.get("already_cached"):
             return
         result = self._wait_result(directory / staging.RESULT_FILE)
+        log.info(
+            "vllm_loaded",
+            session_id=session_id,
+            blocks=result.get("loaded_blocks"),
+            worker_seconds=result.get("seconds"),
+            asynchronous=result.get("asynchronous"),
+        )
         if result.get("error"):
             policy = self.engine_info.get("kv_load_failure_policy", "fail")
             raise DataLoss(
@@ -452,6 +467,8 @@ class _StagedImport(ImportSink):
         self._chunk_dir.mkdir(parents=True)
         self._refs: list[dict[str, Any]] = []
         self._done = False
+        self._began = time.perf_counter()
+        self._writing_s = 0.0
 
     def add_chunk(self, index: int, data: bytes | memoryview, digest: bytes | None = None) -> None:
         start = index * self._chunk_tokens
@@ -459,8 +476,10 @@ class _StagedImport(ImportSink):
             # Chunks past the whole blocks (a partial last block) are not staged.
             return
         name = staging.chunk_file_name(index)
+        started = time.perf_counter()
         with open(self._chunk_dir / name, "wb") as handle:
             handle.write(data)
+        self._writing_s += time.perf_counter() - started
         self._refs.append(
             {
                 "file": name,
@@ -497,6 +516,13 @@ class _StagedImport(ImportSink):
     def finish(self) -> None:
         try:
             self.stage()
+            log.info(
+                "vllm_staged",
+                session_id=self._session_id,
+                chunks=len(self._refs),
+                seconds=round(time.perf_counter() - self._began, 4),
+                writing_seconds=round(self._writing_s, 4),
+            )
             self._adapter._load_staged(self._session_id, self._ids, self._tokens, self._op_id)
         finally:
             self.abort()

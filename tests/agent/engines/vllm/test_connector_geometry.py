@@ -8,8 +8,8 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed here (make test-vllm uses .venv-vllm)")
 
-import torch  # noqa: E402
-from vllm.v1.kv_cache_interface import (  # noqa: E402
+import torch
+from vllm.v1.kv_cache_interface import (
     FullAttentionSpec,
     KVCacheConfig,
     KVCacheGroupSpec,
@@ -17,7 +17,7 @@ from vllm.v1.kv_cache_interface import (  # noqa: E402
     SlidingWindowSpec,
 )
 
-from cwm_server.agent.engines.vllm.connector import kv_geometry  # noqa: E402
+from cwm_server.agent.engines.vllm.connector import kv_geometry
 
 FULL = FullAttentionSpec(block_size=128, num_kv_heads=8, head_size=128, dtype=torch.bfloat16)
 WINDOW = SlidingWindowSpec(
@@ -53,7 +53,7 @@ def test_a_hybrid_model_is_refused_naming_each_group() -> None:
 
 
 def test_a_sliding_window_model_is_refused() -> None:
-    with pytest.raises(ValueError, match="sliding-window attention .*SlidingWindowSpec"):
+    with pytest.raises(ValueError, match=r"sliding-window attention .*SlidingWindowSpec"):
         kv_geometry(config(KVCacheGroupSpec(layers("self_attn.attn", 4), WINDOW)))
 
 
