@@ -122,18 +122,25 @@ class InMemoryChunk:
 
 
 def chunks_from_bytes(
-    chunk_bytes: Sequence[bytes], chunk_tokens: int, total_tokens: int
+    chunk_bytes: Sequence[bytes],
+    chunk_tokens: int,
+    total_tokens: int,
+    digests: Sequence[bytes] | None = None,
 ) -> list[InMemoryChunk]:
-    """Wrap already-canonical per-chunk byte strings, computing spans and digests."""
+    """Wrap already-canonical per-chunk byte strings, computing spans and digests (or taking
+    `digests`, one per chunk, from a caller that has just computed them)."""
     spans = token_spans(total_tokens, chunk_tokens)
     if len(spans) != len(chunk_bytes):
         raise InvalidArgument(
             f"{total_tokens} tokens in chunks of {chunk_tokens} need {len(spans)} chunks, "
             f"got {len(chunk_bytes)}"
         )
+    if digests is not None and len(digests) != len(chunk_bytes):
+        raise InvalidArgument(f"{len(chunk_bytes)} chunks but {len(digests)} digests")
+    known = list(digests) if digests is not None else [b""] * len(chunk_bytes)
     return [
-        InMemoryChunk(index=i, token_start=start, token_count=count, raw=data)
-        for i, ((start, count), data) in enumerate(zip(spans, chunk_bytes, strict=True))
+        InMemoryChunk(index=i, token_start=start, token_count=count, raw=data, digest=d)
+        for i, ((start, count), data, d) in enumerate(zip(spans, chunk_bytes, known, strict=True))
     ]
 
 

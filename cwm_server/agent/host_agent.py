@@ -255,7 +255,11 @@ class HostAgent:
                 self.engine.export_session, session_id, self.chunk_tokens
             )
             chunks = await asyncio.to_thread(
-                chunks_from_bytes, exported.chunks, self.chunk_tokens, len(exported.token_ids)
+                chunks_from_bytes,
+                exported.chunks,
+                self.chunk_tokens,
+                len(exported.token_ids),
+                exported.digests or None,
             )
             started = time.perf_counter()
             result = await self._windows.freeze(

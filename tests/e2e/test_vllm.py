@@ -27,7 +27,12 @@ pytest.importorskip("vllm", reason="vLLM is not installed here (make test-vllm u
 
 from cwm_client import SessionClient, WindowClient
 from cwm_client.chunks import bytes_per_token
-from cwm_client.errors import CwmError, DataLoss, FailedPrecondition, Unavailable
+from cwm_client.errors import (
+    CwmError,
+    DataLoss,
+    FailedPrecondition,
+    Unavailable,
+)
 from cwm_server.agent.engines.fingerprint import model_fingerprint
 from cwm_server.agent.engines.reference.tiny_model import RECIPE, ensure_tiny_model
 from cwm_server.agent.engines.vllm import staging
@@ -349,17 +354,7 @@ def test_killing_the_agent_during_a_thaw_leaves_b_serving_correctly(
             sys.executable,
             "-c",
             _KILLING_AGENT,
-            "agent",
-            "--engine",
-            "vllm",
-            "--vllm-url",
-            cluster.vllm_b.url,
-            "--vllm-dir",
-            str(cluster.dir_b),
-            "--agent-id",
-            agent_id,
-            "--manager",
-            cluster.manager.target,
+            *cluster.vllm_b.agent_args(agent_id, cluster.manager.target),
         ],
         cwd=ROOT,
         env=env,

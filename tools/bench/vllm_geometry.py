@@ -67,17 +67,7 @@ def _agent(manager: str, server: VllmServer, agent_id: str, log: Path) -> Any:
             sys.executable,
             "-m",
             "cwm_server.cli.main",
-            "agent",
-            "--engine",
-            "vllm",
-            "--vllm-url",
-            server.url,
-            "--vllm-dir",
-            str(server.cwm_dir),
-            "--agent-id",
-            agent_id,
-            "--manager",
-            manager,
+            *server.agent_args(agent_id, manager),
             "--log-level",
             "INFO",
         ],
@@ -185,6 +175,39 @@ def _thaw_with_clock(
     }
 
 
+def _ttft_ms(url: str, served: str, prompt: list[int], salt: str, cached: int) -> float:
+    """Latency of a `max_tokens=1` request (prefill plus one token), checking that vLLM
+    served exactly `cached` of its prompt tokens from its cache."""
+    t0 = time.perf_counter()
+    reply = complete(
+        url,
+        model=served,
+        prompt=prompt,
+        max_tokens=1,
+        temperature=0,
+        cache_salt=salt,
+        timeout=1800,
+    )
+    elapsed = (time.perf_counter() - t0) * 1000
+    got = reply["usage"]["prompt_tokens_details"]["cached_tokens"] or 0
+    if got != cached:
+        raise AssertionError(f"{salt}: {got} cached tokens, {cached} expected")
+    return round(elapsed, 1)
+
+
+def _read_back(
+    sessions: SessionClient, windows: WindowClient, window: str, salt: str
+) -> tuple[float, bool]:
+    """Freeze B's session `salt` back out of B's paged cache (through the layout mapping):
+    (seconds, whether every chunk digest equals `window`'s)."""
+    t0 = time.perf_counter()
+    sessions.freeze_session(salt, f"{window}-from-b", agent_id="bench-b")
+    seconds = time.perf_counter() - t0
+    ours = [c.digest for c in windows.get(window).chunks]
+    back = [c.digest for c in windows.get(f"{window}-from-b").chunks]
+    return round(seconds, 3), ours == back
+
+
 def _synthetic_row(
     sessions: SessionClient,
     windows: WindowClient,
@@ -231,28 +254,12 @@ def _synthetic_row(
     row["thaw_gb_s"] = round(window_bytes / thaw["thaw_order_s"] / 1e9, 3)
     row["thaw_vs_tcp"] = round(row["thaw_gb_s"] / ceilings["tcp_loopback_gb_s"], 3)
     continuation = token_ids + [int(t) for t in rng.integers(16, 2048, size=32)]
-    t0 = time.perf_counter()
-    reply = complete(
-        b.url,
-        model=served,
-        prompt=continuation,
-        max_tokens=1,
-        temperature=0,
-        cache_salt=f"t-{name}",
-        timeout=1800,
+    row["ttft_thaw_ms"] = _ttft_ms(b.url, served, continuation, f"t-{name}", window_tokens)
+    row["freeze_from_b_s"], row["b_cache_equals_a_chunks"] = _read_back(
+        sessions, windows, name, f"t-{name}"
     )
-    row["ttft_thaw_ms"] = round((time.perf_counter() - t0) * 1000, 1)
-    cached = reply["usage"]["prompt_tokens_details"]["cached_tokens"] or 0
-    if cached != window_tokens:
-        raise AssertionError(f"{name}: {cached} cached tokens, {window_tokens} expected")
-    t0 = time.perf_counter()
-    sessions.freeze_session(f"t-{name}", f"{name}-from-b", agent_id="bench-b")
-    row["freeze_from_b_s"] = round(time.perf_counter() - t0, 3)
     row["freeze_gb_s"] = round(window_bytes / row["freeze_from_b_s"] / 1e9, 3)
     row["freeze_vs_tcp"] = round(row["freeze_gb_s"] / ceilings["tcp_loopback_gb_s"], 3)
-    ours = [c.digest for c in windows.get(name).chunks]
-    back = [c.digest for c in windows.get(f"{name}-from-b").chunks]
-    row["b_cache_equals_a_chunks"] = ours == back
     return row
 
 
@@ -345,31 +352,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             row.update(thaw)
             row["thaw_gb_s"] = round(window_bytes / thaw["thaw_order_s"] / 1e9, 3)
             continuation = history + [int(t) for t in rng.integers(16, 2048, size=32)]
-            for salt, key in (
-                (f"t-{tokens}", "ttft_thaw_ms"),
-                (f"cold-{tokens}", "ttft_recompute_ms"),
-            ):
-                t0 = time.perf_counter()
-                reply = complete(
-                    b.url,
-                    model=served,
-                    prompt=continuation,
-                    max_tokens=1,
-                    temperature=0,
-                    cache_salt=salt,
-                    timeout=1800,
-                )
-                row[key] = round((time.perf_counter() - t0) * 1000, 1)
-                cached = reply["usage"]["prompt_tokens_details"]["cached_tokens"] or 0
-                expected = window_tokens if key == "ttft_thaw_ms" else 0
-                if cached != expected:
-                    raise AssertionError(f"{salt}: {cached} cached tokens, {expected} expected")
+            row["ttft_thaw_ms"] = _ttft_ms(
+                b.url, served, continuation, f"t-{tokens}", window_tokens
+            )
+            row["ttft_recompute_ms"] = _ttft_ms(b.url, served, continuation, f"cold-{tokens}", 0)
             row["ttft_speedup"] = round(row["ttft_recompute_ms"] / row["ttft_thaw_ms"], 1)
-            # The bytes in B's cache, read back out through the layout mapping.
-            sessions.freeze_session(f"t-{tokens}", f"w-{tokens}-from-b", agent_id="bench-b")
-            ours = [c.digest for c in windows.get(f"w-{tokens}").chunks]
-            back = [c.digest for c in windows.get(f"w-{tokens}-from-b").chunks]
-            row["b_cache_equals_a_chunks"] = ours == back
+            row["freeze_from_b_s"], row["b_cache_equals_a_chunks"] = _read_back(
+                sessions, windows, f"w-{tokens}", f"t-{tokens}"
+            )
             row["thaw_vs_tcp"] = round(row["thaw_gb_s"] / ceilings["tcp_loopback_gb_s"], 3)
             row["freeze_vs_tcp"] = round(row["freeze_gb_s"] / ceilings["tcp_loopback_gb_s"], 3)
             results["windows"].append(row)

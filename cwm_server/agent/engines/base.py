@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cwm_client import pb
@@ -76,6 +76,9 @@ class EngineSession:
 class ExportedKV:
     token_ids: list[int]
     chunks: list[bytes]
+    digests: list[bytes] = field(default_factory=list)
+    """The chunks' BLAKE3-256 digests when the engine already checked them (vLLM's connector
+    digests what it gathers), so the freeze need not hash them again; empty: compute them."""
 
 
 TARGET_CHUNK_BYTES = 32 << 20

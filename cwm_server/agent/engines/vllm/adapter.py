@@ -39,6 +39,7 @@ import blake3
 import structlog
 
 from cwm_client import pb
+from cwm_client.chunks import bytes_per_token
 from cwm_client.errors import (
     AlreadyExists,
     DataLoss,
@@ -275,29 +276,24 @@ class VllmAdapter(EngineAdapter):
                 chunks=len(result["chunks"]),
                 worker_seconds=result.get("seconds"),
             )
-            chunks = []
+            chunks, digests = [], []
             for chunk in result["chunks"]:
                 data = (chunk_dir / str(chunk["file"])).read_bytes()
-                if blake3.blake3(data).hexdigest() != chunk["digest"]:
+                digest = blake3.blake3(data).digest()
+                if digest.hex() != chunk["digest"]:
                     raise DataLoss(
                         f"staged chunk {chunk['file']} of session {session_id!r} "
                         "changed on disk before it was read"
                     )
                 chunks.append(data)
-            return ExportedKV(token_ids=token_ids[:tokens], chunks=chunks)
+                digests.append(digest)
+            return ExportedKV(token_ids=token_ids[:tokens], chunks=chunks, digests=digests)
         finally:
             staging.remove_tree(directory)
             staging.remove_tree(chunk_dir)
 
     def default_chunk_tokens(self) -> int:
-        per_token = int(self.engine_info.get("bytes_per_token") or 0) or int(
-            2
-            * int(self.engine_info["num_layers"])
-            * int(self.engine_info["num_kv_heads"])
-            * int(self.engine_info["head_dim"])
-            * (4 if self.engine_info["kv_dtype"] == "float32" else 2)
-        )
-        return chunk_tokens_for(per_token, self.block_size)
+        return chunk_tokens_for(bytes_per_token(self._fingerprint), self.block_size)
 
     def import_session(
         self,
@@ -471,8 +467,10 @@ class _StagedImport(ImportSink):
         self._writing_s = 0.0
 
     def add_chunk(self, index: int, data: bytes | memoryview, digest: bytes | None = None) -> None:
+        if index != len(self._refs) and index * self._chunk_tokens < self._tokens:
+            raise ValueError(f"chunk {index} arrived out of order (expected {len(self._refs)})")
         start = index * self._chunk_tokens
-        if index != len(self._refs) or start >= self._tokens:
+        if start >= self._tokens:
             # Chunks past the whole blocks (a partial last block) are not staged.
             return
         name = staging.chunk_file_name(index)

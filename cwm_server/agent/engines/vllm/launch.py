@@ -109,6 +109,22 @@ class VllmServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def agent_args(self, agent_id: str, manager: str) -> list[str]:
+        """`cwm` arguments that start an agent beside this server, dialled to `manager`."""
+        return [
+            "agent",
+            "--engine",
+            "vllm",
+            "--vllm-url",
+            self.url,
+            "--vllm-dir",
+            str(self.cwm_dir),
+            "--agent-id",
+            agent_id,
+            "--manager",
+            manager,
+        ]
+
     def launch(self) -> VllmServer:
         """Start the process without waiting (several servers can boot side by side)."""
         env = dict(os.environ)

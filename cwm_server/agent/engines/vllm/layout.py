@@ -28,14 +28,13 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-# The integer word each KV dtype travels as in canonical bytes (numpy has no bfloat16).
-WORD_DTYPES: dict[torch.dtype, tuple[torch.dtype, str]] = {
-    torch.bfloat16: (torch.int16, "<i2"),
-    torch.float16: (torch.int16, "<i2"),
-    torch.float32: (torch.int32, "<i4"),
+# The integer word each KV dtype's canonical bytes are read and written as (bits, not values).
+WORD_DTYPES: dict[torch.dtype, torch.dtype] = {
+    torch.bfloat16: torch.int16,
+    torch.float16: torch.int16,
+    torch.float32: torch.int32,
 }
 
 # (key [N, H, D], value [N, H, D], scratch block [1, H, N, C]) -> writes the block the way the
@@ -349,21 +348,15 @@ class PagedKV:
             flat.index_copy_(0, index, page)
 
 
-def to_canonical_bytes(kv: torch.Tensor) -> bytes:
-    """Canonical little-endian bytes of a `[2, L, T, HD]` tensor (bits copied, not converted)."""
-    word, numpy_word = WORD_DTYPES[kv.dtype]
-    array = kv.contiguous().view(word).numpy()
-    return np.ascontiguousarray(array).astype(numpy_word, copy=False).tobytes()
-
-
-def from_canonical_bytes(
-    data: bytes | memoryview, dtype: torch.dtype, num_layers: int, tokens: int, hidden: int
+def canonical_view(
+    buffer: bytearray | memoryview, dtype: torch.dtype, num_layers: int, tokens: int, hidden: int
 ) -> torch.Tensor:
-    """The `[2, L, tokens, HD]` tensor in canonical bytes (raises ValueError on a bad size)."""
-    numpy_word = WORD_DTYPES[dtype][1]
-    array = np.frombuffer(data, dtype=numpy_word)
-    expected = 2 * num_layers * tokens * hidden
-    if array.size != expected:
-        raise ValueError(f"chunk holds {array.size} elements, {expected} expected")
-    native = array.astype(array.dtype.newbyteorder("="), copy=True)
-    return torch.from_numpy(native).view(dtype).view(2, num_layers, tokens, hidden)
+    """The `[2, L, tokens, HD]` tensor over canonical bytes in a writable `buffer` (a mapped
+    chunk file), without a copy: reads and writes go straight to the buffer. Canonical bytes
+    are little-endian, as the host's are (the connector refuses big-endian hosts). ValueError
+    when the buffer does not hold exactly that many elements."""
+    word = WORD_DTYPES[dtype]
+    expected = 2 * num_layers * tokens * hidden * torch.empty(0, dtype=word).element_size()
+    if len(buffer) != expected:
+        raise ValueError(f"chunk holds {len(buffer)} bytes, {expected} expected")
+    return torch.frombuffer(buffer, dtype=word).view(dtype).view(2, num_layers, tokens, hidden)

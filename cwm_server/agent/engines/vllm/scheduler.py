@@ -23,8 +23,6 @@ or `result.json` (a refused or abandoned save).
 
 from __future__ import annotations
 
-import queue
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from vllm.logger import init_logger
 
 from cwm_server.agent.engines.vllm import staging
+from cwm_server.agent.engines.vllm.lanes import Lane
 from cwm_server.agent.engines.vllm.layout import KVGeometry
 from cwm_server.agent.engines.vllm.transfers import (
     ChunkRef,
@@ -82,8 +81,7 @@ class CwmConnectorScheduler:
         self._pending_loads: list[LoadOp] = []
         self._saves: dict[str, _PendingSave] = {}
         self._saves_handed: set[str] = set()
-        self._records: queue.Queue[tuple[Path, dict[str, Any]]] = queue.Queue()
-        self._record_thread: threading.Thread | None = None
+        self._recorder = Lane("cwm-sessions")
 
     # -- matching a request --------------------------------------------------------------
 
@@ -261,17 +259,12 @@ class CwmConnectorScheduler:
             "block_size": self.block_size,
             "finished_at": time.time(),
         }
-        if self._record_thread is None:
-            self._record_thread = threading.Thread(
-                target=self._record_loop, name="cwm-sessions", daemon=True
-            )
-            self._record_thread.start()
-        self._records.put((staging.session_path(self.root, request.cache_salt), record))
+        path = staging.session_path(self.root, request.cache_salt)
+        self._recorder.submit(lambda: self._write_record(path, record))
 
-    def _record_loop(self) -> None:
-        while True:
-            path, record = self._records.get()
-            try:
-                staging.write_json_atomic(path, record)
-            except OSError as exc:
-                logger.error("cwm: cannot record session in %s: %s", path, exc)
+    @staticmethod
+    def _write_record(path: Path, record: dict[str, Any]) -> None:
+        try:
+            staging.write_json_atomic(path, record)
+        except OSError as exc:
+            logger.error("cwm: cannot record session in %s: %s", path, exc)

@@ -20,11 +20,10 @@ Outcomes reach the agent as `result.json` beside the staged window or the save o
 
 from __future__ import annotations
 
+import functools
 import os
-import queue
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,40 +33,14 @@ from vllm.logger import init_logger
 
 from cwm_server.agent.engines.vllm import staging
 from cwm_server.agent.engines.vllm.backends import block_placement
-from cwm_server.agent.engines.vllm.layout import (
-    WORD_DTYPES,
-    KVGeometry,
-    PagedKV,
-)
+from cwm_server.agent.engines.vllm.lanes import Lane
+from cwm_server.agent.engines.vllm.layout import KVGeometry, PagedKV, canonical_view
 from cwm_server.agent.engines.vllm.transfers import LoadOp, SaveOp, blocks_by_chunk
 
 if TYPE_CHECKING:
     from vllm.config import KVTransferConfig, VllmConfig
 
 logger = init_logger(__name__)
-
-
-class _Lane:
-    """One daemon thread that runs submitted jobs in order (the loader, the saver)."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self._jobs: queue.Queue[Callable[[], None]] = queue.Queue()
-        self._thread: threading.Thread | None = None
-
-    def submit(self, job: Callable[[], None]) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-            self._thread.start()
-        self._jobs.put(job)
-
-    def _run(self) -> None:
-        while True:
-            job = self._jobs.get()
-            try:
-                job()
-            except Exception as exc:  # noqa: BLE001 - a job reports its own failures
-                logger.error("%s: %s", self.name, exc)
 
 
 class CwmConnectorWorker:
@@ -89,7 +62,6 @@ class CwmConnectorWorker:
         self._vllm_config = vllm_config
         self._kv_transfer_config = kv_transfer_config
         self._paged: PagedKV | None = None
-        self._backend = ""
         self._lock = threading.Lock()
         self._load_errors: set[int] = set()
         self._async_errors: set[int] = set()
@@ -97,8 +69,8 @@ class CwmConnectorWorker:
         self._saves_running: set[str] = set()
         self._saves_done: set[str] = set()
         self._finished_requests: set[str] = set()
-        self._loader = _Lane("cwm-load")
-        self._saver = _Lane("cwm-save")
+        self._loader = Lane("cwm-load")
+        self._saver = Lane("cwm-save")
 
     # -- the KV tensors ------------------------------------------------------------------
 
@@ -122,7 +94,6 @@ class CwmConnectorWorker:
             geometry,
             str(self._vllm_config.cache_config.cache_dtype),
         )
-        self._backend = choice.description
         self._paged = PagedKV(
             tensors,
             choice.placement,
@@ -173,22 +144,15 @@ class CwmConnectorWorker:
         )
 
     def _canonical(self, buffer: memoryview, tokens: int) -> torch.Tensor:
-        """A `[2, L, tokens, HD]` view of canonical (little-endian) bytes, no copy: the
-        connector refuses big-endian hosts."""
         geometry = self.geometry
-        word = WORD_DTYPES[geometry.dtype][0]
-        return (
-            torch.frombuffer(buffer, dtype=word)
-            .view(geometry.dtype)
-            .view(2, geometry.num_layers, tokens, geometry.hidden)
-        )
+        return canonical_view(buffer, geometry.dtype, geometry.num_layers, tokens, geometry.hidden)
 
     # -- loads ---------------------------------------------------------------------------
 
     def start_loads(self, loads: list[LoadOp]) -> None:
         for op in loads:
             if op.asynchronous:
-                self._loader.submit(lambda op=op: self._load(op))  # type: ignore[misc]
+                self._loader.submit(functools.partial(self._load, op))
             else:
                 self._load(op)
 
@@ -272,7 +236,7 @@ class CwmConnectorWorker:
         for op in saves:
             with self._lock:
                 self._saves_running.add(op.req_id)
-            self._saver.submit(lambda op=op: self._save(op))  # type: ignore[misc]
+            self._saver.submit(functools.partial(self._save, op))
 
     def _save(self, op: SaveOp) -> None:
         try:

@@ -14,11 +14,10 @@ from cwm_server.agent.engines.vllm.layout import (  # noqa: E402
     PagedKV,
     StridedPlacement,
     Strides,
-    from_canonical_bytes,
+    canonical_view,
     logical_placement,
     probe_block_layout,
     strided_placement,
-    to_canonical_bytes,
 )
 
 HEADS, BLOCK, HEAD_DIM, LAYERS = 2, 16, 8, 3
@@ -118,20 +117,21 @@ def test_an_fp8_cache_is_not_supported() -> None:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_canonical_bytes_round_trip_bit_for_bit(dtype: torch.dtype) -> None:
     kv = random_kv(dtype, 24, seed=2)
-    data = to_canonical_bytes(kv)
     geometry = KVGeometry(LAYERS, HEADS, HEAD_DIM, dtype, BLOCK)
-    assert len(data) == 24 * geometry.bytes_per_token
-    back = from_canonical_bytes(data, dtype, LAYERS, 24, geometry.hidden)
+    raw = bytearray(24 * geometry.bytes_per_token)
+    canonical_view(raw, dtype, LAYERS, 24, geometry.hidden).copy_(kv)
+    back = canonical_view(bytearray(raw), dtype, LAYERS, 24, geometry.hidden)
     assert torch.equal(back.view(torch.uint8), kv.view(torch.uint8))
     with pytest.raises(ValueError, match="expected"):
-        from_canonical_bytes(data, dtype, LAYERS, 23, geometry.hidden)
+        canonical_view(raw, dtype, LAYERS, 23, geometry.hidden)
 
 
 def test_canonical_bytes_are_little_endian_k_then_v() -> None:
     kv = torch.zeros(2, 1, 1, 2, dtype=torch.float32)
     kv[0, 0, 0] = torch.tensor([1.0, 2.0])
     kv[1, 0, 0] = torch.tensor([3.0, 4.0])
-    data = to_canonical_bytes(kv)
+    data = bytearray(16)
+    canonical_view(data, torch.float32, 1, 1, 2).copy_(kv)
     assert data[:4] == bytes.fromhex("0000803f")
     assert data[12:16] == bytes.fromhex("00008040")
 
@@ -200,7 +200,7 @@ def test_gather_writes_into_the_callers_buffer() -> None:
     raw = bytearray(kv.numel() * 2)
     out = torch.frombuffer(raw, dtype=torch.int16).view(dtype).view(kv.shape)
     assert paged.gather([0, 2], out=out) is out
-    assert bytes(raw) == to_canonical_bytes(kv)
+    assert bytes(raw) == kv.view(torch.int16).numpy().astype("<i2").tobytes()
     with pytest.raises(LayoutError, match="does not fit 1 blocks"):
         paged.gather([0], out=out)
 
