@@ -31,6 +31,7 @@ from cwm_client.errors import (
     CwmError,
     DataLoss,
     FailedPrecondition,
+    ResourceExhausted,
     Unavailable,
 )
 from cwm_server.agent.engines.fingerprint import model_fingerprint
@@ -231,6 +232,37 @@ def test_another_cache_salt_gets_no_hit_from_the_window(
     finally:
         staged.abort()
     assert not staged.chunk_dir.exists() and not directory.exists()
+
+
+def test_a_full_staging_folder_fails_the_thaw_and_leaves_nothing_staged(
+    cluster: VllmCluster, frozen_session: dict[str, Any], tmp_path: Path
+) -> None:
+    """Chunks staged into a 300 KiB tmpfs (room for one 256 KiB chunk of three): the thaw
+    fails RESOURCE_EXHAUSTED naming the folder, nothing stays staged, no session appears and
+    B goes on serving."""
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(small)], check=True)
+    engine = cluster.engine_b
+    real_root = engine.chunk_root
+    try:
+        staging.ensure_chunk_root(small)
+        engine.chunk_root = small
+        with pytest.raises(ResourceExhausted) as full:
+            cluster.sessions.thaw_window(
+                frozen_session["frozen"].window.name, agent_id="vllm-b", new_session_id="full"
+            )
+        assert full.value.reason == "STAGING_FULL"
+        assert str(small) in full.value.message
+        assert [p for p in small.rglob("*") if p.is_file()] == []
+        assert not any((cluster.dir_b / staging.LOAD_DIR).iterdir())
+    finally:
+        engine.chunk_root = real_root
+        subprocess.run(["umount", str(small)], check=True)
+    assert not any(s.session_id == "full" for s in engine.sessions())
+    history = frozen_session["history"]
+    reply = cluster.complete(cluster.vllm_b, history + _prompt(2, 8), "full", max_tokens=2)
+    assert _cached(reply) == 0  # recomputed: nothing of the failed thaw reached the cache
 
 
 def test_window_of_another_model_is_refused_before_any_kv_is_loaded(

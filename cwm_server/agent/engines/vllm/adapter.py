@@ -25,6 +25,7 @@ CPU), and `chunk_tokens` must be a multiple of it.
 
 from __future__ import annotations
 
+import errno
 import json
 import threading
 import time
@@ -46,6 +47,7 @@ from cwm_client.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    ResourceExhausted,
     Unavailable,
 )
 from cwm_server.agent.engines.base import (
@@ -475,8 +477,18 @@ class _StagedImport(ImportSink):
             return
         name = staging.chunk_file_name(index)
         started = time.perf_counter()
-        with open(self._chunk_dir / name, "wb") as handle:
-            handle.write(data)
+        try:
+            with open(self._chunk_dir / name, "wb") as handle:
+                handle.write(data)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise ResourceExhausted(
+                f"no room to stage chunk {index} of the window in {self._chunk_dir.parent}: "
+                f"{exc.strerror}; free space there or point the connector's cwm_chunk_dir "
+                "at a larger folder",
+                reason="STAGING_FULL",
+            ) from None
         self._writing_s += time.perf_counter() - started
         self._refs.append(
             {
