@@ -20,7 +20,14 @@ With `--compare-sync`, B is restarted with `cwm_async_load: false` and the large
 thaw and inter-token latency are measured again (loads inside vLLM's step). The machine's
 memcpy and loopback TCP are measured in the same run, and every figure is also a ratio.
 
-    .venv-vllm/bin/python tools/bench/vllm_geometry.py --tokens 4096 16384 --compare-sync
+    .venv-vllm/bin/python tools/bench/vllm_geometry.py --tokens 4096 --synthetic 16384 \
+        --compare-sync                                   # a stream timed on B during each thaw
+    .venv-vllm/bin/python tools/bench/vllm_geometry.py --tokens --synthetic 4096 16384 \
+        --itl-tokens 0                                   # the thaw alone, B idle
+
+`--tokens` are real sessions prefilled on A (4096 tokens take about 150 s on one core here);
+`--synthetic` windows hold random KV with B's fingerprint, frozen straight into the manager,
+for sizes whose prefill would take too long.
 """
 
 from __future__ import annotations
