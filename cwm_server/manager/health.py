@@ -49,7 +49,7 @@ import structlog
 from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
 
-from cwm_client.errors import CwmError, NotFound
+from cwm_client.errors import CwmError, NotFound, ResourceExhausted
 from cwm_server.manager.windows.manager import WindowManager
 
 log = structlog.get_logger("cwm.health")
@@ -351,8 +351,12 @@ class RedisCheck:
         key = f"{self._manager.config.redis_prefix}:epoch"
 
         def read_or_start(client: Any) -> str:
-            client.set(key, secrets.token_hex(8), nx=True)
+            # Read first: a full Redis (maxmemory, noeviction) refuses every SET, even one
+            # that NX would make a no-op, and the check must still see the marker there.
             value = client.get(key)
+            if value is None:
+                client.set(key, secrets.token_hex(8), nx=True)
+                value = client.get(key)
             return value.decode() if isinstance(value, bytes) else str(value)
 
         epoch = link.call(read_or_start, "the fleet's epoch marker")
@@ -378,6 +382,8 @@ class RedisCheck:
         if ok and shared:
             try:
                 reset = await asyncio.to_thread(self._check_epoch)
+            except ResourceExhausted:
+                pass  # Redis answers but refuses writes: reported below as a refusal
             except CwmError as exc:
                 ok, detail = False, exc.message
             else:
