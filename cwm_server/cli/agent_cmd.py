@@ -22,6 +22,8 @@ def _engine(args: argparse.Namespace) -> EngineAdapter:
         http_port=int(port),
         vllm_url=args.vllm_url,
         vllm_dir=args.vllm_dir,
+        vllm_keep_seconds=args.vllm_keep_seconds,
+        vllm_keep_mib=args.vllm_keep_mib,
         models_dir=default_data_dir() / "models",
     )
     try:
@@ -80,6 +82,21 @@ def add_parser(sub: Subparsers) -> None:
         "--vllm-dir",
         help="the staging directory shared with the connector (its kv_connector_extra_config "
         "cwm_dir)",
+    )
+    agent.add_argument(
+        "--vllm-keep-seconds",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="keep a thawed window staged for its session's first request for S seconds, so "
+        "the blocks vLLM's prefix cache evicted by then are re-loaded, not recomputed (0: off)",
+    )
+    agent.add_argument(
+        "--vllm-keep-mib",
+        type=int,
+        default=4096,
+        metavar="MIB",
+        help="the most staged memory kept windows hold; the oldest are released first",
     )
     agent.add_argument("--agent-id", required=True, help="unique id of this agent")
     agent.add_argument(

@@ -55,6 +55,11 @@ class EngineSettings:
     """The vLLM server the connector runs in."""
     vllm_dir: str | None = None
     """The staging directory shared with the vLLM connector (its cwm_dir)."""
+    vllm_keep_seconds: float = 600.0
+    """How long a thawed vLLM window stays staged for its session's first request (0: not
+    kept; the first request recomputes whatever vLLM's prefix cache evicted)."""
+    vllm_keep_mib: int = 4096
+    """The most staged memory kept windows may hold; past it the oldest are released."""
     models_dir: Path | None = None
     """Where built-in models are built on first use (None: none may be built)."""
 

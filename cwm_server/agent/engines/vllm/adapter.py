@@ -15,8 +15,11 @@ two share a staging directory (`staging`). This adapter never touches vLLM's mem
   arrives, under a fresh id in the chunk root (shared memory by default: one copy from the
   receive buffer), then the manifest; submits the window's tokens plus one with a load
   directive and the session's salt, and checks what the scheduler claimed and the worker
-  loaded. The blocks then sit in vLLM's prefix cache under that salt. Staged chunks are
-  removed on every path, and an agent that starts removes what a dead one left.
+  loaded. The blocks then sit in vLLM's prefix cache under that salt. A loaded window
+  stays staged for the session's first request (`kept`: the connector re-loads what the
+  prefix cache lost by then) until that request, its expiry or the kept-bytes budget;
+  other staging is removed on every path, and an agent that starts removes what a dead one
+  left (adopting its kept windows).
 - `default_chunk_tokens` sizes chunks from vLLM's KV bytes per token (`chunk_tokens_for`).
 
 Only whole blocks move: a window's tokens are cut to a multiple of the block size (128 on
@@ -61,6 +64,7 @@ from cwm_server.agent.engines.base import (
 )
 from cwm_server.agent.engines.fingerprint import kv_dtype_from_name, model_fingerprint
 from cwm_server.agent.engines.vllm import staging
+from cwm_server.agent.engines.vllm.kept import KeptWindows
 
 ENGINE_NAME = "vllm"
 log = structlog.get_logger("cwm.agent.vllm")
@@ -88,6 +92,8 @@ class VllmAdapter(EngineAdapter):
         request_timeout: float = 600.0,
         startup_timeout: float = 300.0,
         result_timeout: float = 120.0,
+        keep_seconds: float = 600.0,
+        keep_bytes: int = 4 << 30,
     ) -> None:
         self.url = url.rstrip("/")
         self.root = Path(staging_dir).resolve()
@@ -101,12 +107,11 @@ class VllmAdapter(EngineAdapter):
         self.engine_info = self._wait_for_engine_file(startup_timeout)
         self.chunk_root = Path(str(self.engine_info.get("chunk_root") or self.root))
         staging.ensure_chunk_root(self.chunk_root)
-        # Orders of an agent that died are dead too: nobody will read their files.
-        for base in {self.root, self.chunk_root}:
-            for kind in (staging.LOAD_DIR, staging.SAVE_DIR):
-                for stale in (base / kind).iterdir():
-                    staging.remove_tree(stale)
+        self.kept = KeptWindows(self.root, self.chunk_root, keep_seconds, keep_bytes)
+        self._remove_stale_orders()
         self.block_size = int(self.engine_info["block_size"])
+        # Tensor-parallel ranks: each writes its own outcome of every order.
+        self.ranks = int(self.engine_info.get("tensor_parallel_size") or 1)
         self.model_dir = Path(model_dir or self.engine_info.get("model") or root)
         if not self.model_dir.is_dir():
             raise FailedPrecondition(
@@ -114,6 +119,20 @@ class VllmAdapter(EngineAdapter):
                 "pass --model with the model's directory so its weights can be fingerprinted"
             )
         self._fingerprint = self._make_fingerprint()
+
+    def _remove_stale_orders(self) -> None:
+        """Orders of an agent that died are dead too: nobody will read their files. Its
+        kept windows are adopted, and the ones a request claimed are the connector's."""
+        live: set[str] = set()
+        for order in (self.root / staging.LOAD_DIR).iterdir():
+            name = order.name
+            if staging.valid_op_id(name) and (self.kept.adopt(name) or self.kept.claimed(name)):
+                live.add(name)
+        for base in {self.root, self.chunk_root}:
+            for kind in (staging.LOAD_DIR, staging.SAVE_DIR):
+                for stale in (base / kind).iterdir():
+                    if not (kind == staging.LOAD_DIR and stale.name in live):
+                        staging.remove_tree(stale)
 
     @classmethod
     def from_settings(cls, settings: EngineSettings) -> VllmAdapter:
@@ -124,7 +143,13 @@ class VllmAdapter(EngineAdapter):
                 "cwm agent --engine vllm needs --vllm-url (the vLLM server) and --vllm-dir "
                 "(the connector's cwm_dir); see docs/VLLM.md"
             )
-        return cls(settings.vllm_url, settings.vllm_dir, settings.model)
+        return cls(
+            settings.vllm_url,
+            settings.vllm_dir,
+            settings.model,
+            keep_seconds=settings.vllm_keep_seconds,
+            keep_bytes=settings.vllm_keep_mib << 20,
+        )
 
     # -- discovery ----------------------------------------------------------------------
 
@@ -188,6 +213,7 @@ class VllmAdapter(EngineAdapter):
         return self.url
 
     def sessions(self) -> list[EngineSession]:
+        self.kept.sweep()  # polled by the agent: kept windows expire on time
         out = []
         seen = set()
         with self._lock:
@@ -267,7 +293,7 @@ class VllmAdapter(EngineAdapter):
             # One token past the blocks, so all of them are a prefix-cache hit.
             follow = token_ids[tokens] if len(token_ids) > tokens else token_ids[-1]
             self._complete([*token_ids[:tokens], follow], session_id, "save", op_id)
-            result = self._wait_result(directory / staging.RESULT_FILE)
+            result = self._wait_results(directory)
             if result.get("error"):
                 raise FailedPrecondition(
                     f"vLLM could not save session {session_id!r}: {result['error']}"
@@ -282,7 +308,9 @@ class VllmAdapter(EngineAdapter):
             for chunk in result["chunks"]:
                 data = (chunk_dir / str(chunk["file"])).read_bytes()
                 digest = blake3.blake3(data).digest()
-                if digest.hex() != chunk["digest"]:
+                # Tensor-parallel ranks fill a chunk together and none of them digests it:
+                # this digest, taken once all have reported, is the first.
+                if chunk["digest"] is not None and digest.hex() != chunk["digest"]:
                     raise DataLoss(
                         f"staged chunk {chunk['file']} of session {session_id!r} "
                         "changed on disk before it was read"
@@ -335,7 +363,10 @@ class VllmAdapter(EngineAdapter):
             self._submit_load([*ids[:tokens], follow], session_id, op_id)
         except VllmError:
             # kv_load_failure_policy=fail: vLLM failed the request; say why if we know.
-            if isinstance(staging.read_json(directory / staging.RESULT_FILE), dict):
+            if any(
+                isinstance(staging.read_json(staging.result_path(directory, rank)), dict)
+                for rank in range(self.ranks)
+            ):
                 self._check_load(directory, session_id)
             raise
         self._check_load(directory, session_id)
@@ -379,7 +410,7 @@ class VllmAdapter(EngineAdapter):
             raise FailedPrecondition(f"vLLM refused the window: {note['refusal']}")
         if note.get("already_cached"):
             return
-        result = self._wait_result(directory / staging.RESULT_FILE)
+        result = self._wait_results(directory)
         log.info(
             "vllm_loaded",
             session_id=session_id,
@@ -395,6 +426,26 @@ class VllmAdapter(EngineAdapter):
                 f"kv_load_failure_policy={policy}: the rest were "
                 f"{'recomputed' if policy == 'recompute' else 'not used'})"
             )
+
+    def _wait_results(self, directory: Path) -> dict[str, Any]:
+        """The outcome of an order in `directory`, merged over the worker ranks: an error if
+        any rank failed, the fewest blocks any rank loaded, the slowest rank's time. (A
+        result without a rank is the scheduler's refusal: no rank will write one.)"""
+        first = self._wait_result(staging.result_path(directory, 0))
+        if self.ranks == 1 or "rank" not in first:
+            return first
+        results = [first] + [
+            self._wait_result(staging.result_path(directory, rank)) for rank in range(1, self.ranks)
+        ]
+        merged = dict(first)
+        errors = [str(result["error"]) for result in results if result.get("error")]
+        if errors:
+            merged["error"] = "; ".join(errors)
+        for key in ("loaded_blocks", "loaded_tokens"):
+            if key in first:
+                merged[key] = min(int(result.get(key, 0)) for result in results)
+        merged["seconds"] = max(float(result.get("seconds", 0.0)) for result in results)
+        return merged
 
     def _wait_result(self, path: Path) -> dict[str, Any]:
         deadline = time.monotonic() + self.result_timeout
@@ -442,8 +493,9 @@ class VllmAdapter(EngineAdapter):
 class _StagedImport(ImportSink):
     """A window staged for vLLM chunk by chunk: each chunk is written into the chunk root
     (shared memory) as it arrives, with its BLAKE3 digest; `finish` writes the manifest
-    (atomically: a load id names a complete staging or nothing), submits the load and
-    removes the staging whatever happens."""
+    (atomically: a load id names a complete staging or nothing), submits the load, and
+    then hands the staging to the connector for the session's first request (`kept`) or
+    removes it, whatever happens."""
 
     def __init__(
         self,
@@ -464,6 +516,7 @@ class _StagedImport(ImportSink):
         self._chunk_dir = staging.op_dir(adapter.chunk_root, staging.LOAD_DIR, self._op_id)
         self._chunk_dir.mkdir(parents=True)
         self._refs: list[dict[str, Any]] = []
+        self._bytes = 0
         self._done = False
         self._began = time.perf_counter()
         self._writing_s = 0.0
@@ -490,6 +543,7 @@ class _StagedImport(ImportSink):
                 reason="STAGING_FULL",
             ) from None
         self._writing_s += time.perf_counter() - started
+        self._bytes += len(data)
         self._refs.append(
             {
                 "file": name,
@@ -534,6 +588,8 @@ class _StagedImport(ImportSink):
                 writing_seconds=round(self._writing_s, 4),
             )
             self._adapter._load_staged(self._session_id, self._ids, self._tokens, self._op_id)
+            if self._adapter.kept.keep(self._op_id, self._session_id, self._tokens, self._bytes):
+                self._done = True  # the connector's now, until the first request or expiry
         finally:
             self.abort()
 

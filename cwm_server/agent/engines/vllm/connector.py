@@ -25,10 +25,13 @@ Options in `kv_connector_extra_config`: `cwm_dir` (required), `cwm_chunk_dir` (w
 are staged; default a folder of /dev/shm) and `cwm_async_load` (default true: loads run off
 the engine's step).
 
+Tensor parallelism: each worker rank loads and saves its own KV heads' columns of every
+canonical chunk (`parallel`), so a window does not depend on how many ranks wrote it.
+
 Limits: one KV cache group (plain attention models; hybrid models are refused at start with
-the groups named), one worker (no tensor or pipeline parallelism), KV dtypes bf16/fp16/fp32,
-little-endian hosts; attention backends CPU_ATTN, FLASH_ATTN, FLASHINFER and TRITON_ATTN
-(`backends`; MLA and quantised caches are refused).
+the groups named), no pipeline parallelism, KV dtypes bf16/fp16/fp32, little-endian hosts;
+attention backends CPU_ATTN, FLASH_ATTN, FLASHINFER and TRITON_ATTN (`backends`; MLA and
+quantised caches are refused).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from cwm_server.agent.engines.vllm import staging
 from cwm_server.agent.engines.vllm.layout import WORD_DTYPES, KVGeometry
+from cwm_server.agent.engines.vllm.parallel import HeadShare, head_share
 from cwm_server.agent.engines.vllm.scheduler import CwmConnectorScheduler
 from cwm_server.agent.engines.vllm.transfers import LoadOp, SaveOp
 from cwm_server.agent.engines.vllm.worker import CwmConnectorWorker
@@ -63,7 +67,8 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
 
-logger = init_logger(__name__)
+# Under "vllm.": vLLM configures only its own loggers' handlers.
+logger = init_logger(f"vllm.cwm.{__name__.rsplit('.', 1)[-1]}")
 
 EXTRA_DIR_KEY = "cwm_dir"
 EXTRA_CHUNK_DIR_KEY = "cwm_chunk_dir"
@@ -87,9 +92,10 @@ def _describe_group(index: int, group: Any) -> str:
     return f"group {index}: {kind}, {len(names)} layers ({shown})"
 
 
-def kv_geometry(kv_cache_config: KVCacheConfig) -> KVGeometry:
+def kv_geometry(kv_cache_config: KVCacheConfig, total_kv_heads: int | None = None) -> KVGeometry:
     """The shape of the single KV cache group (ValueError naming the groups for any other
-    kind of model)."""
+    kind of model), with the model's `total_kv_heads` where tensor parallelism gives each
+    worker only some of them (the group's spec counts one rank's heads)."""
     groups = kv_cache_config.kv_cache_groups
     if len(groups) != 1:
         described = "; ".join(_describe_group(i, g) for i, g in enumerate(groups))
@@ -116,11 +122,26 @@ def kv_geometry(kv_cache_config: KVCacheConfig) -> KVGeometry:
         )
     return KVGeometry(
         num_layers=len(groups[0].layer_names),
-        num_kv_heads=int(spec.num_kv_heads),
+        num_kv_heads=int(total_kv_heads or spec.num_kv_heads),
         head_dim=int(spec.head_size),
         dtype=spec.dtype,
         block_size=int(spec.block_size),
     )
+
+
+def _head_share(geometry: KVGeometry, kv_cache_config: KVCacheConfig, world: int) -> HeadShare:
+    """This worker's heads under tensor parallelism (checked against the heads its cache has)."""
+    from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+    rank = get_tensor_model_parallel_rank() if world > 1 else 0
+    share = head_share(geometry.num_kv_heads, world, rank)
+    local = int(kv_cache_config.kv_cache_groups[0].kv_cache_spec.num_kv_heads)
+    if local != share.num_heads:
+        raise ValueError(
+            f"rank {rank} of {world} caches {local} KV heads, but splitting the model's "
+            f"{geometry.num_kv_heads} would give it {share.num_heads}"
+        )
+    return share
 
 
 def _flag(extra: dict[str, Any], key: str, default: bool) -> bool:
@@ -148,9 +169,10 @@ class CwmConnector(KVConnectorBase_V1, SupportsHMA):
                 "directory it shares with `cwm agent --vllm-dir`"
             )
         parallel = vllm_config.parallel_config
-        if parallel.tensor_parallel_size != 1 or parallel.pipeline_parallel_size != 1:
+        if parallel.pipeline_parallel_size != 1:
             raise ValueError(
-                "the cwm connector supports one worker (tensor and pipeline parallel size 1)"
+                "the cwm connector does not support pipeline parallelism (each stage would "
+                "hold some layers of every chunk); tensor parallelism is supported"
             )
         if not vllm_config.cache_config.enable_prefix_caching:
             raise ValueError(
@@ -166,18 +188,28 @@ class CwmConnector(KVConnectorBase_V1, SupportsHMA):
             Path(chunk_dir).resolve() if chunk_dir else staging.default_chunk_root(self.root)
         )
         staging.ensure_chunk_root(self.chunk_root)
-        self.geometry = kv_geometry(kv_cache_config)
+        self.geometry = kv_geometry(
+            kv_cache_config, vllm_config.model_config.get_total_num_kv_heads()
+        )
         if self.geometry.dtype not in WORD_DTYPES:
             raise ValueError(f"the cwm connector does not support KV dtype {self.geometry.dtype}")
         self._scheduler: CwmConnectorScheduler | None = None
         self._worker: CwmConnectorWorker | None = None
         if role == KVConnectorRole.SCHEDULER:
             self._scheduler = CwmConnectorScheduler(
-                self.root, self.geometry, async_load=_flag(extra, EXTRA_ASYNC_LOAD_KEY, True)
+                self.root,
+                self.geometry,
+                chunk_root=self.chunk_root,
+                async_load=_flag(extra, EXTRA_ASYNC_LOAD_KEY, True),
             )
         else:
             self._worker = CwmConnectorWorker(
-                self.root, self.chunk_root, self.geometry, vllm_config, self._kv_transfer_config
+                self.root,
+                self.chunk_root,
+                self.geometry,
+                _head_share(self.geometry, kv_cache_config, parallel.tensor_parallel_size),
+                vllm_config,
+                self._kv_transfer_config,
             )
         logger.info("cwm connector (%s) using %s", role.name.lower(), self.root)
 
@@ -228,6 +260,12 @@ class CwmConnector(KVConnectorBase_V1, SupportsHMA):
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker_side().get_block_ids_with_load_errors()
+
+    def shutdown(self) -> None:
+        """vLLM is stopping: what is staged for it can never be loaded now, so its first
+        worker removes the chunk root's contents (shared memory, by default)."""
+        if self._worker is not None and self._worker.share.rank == 0:
+            staging.clear_chunk_root(self.chunk_root)
 
     # --------------------------------------------------------------- scheduler side
 

@@ -13,7 +13,8 @@ from collections.abc import Callable
 
 from vllm.logger import init_logger
 
-logger = init_logger(__name__)
+# Under "vllm.": vLLM configures only its own loggers' handlers.
+logger = init_logger(f"vllm.cwm.{__name__.rsplit('.', 1)[-1]}")
 
 
 class Lane:

@@ -12,6 +12,15 @@ save KV, and the session records the agent lists.
   before the step's forward with `cwm_async_load: false`. vLLM then hashes those blocks
   under the request's salt like any prefill, so later requests of the session hit them in
   the prefix cache.
+- Kept until used: a thawed window lives in vLLM's prefix cache like any prefix, and vLLM
+  may evict it before the session's first request. So the agent leaves the window staged
+  and writes `load/ID/keep.json` (salt, expiry). The session's first request whose prompt
+  starts with the window (`_match_kept`) gets whatever vLLM's prefix cache lost re-loaded
+  from that staging, like a thaw; either way its staging is removed when that request
+  finishes. A kept window nobody used is removed by the agent once it expires. Who removes
+  it is settled by files, in an order that needs no lock: the scheduler writes its claim
+  (`first-use/scheduler.json`) before it checks `keep.json`; the agent removes `keep.json`
+  before it looks for a claim. Whichever sees the other's file leaves the staging to it.
 - A request with `{"cwm": {"op": "save", "id": ID}}` that the agent registered in `save/ID/`
   has its first N tokens' blocks handed to the worker once they are all computed (normally
   at once: the agent re-submits a session's tokens, a prefix-cache hit). Its blocks stay
@@ -46,7 +55,8 @@ if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.request import Request
 
-logger = init_logger(__name__)
+# Under "vllm.": vLLM configures only its own loggers' handlers.
+logger = init_logger(f"vllm.cwm.{__name__.rsplit('.', 1)[-1]}")
 
 
 @dataclass
@@ -66,13 +76,33 @@ class _LoadPlan:
     noted: bool = False
     """The claim went to the agent: a request re-allocated later (vLLM retrying after a
     failed async load recomputes what failed) must not overwrite it."""
+    first_use: bool = False
+    """Not a thaw's load directive: a session's first request, served from a kept window."""
+
+    def notes_dir(self, root: Path) -> Path:
+        """Where the scheduler's claim and the worker's result for this plan go."""
+        directory = staging.op_dir(root, staging.LOAD_DIR, self.op_id)
+        return directory / staging.FIRST_USE_DIR if self.first_use else directory
+
+
+# Kept windows the scheduler remembers (their salts); past this, the oldest are forgotten
+# (their staging is still removed by the agent when they expire).
+MAX_KEPT = 4096
 
 
 class CwmConnectorScheduler:
     """The scheduler-side half of `CwmConnector` (which forwards vLLM's calls here)."""
 
-    def __init__(self, root: Path, geometry: KVGeometry, *, async_load: bool = True) -> None:
+    def __init__(
+        self,
+        root: Path,
+        geometry: KVGeometry,
+        *,
+        chunk_root: Path | None = None,
+        async_load: bool = True,
+    ) -> None:
         self.root = root
+        self.chunk_root = chunk_root or root
         self.async_load = async_load
         self.geometry = geometry
         self.block_size = geometry.block_size
@@ -81,6 +111,10 @@ class CwmConnectorScheduler:
         self._pending_loads: list[LoadOp] = []
         self._saves: dict[str, _PendingSave] = {}
         self._saves_handed: set[str] = set()
+        self._kept: dict[str, str] = {}
+        """cache_salt -> id of the thawed window kept for the session's first request."""
+        self._first_uses: dict[str, str] = {}
+        """request id -> kept window it consumed; its staging goes when the request ends."""
         self._recorder = Lane("cwm-sessions")
 
     # -- matching a request --------------------------------------------------------------
@@ -90,7 +124,10 @@ class CwmConnectorScheduler:
     ) -> tuple[int | None, bool]:
         command = staging.directive(request.kv_transfer_params)
         if command is None:
-            return 0, False
+            plan = self._match_kept(request)
+            if plan is None or plan.tokens <= num_computed_tokens:
+                return 0, False  # no kept window, or vLLM's prefix cache still has it all
+            return plan.tokens - num_computed_tokens, self.async_load
         if command["op"] == "save":
             self._register_save(request, command["id"])
             return 0, False
@@ -99,7 +136,41 @@ class CwmConnectorScheduler:
             return 0, False
         return plan.tokens - num_computed_tokens, self.async_load
 
-    def _plan_load(self, request: Request, op_id: str) -> _LoadPlan:
+    def _match_kept(self, request: Request) -> _LoadPlan | None:
+        """The kept window this request is the first use of, or None. Claimed at most once:
+        whatever happens next, the window's staging goes when this request finishes."""
+        cached = self._plans.get(request.request_id)
+        if cached is not None and cached.first_use:
+            return cached  # vLLM asks again when it could not schedule the request yet
+        salt = request.cache_salt
+        op_id = self._kept.get(salt) if salt else None
+        if salt is None or op_id is None:
+            return None
+        plan = self._plan_load(request, op_id, quiet=True)
+        if plan.refusal:
+            # Not this window's continuation (another prompt under the salt): not its use.
+            del self._plans[request.request_id]
+            return None
+        del self._kept[salt]
+        plan.first_use = True
+        notes = plan.notes_dir(self.root)
+        # The claim before the check (see the module docstring).
+        staging.write_json_atomic(
+            notes / staging.SCHEDULER_FILE, {"request_id": request.request_id, "at": time.time()}
+        )
+        self._first_uses[request.request_id] = op_id
+        keep = staging.read_json(notes.parent / staging.KEEP_FILE)
+        if (
+            not isinstance(keep, dict)
+            or keep.get("cache_salt") != salt
+            or not float(keep.get("expires_at") or 0) > time.time()
+        ):
+            del self._plans[request.request_id]
+            return None  # expired or released: removed when the request finishes
+        logger.info("cwm: request %s is the first use of kept window %s", request.request_id, op_id)
+        return plan
+
+    def _plan_load(self, request: Request, op_id: str, *, quiet: bool = False) -> _LoadPlan:
         cached = self._plans.get(request.request_id)
         if cached is not None and cached.op_id == op_id:
             return cached
@@ -117,7 +188,8 @@ class CwmConnectorScheduler:
             )
         except ValueError as exc:
             plan.refusal = str(exc)
-            logger.warning("cwm load %s refused: %s", op_id, exc)
+            if not quiet:
+                logger.warning("cwm load %s refused: %s", op_id, exc)
         self._plans[request.request_id] = plan
         return plan
 
@@ -141,13 +213,13 @@ class CwmConnectorScheduler:
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
     ) -> None:
         command = staging.directive(request.kv_transfer_params)
-        if command is None or command["op"] != "load":
+        if command is not None and command["op"] != "load":
             return
         plan = self._plans.get(request.request_id)
-        if plan is None or plan.noted:
+        if plan is None or plan.noted or (command is None) != plan.first_use:
             return
         plan.noted = True
-        directory = staging.op_dir(self.root, staging.LOAD_DIR, plan.op_id)
+        directory = plan.notes_dir(self.root)
         note: dict[str, Any] = {"claimed_tokens": num_external_tokens, "refusal": plan.refusal}
         if num_external_tokens > 0:
             block_ids = blocks.get_block_ids()[0]
@@ -232,7 +304,24 @@ class CwmConnectorScheduler:
     def request_finished(self, request: Request) -> bool:
         """Record the session; True when the request's blocks must outlive it until the
         worker reports its save done (vLLM then frees them)."""
-        self._plans.pop(request.request_id, None)
+        plan = self._plans.pop(request.request_id, None)
+        command = staging.directive(request.kv_transfer_params)
+        if (
+            plan is not None
+            and not plan.first_use
+            and not plan.refusal
+            and command is not None
+            and command["op"] == "load"
+            and request.cache_salt
+        ):
+            # A thaw's load: its window may be kept for the session's first request.
+            self._kept.pop(request.cache_salt, None)
+            self._kept[request.cache_salt] = plan.op_id
+            while len(self._kept) > MAX_KEPT:
+                del self._kept[next(iter(self._kept))]
+        used = self._first_uses.pop(request.request_id, None)
+        if used is not None:
+            self._recorder.submit(lambda: self._remove_staging(used))
         pending = self._saves.pop(request.request_id, None)
         if pending is not None:
             directory = staging.op_dir(self.root, staging.SAVE_DIR, pending.op_id)
@@ -240,7 +329,7 @@ class CwmConnectorScheduler:
                 directory / staging.RESULT_FILE,
                 {"error": "the request finished before its KV was complete"},
             )
-        if request.cache_salt and staging.directive(request.kv_transfer_params) is None:
+        if request.cache_salt and command is None:
             self._record_session(request)
         if request.request_id in self._saves_handed:
             self._saves_handed.discard(request.request_id)
@@ -261,6 +350,11 @@ class CwmConnectorScheduler:
         }
         path = staging.session_path(self.root, request.cache_salt)
         self._recorder.submit(lambda: self._write_record(path, record))
+
+    def _remove_staging(self, op_id: str) -> None:
+        """Remove a kept window's staging (its chunks first: they hold the memory)."""
+        staging.remove_tree(staging.op_dir(self.chunk_root, staging.LOAD_DIR, op_id))
+        staging.remove_tree(staging.op_dir(self.root, staging.LOAD_DIR, op_id))
 
     @staticmethod
     def _write_record(path: Path, record: dict[str, Any]) -> None:

@@ -9,8 +9,15 @@ sides (`kv_connector_extra_config.cwm_dir` and `cwm agent --vllm-dir`), laid out
     load/<id>/manifest.json     a staged window (agent), with chunk-NNNNN.bin beside it
     load/<id>/scheduler.json    what the scheduler claimed for it, or why it refused
     load/<id>/result.json       what the worker loaded, or why it failed
+    load/<id>/keep.json         a thawed window kept for its session's first request (agent):
+                                salt and expiry; from then on the connector owns the staging
+    load/<id>/first-use/        that first request's claim (scheduler.json) and, if it had to
+                                re-load the window, the worker's result.json
     save/<id>/request.json      a save the agent asked for (the connector only saves these)
     save/<id>/result.json       the worker's canonical chunks and their digests, or an error
+
+Under tensor parallelism every worker rank writes its own outcome: rank 0 `result.json`,
+rank r `result.rank<r>.json` (`result_path`); `engine.json` says how many ranks there are.
 
 The chunks themselves (`chunk-NNNNN.bin`, canonical bytes) live apart, under the chunk root
 that `engine.json` names (`chunk_root`, with the same `load/<id>/` and `save/<id>/` folders):
@@ -49,6 +56,8 @@ MANIFEST_FILE = "manifest.json"
 SCHEDULER_FILE = "scheduler.json"
 RESULT_FILE = "result.json"
 REQUEST_FILE = "request.json"
+KEEP_FILE = "keep.json"
+FIRST_USE_DIR = "first-use"
 STAGING_VERSION = 2
 SHM_ROOT = Path("/dev/shm")
 
@@ -61,6 +70,11 @@ def new_op_id() -> str:
 
 def valid_op_id(value: Any) -> bool:
     return isinstance(value, str) and OP_ID_RE.match(value) is not None
+
+
+def result_path(directory: Path, rank: int = 0) -> Path:
+    """Where worker rank `rank` writes an order's outcome (rank 0: `result.json`)."""
+    return directory / (RESULT_FILE if rank == 0 else f"result.rank{rank}.json")
 
 
 def chunk_file_name(index: int) -> str:
@@ -106,17 +120,34 @@ def ensure_chunk_root(chunk_root: Path) -> None:
         (chunk_root / name).mkdir(parents=True, exist_ok=True, mode=0o700)
 
 
+def clear_chunk_root(chunk_root: Path) -> None:
+    """Remove every staged chunk under `chunk_root`, and the folders themselves where they
+    are then empty (a chunk root shared with other files keeps them)."""
+    for name in (LOAD_DIR, SAVE_DIR):
+        folder = chunk_root / name
+        if folder.is_dir():
+            for order in folder.iterdir():
+                remove_tree(order)
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+    with contextlib.suppress(OSError):
+        chunk_root.rmdir()
+
+
 class MappedFile:
     """A staged chunk file mapped into memory: `buffer` is writable (a shared mapping when
     the file was opened for writing, else a private copy-on-write one that is only read),
     so numpy and torch can wrap it without copying. Close it before the file is removed
-    from a tmpfs, or the pages stay allocated."""
+    from a tmpfs, or the pages stay allocated. `shared=True` opens a file that several
+    writers fill at once (tensor-parallel ranks, each its own columns) without truncating
+    what another has written."""
 
-    def __init__(self, path: Path, size: int | None = None) -> None:
+    def __init__(self, path: Path, size: int | None = None, *, shared: bool = False) -> None:
         import mmap
 
         writing = size is not None
-        flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC if writing else os.O_RDONLY
+        truncate = 0 if shared else os.O_TRUNC
+        flags = os.O_RDWR | os.O_CREAT | truncate if writing else os.O_RDONLY
         fd = os.open(path, flags, 0o600)
         try:
             if writing:

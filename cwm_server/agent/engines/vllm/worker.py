@@ -15,7 +15,14 @@ It learns the block layout from the attention backend (`backends.block_placement
   digested there; vLLM keeps the request's blocks allocated until `get_finished` reports
   the save done (`request_finished` returned True), so the step never waits for a save.
 
-Outcomes reach the agent as `result.json` beside the staged window or the save order.
+Under tensor parallelism each rank moves only its KV heads' columns of every chunk (its
+`parallel.HeadShare`): a load checks the whole chunk's digest and scatters its columns; a
+save's ranks fill one shared chunk file side by side, and the agent digests the file once
+every rank has reported (vLLM reports a request's transfer finished only when all ranks
+have).
+
+Outcomes reach the agent as `result.json` beside the staged window or the save order (rank
+r > 0: `result.rank<r>.json`).
 """
 
 from __future__ import annotations
@@ -35,12 +42,14 @@ from cwm_server.agent.engines.vllm import staging
 from cwm_server.agent.engines.vllm.backends import block_placement
 from cwm_server.agent.engines.vllm.lanes import Lane
 from cwm_server.agent.engines.vllm.layout import KVGeometry, PagedKV, canonical_view
+from cwm_server.agent.engines.vllm.parallel import HeadShare
 from cwm_server.agent.engines.vllm.transfers import LoadOp, SaveOp, blocks_by_chunk
 
 if TYPE_CHECKING:
     from vllm.config import KVTransferConfig, VllmConfig
 
-logger = init_logger(__name__)
+# Under "vllm.": vLLM configures only its own loggers' handlers.
+logger = init_logger(f"vllm.cwm.{__name__.rsplit('.', 1)[-1]}")
 
 
 class CwmConnectorWorker:
@@ -51,12 +60,14 @@ class CwmConnectorWorker:
         root: Path,
         chunk_root: Path,
         geometry: KVGeometry,
+        share: HeadShare,
         vllm_config: VllmConfig,
         kv_transfer_config: KVTransferConfig,
     ) -> None:
         self.root = root
         self.chunk_root = chunk_root
         self.geometry = geometry
+        self.share = share
         self.block_size = geometry.block_size
         self.bytes_per_token = geometry.bytes_per_token
         self._vllm_config = vllm_config
@@ -97,15 +108,20 @@ class CwmConnectorWorker:
         self._paged = PagedKV(
             tensors,
             choice.placement,
-            num_kv_heads=geometry.num_kv_heads,
+            num_kv_heads=self.share.num_heads,
             head_dim=geometry.head_dim,
             block_size=geometry.block_size,
         )
-        self._write_engine_file(choice.platform, choice.description)
+        if self.share.rank == 0:
+            self._write_engine_file(choice.platform, choice.description)
         logger.info(
-            "cwm connector: %d layers, %d KV heads x %d, %s, blocks of %d, layout from %s "
-            "(%s), chunks in %s",
+            "cwm connector: rank %d of %d, %d layers, KV heads %d..%d of %d x %d, %s, blocks "
+            "of %d, layout from %s (%s), chunks in %s",
+            self.share.rank,
+            self.share.world,
             geometry.num_layers,
+            self.share.first_head,
+            self.share.first_head + self.share.num_heads - 1,
             geometry.num_kv_heads,
             geometry.head_dim,
             geometry.dtype,
@@ -132,6 +148,7 @@ class CwmConnectorWorker:
                 "head_dim": geometry.head_dim,
                 "block_size": geometry.block_size,
                 "bytes_per_token": geometry.bytes_per_token,
+                "tensor_parallel_size": self.share.world,
                 "vllm_version": vllm.__version__,
                 "torch_version": str(torch.__version__),
                 "platform": platform,
@@ -144,8 +161,10 @@ class CwmConnectorWorker:
         )
 
     def _canonical(self, buffer: memoryview, tokens: int) -> torch.Tensor:
+        """This rank's columns of the canonical chunk in `buffer` (all of it without TP)."""
         geometry = self.geometry
-        return canonical_view(buffer, geometry.dtype, geometry.num_layers, tokens, geometry.hidden)
+        whole = canonical_view(buffer, geometry.dtype, geometry.num_layers, tokens, geometry.hidden)
+        return self.share.of(whole, geometry.head_dim)
 
     # -- loads ---------------------------------------------------------------------------
 
@@ -186,11 +205,14 @@ class CwmConnectorWorker:
                     loaded += count
         except Exception as exc:  # noqa: BLE001 - any failure means: do not use these blocks
             error = f"{type(exc).__name__}: {exc}"
+            if self.share.world > 1:
+                error = f"rank {self.share.rank}: {error}"
             logger.error("cwm load %s failed after %d blocks: %s", op.op_id, loaded, error)
         failed = set(op.block_ids[loaded:]) if error else set()
         staging.write_json_atomic(
-            directory / staging.RESULT_FILE,
+            staging.result_path(directory, self.share.rank),
             {
+                "rank": self.share.rank,
                 "blocks": len(op.block_ids),
                 "loaded_blocks": loaded,
                 "first_token": op.first_token,
@@ -254,24 +276,36 @@ class CwmConnectorWorker:
         chunk_dir = staging.op_dir(self.chunk_root, staging.SAVE_DIR, op.op_id)
         chunk_dir.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
+        alone = self.share.world == 1
         chunks: list[dict[str, Any]] = []
         for index, start in enumerate(range(0, op.num_tokens, op.chunk_tokens)):
             count = min(op.chunk_tokens, op.num_tokens - start)
             blocks = op.block_ids[start // self.block_size : (start + count) // self.block_size]
             name = staging.chunk_file_name(index)
-            tmp = chunk_dir / f".{name}.tmp"
-            with staging.MappedFile(tmp, count * self.bytes_per_token) as mapped:
-                out = self._canonical(mapped.buffer, count)
-                self._paged.gather(blocks, out=out)
-                del out
-                digest = blake3.blake3(mapped.buffer).hexdigest()
-            os.replace(tmp, chunk_dir / name)
+            digest = None
+            if alone:
+                tmp = chunk_dir / f".{name}.tmp"
+                with staging.MappedFile(tmp, count * self.bytes_per_token) as mapped:
+                    out = self._canonical(mapped.buffer, count)
+                    self._paged.gather(blocks, out=out)
+                    del out
+                    digest = blake3.blake3(mapped.buffer).hexdigest()
+                os.replace(tmp, chunk_dir / name)
+            elif self.share.writer:
+                # The ranks fill the file side by side; the agent digests it once all have
+                # reported, and reads nothing before that.
+                path = chunk_dir / name
+                with staging.MappedFile(path, count * self.bytes_per_token, shared=True) as mapped:
+                    out = self._canonical(mapped.buffer, count)
+                    self._paged.gather(blocks, out=out)
+                    del out
             chunks.append(
                 {"file": name, "token_start": start, "token_count": count, "digest": digest}
             )
         staging.write_json_atomic(
-            directory / staging.RESULT_FILE,
+            staging.result_path(directory, self.share.rank),
             {
+                "rank": self.share.rank,
                 "tokens": op.num_tokens,
                 "chunk_tokens": op.chunk_tokens,
                 "chunks": chunks,
@@ -283,5 +317,9 @@ class CwmConnectorWorker:
     def _save_failed(self, op: SaveOp, exc: BaseException) -> None:
         logger.error("cwm save %s failed: %s", op.op_id, exc)
         staging.write_json_atomic(
-            Path(op.directory) / staging.RESULT_FILE, {"error": f"{type(exc).__name__}: {exc}"}
+            staging.result_path(Path(op.directory), self.share.rank),
+            {
+                "rank": self.share.rank,
+                "error": f"rank {self.share.rank}: {type(exc).__name__}: {exc}",
+            },
         )

@@ -4,6 +4,8 @@ exactly where that writer would have put them."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -21,6 +23,9 @@ from cwm_server.agent.engines.vllm.layout import (  # noqa: E402
 )
 
 HEADS, BLOCK, HEAD_DIM, LAYERS = 2, 16, 8, 3
+# Where the GPU backends' caches are built: the CPU here; `tools/gpu_check.sh` runs these
+# tests with CWM_TEST_DEVICE=cuda on a machine with a GPU.
+CACHE_DEVICE = os.environ.get("CWM_TEST_DEVICE", "cpu")
 CONTENT = 2 * HEAD_DIM
 
 
@@ -213,7 +218,7 @@ PHYSICAL_ORDERS = ["LBHNC", "LBNHC", "LHBNC", "BLHNC", "BLNHC", "BHLNC"]
 def logical_caches(order: str, blocks: int, dtype: torch.dtype) -> list[torch.Tensor]:
     """The per-layer [B, H, N, C] views of one allocation laid out in `order`."""
     sizes = {"L": LAYERS, "B": blocks, "H": HEADS, "N": BLOCK, "C": CONTENT}
-    raw = torch.zeros([sizes[axis] for axis in order], dtype=dtype)
+    raw = torch.zeros([sizes[axis] for axis in order], dtype=dtype, device=CACHE_DEVICE)
     logical = raw.permute([order.index(axis) for axis in "LBHNC"])
     return [logical[layer] for layer in range(LAYERS)]
 
@@ -222,8 +227,8 @@ def flash_writer(cache: torch.Tensor, block: int, key: torch.Tensor, value: torc
     """What the backends' reshape_and_cache does: `kv_cache.transpose(1, 2).split(D, -1)`
     gives K and V as [B, N, H, D]; slot i of the block takes token i."""
     key_cache, value_cache = cache.transpose(1, 2).split(HEAD_DIM, -1)
-    key_cache[block] = key
-    value_cache[block] = value
+    key_cache[block] = key.to(cache.device)
+    value_cache[block] = value.to(cache.device)
 
 
 @pytest.mark.parametrize("order", PHYSICAL_ORDERS)
