@@ -95,7 +95,7 @@ $(VLLM_VENV)/.installed: $(VLLM_VENV)/.vllm-installed pyproject.toml
 test-vllm: $(VLLM_VENV)/.installed
 	$(VLLM_VENV)/bin/pytest -q -p no:cacheprovider tests/e2e/test_vllm.py \
 	    tests/e2e/test_vllm_tensor_parallel.py tests/e2e/test_vllm_kept.py \
-	    tests/agent/engines/vllm/test_connector_geometry.py
+	    tests/agent/engines/vllm/test_connector_geometry.py tests/agent/engines/vllm/test_lanes.py
 
 # Time to first token on vLLM B: continuing a thawed session vs recomputing it.
 bench-vllm: $(VLLM_VENV)/.installed

@@ -22,8 +22,10 @@ configuration both share and forwards each call to its role's half:
   from the first to the second.
 
 Options in `kv_connector_extra_config`: `cwm_dir` (required), `cwm_chunk_dir` (where chunks
-are staged; default a folder of /dev/shm) and `cwm_async_load` (default true: loads run off
-the engine's step).
+are staged; default a folder of /dev/shm), `cwm_async_load` (default true: loads run off
+the engine's step) and `cwm_transfer_cpus` (where the worker's loads and saves run: "auto",
+the default, picks the CPUs vLLM's threads are not pinned to; "inherit"; or a list such as
+"0,2-3"; see `lanes`).
 
 Tensor parallelism: each worker rank loads and saves its own KV heads' columns of every
 canonical chunk (`parallel`), so a window does not depend on how many ranks wrote it.
@@ -73,6 +75,7 @@ logger = init_logger(f"vllm.cwm.{__name__.rsplit('.', 1)[-1]}")
 EXTRA_DIR_KEY = "cwm_dir"
 EXTRA_CHUNK_DIR_KEY = "cwm_chunk_dir"
 EXTRA_ASYNC_LOAD_KEY = "cwm_async_load"
+EXTRA_TRANSFER_CPUS_KEY = "cwm_transfer_cpus"
 
 
 @dataclass
@@ -210,6 +213,7 @@ class CwmConnector(KVConnectorBase_V1, SupportsHMA):
                 _head_share(self.geometry, kv_cache_config, parallel.tensor_parallel_size),
                 vllm_config,
                 self._kv_transfer_config,
+                transfer_cpus=str(extra.get(EXTRA_TRANSFER_CPUS_KEY, "auto")),
             )
         logger.info("cwm connector (%s) using %s", role.name.lower(), self.root)
 

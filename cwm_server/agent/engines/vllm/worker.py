@@ -38,7 +38,7 @@ import blake3
 import torch
 from vllm.logger import init_logger
 
-from cwm_server.agent.engines.vllm import staging
+from cwm_server.agent.engines.vllm import lanes, staging
 from cwm_server.agent.engines.vllm.backends import block_placement
 from cwm_server.agent.engines.vllm.lanes import Lane
 from cwm_server.agent.engines.vllm.layout import KVGeometry, PagedKV, canonical_view
@@ -63,6 +63,8 @@ class CwmConnectorWorker:
         share: HeadShare,
         vllm_config: VllmConfig,
         kv_transfer_config: KVTransferConfig,
+        *,
+        transfer_cpus: str = "auto",
     ) -> None:
         self.root = root
         self.chunk_root = chunk_root
@@ -80,8 +82,12 @@ class CwmConnectorWorker:
         self._saves_running: set[str] = set()
         self._saves_done: set[str] = set()
         self._finished_requests: set[str] = set()
-        self._loader = Lane("cwm-load")
-        self._saver = Lane("cwm-save")
+        # Off the forward pass's cores where there are others (see `lanes`).
+        self.transfer_cpus = lanes.transfer_cpus(
+            transfer_cpus, os.sched_getaffinity(0), lanes.online_cpus()
+        )
+        self._loader = Lane("cwm-load", self.transfer_cpus)
+        self._saver = Lane("cwm-save", self.transfer_cpus)
 
     # -- the KV tensors ------------------------------------------------------------------
 
@@ -129,6 +135,10 @@ class CwmConnectorWorker:
             choice.description,
             "strided" if self._paged.strided else "permuted",
             self.chunk_root,
+        )
+        logger.info(
+            "cwm connector: loads and saves run on CPUs %s",
+            sorted(self.transfer_cpus) if self.transfer_cpus else "inherited from the worker",
         )
 
     def _write_engine_file(self, platform: str, attention: str) -> None:
