@@ -24,6 +24,7 @@ def _engine(args: argparse.Namespace) -> EngineAdapter:
         vllm_dir=args.vllm_dir,
         vllm_keep_seconds=args.vllm_keep_seconds,
         vllm_keep_mib=args.vllm_keep_mib,
+        vllm_pool_mib=args.vllm_pool_mib,
         models_dir=default_data_dir() / "models",
     )
     try:
@@ -97,6 +98,14 @@ def add_parser(sub: Subparsers) -> None:
         default=4096,
         metavar="MIB",
         help="the most staged memory kept windows hold; the oldest are released first",
+    )
+    agent.add_argument(
+        "--vllm-pool-mib",
+        type=int,
+        default=2048,
+        metavar="MIB",
+        help="staged chunk files kept for later thaws to write over, which is several times "
+        "faster than writing new ones (0: none)",
     )
     agent.add_argument("--agent-id", required=True, help="unique id of this agent")
     agent.add_argument(

@@ -128,6 +128,8 @@ class VllmCluster:
         self.windows.close()
         for agent in self.agents:
             agent.stop()
+        self.engine_a.close()  # as `cwm agent` does on exit: frees its staging pool
+        self.engine_b.close()
         self.vllm_a.stop()
         self.vllm_b.stop()
         self.manager.stop()

@@ -107,6 +107,7 @@ class SmallCache:
     def close(self) -> None:
         self.sessions.close()
         self.agent.stop()
+        self.engine.close()
         self.server.stop()
         self.manager.stop()
 
@@ -169,9 +170,12 @@ def test_a_released_window_is_recomputed_after_an_eviction(
     small: SmallCache, window: dict[str, Any]
 ) -> None:
     """The control: without the kept staging the flood really does cost the window."""
+    pooled = len(small.engine.pool)
     small.sessions.thaw_window("kept-window", agent_id="small", new_session_id="released")
+    assert len(small.engine.pool) == max(0, pooled - 3)  # its chunks were written over these
     small.engine.kept.release_all()
     assert not small.staged()
+    assert len(small.engine.pool) == max(3, pooled)  # and went back for the next thaw
     small.flood()
     reply = small.complete(window["continuation"], "released", max_tokens=16)
     assert _cached(reply) < window["tokens"]

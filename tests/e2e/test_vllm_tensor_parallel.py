@@ -109,6 +109,8 @@ class TwoSizes:
         self.windows.close()
         for agent in self.agents:
             agent.stop()
+        self.engine_one.close()
+        self.engine_two.close()
         self.one.stop()
         self.two.stop()
         self.manager.stop()

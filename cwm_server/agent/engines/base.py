@@ -60,6 +60,8 @@ class EngineSettings:
     kept; the first request recomputes whatever vLLM's prefix cache evicted)."""
     vllm_keep_mib: int = 4096
     """The most staged memory kept windows may hold; past it the oldest are released."""
+    vllm_pool_mib: int = 2048
+    """Staged chunk files kept for the next thaws to write over (0: none)."""
     models_dir: Path | None = None
     """Where built-in models are built on first use (None: none may be built)."""
 

@@ -15,7 +15,9 @@ two share a staging directory (`staging`). This adapter never touches vLLM's mem
   arrives, under a fresh id in the chunk root (shared memory by default: one copy from the
   receive buffer), then the manifest; submits the window's tokens plus one with a load
   directive and the session's salt, and checks what the scheduler claimed and the worker
-  loaded. The blocks then sit in vLLM's prefix cache under that salt. A loaded window
+  loaded. Each chunk is written over a file of the agent's staging pool where it holds one
+  (`pool`: no fresh pages), and chunk files the worker is done with go back to it. The
+  blocks then sit in vLLM's prefix cache under that salt. A loaded window
   stays staged for the session's first request (`kept`: the connector re-loads what the
   prefix cache lost by then) until that request, its expiry or the kept-bytes budget;
   other staging is removed on every path, and an agent that starts removes what a dead one
@@ -65,6 +67,7 @@ from cwm_server.agent.engines.base import (
 from cwm_server.agent.engines.fingerprint import kv_dtype_from_name, model_fingerprint
 from cwm_server.agent.engines.vllm import staging
 from cwm_server.agent.engines.vllm.kept import KeptWindows
+from cwm_server.agent.engines.vllm.pool import ChunkPool
 
 ENGINE_NAME = "vllm"
 log = structlog.get_logger("cwm.agent.vllm")
@@ -94,6 +97,7 @@ class VllmAdapter(EngineAdapter):
         result_timeout: float = 120.0,
         keep_seconds: float = 600.0,
         keep_bytes: int = 4 << 30,
+        pool_bytes: int = 2 << 30,
     ) -> None:
         self.url = url.rstrip("/")
         self.root = Path(staging_dir).resolve()
@@ -107,7 +111,10 @@ class VllmAdapter(EngineAdapter):
         self.engine_info = self._wait_for_engine_file(startup_timeout)
         self.chunk_root = Path(str(self.engine_info.get("chunk_root") or self.root))
         staging.ensure_chunk_root(self.chunk_root)
-        self.kept = KeptWindows(self.root, self.chunk_root, keep_seconds, keep_bytes)
+        self.pool = ChunkPool(self.chunk_root, pool_bytes)
+        self.kept = KeptWindows(
+            self.root, self.chunk_root, keep_seconds, keep_bytes, recycle=self.pool.give_folder
+        )
         self._remove_stale_orders()
         self.block_size = int(self.engine_info["block_size"])
         # Tensor-parallel ranks: each writes its own outcome of every order.
@@ -149,6 +156,7 @@ class VllmAdapter(EngineAdapter):
             settings.model,
             keep_seconds=settings.vllm_keep_seconds,
             keep_bytes=settings.vllm_keep_mib << 20,
+            pool_bytes=settings.vllm_pool_mib << 20,
         )
 
     # -- discovery ----------------------------------------------------------------------
@@ -203,6 +211,12 @@ class VllmAdapter(EngineAdapter):
         return fingerprint
 
     # -- EngineAdapter ------------------------------------------------------------------
+
+    def close(self) -> None:
+        """The staging pool is only worth its memory while this agent thaws: free it. (Kept
+        windows stay: the connector may still serve their first requests, and the next
+        agent adopts them.)"""
+        self.pool.drain()
 
     @property
     def fingerprint(self) -> pb.ModelFingerprint:
@@ -518,6 +532,9 @@ class _StagedImport(ImportSink):
         self._refs: list[dict[str, Any]] = []
         self._bytes = 0
         self._done = False
+        self._submitted = False
+        """The load went to vLLM and is not known done: the worker may still read the chunk
+        files, so they are removed, never handed to the pool for reuse."""
         self._began = time.perf_counter()
         self._writing_s = 0.0
 
@@ -531,8 +548,7 @@ class _StagedImport(ImportSink):
         name = staging.chunk_file_name(index)
         started = time.perf_counter()
         try:
-            with open(self._chunk_dir / name, "wb") as handle:
-                handle.write(data)
+            self._write(self._chunk_dir / name, data)
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
@@ -552,6 +568,18 @@ class _StagedImport(ImportSink):
                 "digest": (digest or blake3.blake3(data).digest()).hex(),
             }
         )
+
+    def _write(self, path: Path, data: bytes | memoryview) -> None:
+        """Into a pooled file where there is one; with no room left, once more after the
+        pool has given its files back."""
+        pool = self._adapter.pool
+        try:
+            pool.write(path, data)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or not pool.drain():
+                raise
+            path.unlink(missing_ok=True)
+            pool.write(path, data)
 
     @property
     def op_id(self) -> str:
@@ -587,7 +615,9 @@ class _StagedImport(ImportSink):
                 seconds=round(time.perf_counter() - self._began, 4),
                 writing_seconds=round(self._writing_s, 4),
             )
+            self._submitted = True
             self._adapter._load_staged(self._session_id, self._ids, self._tokens, self._op_id)
+            self._submitted = False  # loaded: the worker is done with the files
             if self._adapter.kept.keep(self._op_id, self._session_id, self._tokens, self._bytes):
                 self._done = True  # the connector's now, until the first request or expiry
         finally:
@@ -597,5 +627,7 @@ class _StagedImport(ImportSink):
         if self._done:
             return
         self._done = True
+        if not self._submitted:
+            self._adapter.pool.give_folder(self._chunk_dir)
         for path in (self._building, self._final, self._chunk_dir):
             staging.remove_tree(path)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,8 +38,17 @@ class _Kept:
 class KeptWindows:
     """The thawed windows this agent handed to the connector, oldest first."""
 
-    def __init__(self, root: Path, chunk_root: Path, seconds: float, max_bytes: int) -> None:
+    def __init__(
+        self,
+        root: Path,
+        chunk_root: Path,
+        seconds: float,
+        max_bytes: int,
+        recycle: Callable[[Path], None] | None = None,
+    ) -> None:
         self.root = root
+        self._recycle = recycle
+        """Takes back an unused window's chunk folder (the agent's `pool.ChunkPool`)."""
         self.chunk_root = chunk_root
         self.seconds = seconds
         self.max_bytes = max_bytes
@@ -121,5 +131,8 @@ class KeptWindows:
         self.sweep(now=float("inf"))
 
     def remove(self, op_id: str) -> None:
-        staging.remove_tree(staging.op_dir(self.chunk_root, staging.LOAD_DIR, op_id))
+        chunks = staging.op_dir(self.chunk_root, staging.LOAD_DIR, op_id)
+        if self._recycle is not None:  # never claimed: no worker reads these files
+            self._recycle(chunks)
+        staging.remove_tree(chunks)
         staging.remove_tree(self._dir(op_id))

@@ -20,7 +20,8 @@ Under tensor parallelism every worker rank writes its own outcome: rank 0 `resul
 rank r `result.rank<r>.json` (`result_path`); `engine.json` says how many ranks there are.
 
 The chunks themselves (`chunk-NNNNN.bin`, canonical bytes) live apart, under the chunk root
-that `engine.json` names (`chunk_root`, with the same `load/<id>/` and `save/<id>/` folders):
+that `engine.json` names (`chunk_root`, with the same `load/<id>/` and `save/<id>/` folders,
+and the agent's `pool/` of chunk files kept for reuse, see `pool`):
 by default a folder in `/dev/shm`, so a chunk is shared memory that one side writes and the
 other maps. A thawed chunk is written once from the socket's buffer and copied once, by the
 worker, from the mapping into the paged cache; a frozen one is gathered by the worker
@@ -57,6 +58,7 @@ SCHEDULER_FILE = "scheduler.json"
 RESULT_FILE = "result.json"
 REQUEST_FILE = "request.json"
 KEEP_FILE = "keep.json"
+POOL_DIR = "pool"
 FIRST_USE_DIR = "first-use"
 STAGING_VERSION = 2
 SHM_ROOT = Path("/dev/shm")
@@ -123,7 +125,7 @@ def ensure_chunk_root(chunk_root: Path) -> None:
 def clear_chunk_root(chunk_root: Path) -> None:
     """Remove every staged chunk under `chunk_root`, and the folders themselves where they
     are then empty (a chunk root shared with other files keeps them)."""
-    for name in (LOAD_DIR, SAVE_DIR):
+    for name in (LOAD_DIR, SAVE_DIR, POOL_DIR):
         folder = chunk_root / name
         if folder.is_dir():
             for order in folder.iterdir():
