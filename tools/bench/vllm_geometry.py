@@ -27,7 +27,16 @@ memcpy and loopback TCP are measured in the same run, and every figure is also a
 
 `--tokens` are real sessions prefilled on A (4096 tokens take about 150 s on one core here);
 `--synthetic` windows hold random KV with B's fingerprint, frozen straight into the manager,
-for sizes whose prefill would take too long.
+for sizes whose prefill would take too long. `--warm-up` thaws each synthetic window once,
+unmeasured, first, so the agent's staging pool holds its chunk files (as on a host that has
+thawed before; pass `--agent-args "--vllm-keep-seconds 0"` with it, or the warm-up's window
+stays kept and its files out of the pool). `--transfer-cpus` sets the connector's
+`cwm_transfer_cpus` on both servers.
+
+The 2026-12-04 (second) figures in docs/BENCHMARKS.md came from
+
+    .venv-vllm/bin/python tools/bench/vllm_geometry.py --tokens 4096 --synthetic 16384 \
+        --compare-sync --warm-up --agent-args "--vllm-keep-seconds 0"
 """
 
 from __future__ import annotations
@@ -66,6 +75,10 @@ LLAMA3_8B_KV = dict(
 BYTES_PER_TOKEN = 2 * 32 * 8 * 128 * 2
 
 
+AGENT_ARGS: list[str] = []
+"""More `cwm agent` options for both agents (`--agent-args`)."""
+
+
 def _agent(manager: str, server: VllmServer, agent_id: str, log: Path) -> Any:
     import subprocess
 
@@ -77,6 +90,7 @@ def _agent(manager: str, server: VllmServer, agent_id: str, log: Path) -> Any:
             *server.agent_args(agent_id, manager),
             "--log-level",
             "INFO",
+            *AGENT_ARGS,
         ],
         stdout=open(log, "ab"),
         stderr=subprocess.STDOUT,
@@ -254,6 +268,10 @@ def _synthetic_row(
     )
     del datas
     row: dict[str, Any] = {"tokens": tokens, "synthetic": True}
+    if args.warm_up:
+        # Once first, unmeasured: the agent's staging pool then holds this window's files.
+        warm = _thaw_with_clock(sessions, b, served, name, f"warm-{name}", 0)
+        row["warm_up_thaw_s"] = warm["thaw_order_s"]
     window_bytes = window_tokens * BYTES_PER_TOKEN
     row["window_gib"] = round(window_bytes / GiB, 3)
     thaw = _thaw_with_clock(sessions, b, served, name, f"t-{name}", args.itl_tokens)
@@ -297,7 +315,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             cpu=cpu,
             kv_cache_gib=kv_gib,
             max_model_len=max_len,
-            connector_options=options,
+            connector_options={"cwm_transfer_cpus": args.transfer_cpus, **(options or {})},
         )
 
     manager = ManagerProcess(work / "data").start()
@@ -307,6 +325,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine(),
         "model": "random-weight Llama, Llama-3.1-8B KV geometry (32 x 8 x 128, bf16), hidden 256",
         "kv_cache_gib_per_server": kv_gib,
+        "transfer_cpus": args.transfer_cpus,
         "ceilings": {k: round(v, 3) for k, v in ceilings.items()},
         "windows": [],
     }
@@ -433,8 +452,22 @@ def main() -> None:
         help="tokens of the stream timed on B during each thaw (0: thaw with B idle)",
     )
     parser.add_argument("--compare-sync", action="store_true")
+    parser.add_argument(
+        "--warm-up",
+        action="store_true",
+        help="thaw each synthetic window once, unmeasured, before the measured thaw",
+    )
+    parser.add_argument(
+        "--agent-args", default="", help="more `cwm agent` options for both agents, one string"
+    )
+    parser.add_argument(
+        "--transfer-cpus",
+        default="auto",
+        help="the connector's cwm_transfer_cpus on both servers (auto, inherit, or a CPU list)",
+    )
     parser.add_argument("--work-dir", default=None)
     args = parser.parse_args()
+    AGENT_ARGS.extend(args.agent_args.split())
     result = run(args)
     print(json.dumps(result, indent=2))
 
