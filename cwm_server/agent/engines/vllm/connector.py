@@ -67,6 +67,7 @@ if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 # Under "vllm.": vLLM configures only its own loggers' handlers.
@@ -286,6 +287,9 @@ class CwmConnector(KVConnectorBase_V1, SupportsHMA):
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         loads, saves = self._scheduler_side().take_step_orders(scheduler_output)
         return CwmConnectorMetadata(loads=loads, saves=saves)
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        self._scheduler_side().loads_finished(set(connector_output.finished_recving or ()))
 
     def request_finished(
         self, request: Request, block_ids: list[int]

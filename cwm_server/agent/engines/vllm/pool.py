@@ -7,9 +7,11 @@ mapping of a fresh file faults again (docs/BENCHMARKS.md, "vLLM at Llama-3.1-8B'
 geometry"). So the agent keeps the chunk files of finished thaws in `<chunk root>/pool/` up
 to a byte budget and renames one into place for the next chunk, writing over its pages.
 
-The pool belongs to the agent alone (the connector never touches it, except to remove it
-with the rest of the chunk root when vLLM shuts down); it is trimmed to its budget on every
-return, and emptied when a thaw finds no room left in the chunk root.
+The pool is the agent's: the connector only adds to it (the scheduler moves a kept window's
+chunk files in once its first request is done with them; the pool adopts files it finds in
+its folder) and removes it with the rest of the chunk root when vLLM shuts down. It is
+trimmed to its budget on every return, and emptied when a thaw finds no room left in the
+chunk root.
 
 Standard library only, like `staging`.
 """
@@ -32,17 +34,27 @@ class ChunkPool:
         self._lock = threading.Lock()
         self._files: dict[Path, int] = {}
         self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        for path in self.folder.iterdir():  # a previous agent's pool is ours now
-            with contextlib.suppress(OSError):
-                self._files[path] = path.stat().st_size
+        self._adopt()  # a previous agent's pool is ours now
+
+    def _adopt(self) -> None:
+        """Take in the files others put in the folder (the connector's scheduler, a previous
+        agent), then keep to the budget."""
+        with contextlib.suppress(OSError):
+            found = {path for path in self.folder.iterdir() if path.suffix == ".bin"}
+            with self._lock:
+                for path in found - self._files.keys():
+                    with contextlib.suppress(OSError):
+                        self._files[path] = path.stat().st_size
         self._trim()
 
     @property
     def pooled_bytes(self) -> int:
+        self._adopt()
         with self._lock:
             return sum(self._files.values())
 
     def __len__(self) -> int:
+        self._adopt()
         with self._lock:
             return len(self._files)
 
@@ -99,7 +111,9 @@ class ChunkPool:
                     self.give(path)
 
     def drain(self) -> int:
-        """Remove every pooled file (the chunk root is full); the bytes freed."""
+        """Remove every pooled file (the chunk root is full, or the agent exits), the ones
+        the scheduler recycled since the last look too; the bytes freed."""
+        self._adopt()
         with self._lock:
             files, self._files = self._files, {}
         for path in files:
@@ -108,6 +122,7 @@ class ChunkPool:
 
     def _take(self, size: int) -> Path | None:
         """The pooled file closest in size at or above `size` (else the largest one)."""
+        self._adopt()
         with self._lock:
             if not self._files:
                 return None

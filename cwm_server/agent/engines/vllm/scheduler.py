@@ -115,6 +115,9 @@ class CwmConnectorScheduler:
         """cache_salt -> id of the thawed window kept for the session's first request."""
         self._first_uses: dict[str, str] = {}
         """request id -> kept window it consumed; its staging goes when the request ends."""
+        self._reloading: set[str] = set()
+        """First uses whose re-load the worker has not reported done: their chunk files may
+        still be read, so they are removed, never handed to the agent's pool for reuse."""
         self._recorder = Lane("cwm-sessions")
 
     # -- matching a request --------------------------------------------------------------
@@ -237,6 +240,8 @@ class CwmConnectorScheduler:
                     asynchronous=self.async_load,
                 )
             )
+            if plan.first_use:
+                self._reloading.add(request.request_id)
             note["first_token"] = first_token
         elif not plan.refusal:
             note["already_cached"] = True
@@ -299,6 +304,10 @@ class CwmConnectorScheduler:
             )
         )
 
+    def loads_finished(self, req_ids: set[str]) -> None:
+        """The worker reported these requests' loads done (vLLM's connector output)."""
+        self._reloading -= req_ids
+
     # -- a finished request --------------------------------------------------------------
 
     def request_finished(self, request: Request) -> bool:
@@ -321,7 +330,11 @@ class CwmConnectorScheduler:
                 del self._kept[next(iter(self._kept))]
         used = self._first_uses.pop(request.request_id, None)
         if used is not None:
-            self._recorder.submit(lambda: self._remove_staging(used))
+            # Its chunk files go to the agent's pool for reuse, unless a re-load that is not
+            # known done may still be reading them.
+            reusable = request.request_id not in self._reloading
+            self._reloading.discard(request.request_id)
+            self._recorder.submit(lambda: self._remove_staging(used, reusable))
         pending = self._saves.pop(request.request_id, None)
         if pending is not None:
             directory = staging.op_dir(self.root, staging.SAVE_DIR, pending.op_id)
@@ -351,9 +364,13 @@ class CwmConnectorScheduler:
         path = staging.session_path(self.root, request.cache_salt)
         self._recorder.submit(lambda: self._write_record(path, record))
 
-    def _remove_staging(self, op_id: str) -> None:
-        """Remove a kept window's staging (its chunks first: they hold the memory)."""
-        staging.remove_tree(staging.op_dir(self.chunk_root, staging.LOAD_DIR, op_id))
+    def _remove_staging(self, op_id: str, reusable: bool = False) -> None:
+        """Remove a kept window's staging (its chunks first: they hold the memory), handing
+        its chunk files to the agent's pool (`pool`) when `reusable`."""
+        chunks = staging.op_dir(self.chunk_root, staging.LOAD_DIR, op_id)
+        if reusable:
+            staging.recycle_chunks(chunks, self.chunk_root / staging.POOL_DIR)
+        staging.remove_tree(chunks)
         staging.remove_tree(staging.op_dir(self.root, staging.LOAD_DIR, op_id))
 
     @staticmethod

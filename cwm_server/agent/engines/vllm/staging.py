@@ -122,6 +122,18 @@ def ensure_chunk_root(chunk_root: Path) -> None:
         (chunk_root / name).mkdir(parents=True, exist_ok=True, mode=0o700)
 
 
+def recycle_chunks(folder: Path, pool: Path) -> None:
+    """Move a finished order's chunk files into the agent's pool folder (which adopts files
+    it finds there), so later thaws write over their pages."""
+    if not pool.is_dir():
+        return
+    with contextlib.suppress(OSError):
+        for path in folder.iterdir():
+            if path.is_file() and not path.is_symlink():
+                with contextlib.suppress(OSError):
+                    os.rename(path, pool / f"{uuid.uuid4().hex}.bin")
+
+
 def clear_chunk_root(chunk_root: Path) -> None:
     """Remove every staged chunk under `chunk_root`, and the folders themselves where they
     are then empty (a chunk root shared with other files keeps them)."""

@@ -79,3 +79,20 @@ def test_a_pooled_file_on_another_file_system_is_dropped_and_a_new_file_written(
         import shutil
 
         shutil.rmtree(pool.folder.parent, ignore_errors=True)
+
+
+def test_chunk_files_the_scheduler_recycles_are_adopted_by_the_pool(tmp_path: Path) -> None:
+    from cwm_server.agent.engines.vllm import staging
+
+    pool = ChunkPool(tmp_path, max_bytes=1 << 20)
+    order = tmp_path / "load" / "op"
+    order.mkdir(parents=True)
+    for index in range(2):
+        (order / staging.chunk_file_name(index)).write_bytes(b"r" * 32)
+    staging.recycle_chunks(order, pool.folder)
+    assert list(order.iterdir()) == []
+    assert len(pool) == 2 and pool.pooled_bytes == 64
+    assert pool.write(tmp_path / "next.bin", b"w" * 32)  # written over a recycled file
+    (order / "late.bin").write_bytes(b"l" * 16)
+    staging.recycle_chunks(order, pool.folder)  # recycled after the pool last looked
+    assert pool.drain() == 32 + 16 and list(pool.folder.iterdir()) == []
