@@ -88,13 +88,12 @@ class KeptWindows:
         """Take over a window a previous agent kept (True), unless it has expired or was
         claimed; the caller removes what is not adopted and not claimed."""
         keep = staging.read_json(self._dir(op_id) / staging.KEEP_FILE)
-        if not isinstance(keep, dict):
+        expires_at = staging.keep_expiry(keep)
+        if expires_at is None or expires_at <= time.time() or self.claimed(op_id):
             return False
-        expires_at = float(keep.get("expires_at") or 0)
-        if expires_at <= time.time() or self.claimed(op_id):
-            return False
+        size = keep.get("bytes") if isinstance(keep, dict) else 0
         with self._lock:
-            self._kept[op_id] = _Kept(op_id, expires_at, int(keep.get("bytes") or 0))
+            self._kept[op_id] = _Kept(op_id, expires_at, size if isinstance(size, int) else 0)
         return True
 
     def claimed(self, op_id: str) -> bool:

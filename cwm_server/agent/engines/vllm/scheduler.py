@@ -162,12 +162,8 @@ class CwmConnectorScheduler:
             notes / staging.SCHEDULER_FILE, {"request_id": request.request_id, "at": time.time()}
         )
         self._first_uses[request.request_id] = op_id
-        keep = staging.read_json(notes.parent / staging.KEEP_FILE)
-        if (
-            not isinstance(keep, dict)
-            or keep.get("cache_salt") != salt
-            or not float(keep.get("expires_at") or 0) > time.time()
-        ):
+        expiry = staging.keep_expiry(staging.read_json(notes.parent / staging.KEEP_FILE), salt)
+        if expiry is None or expiry <= time.time():
             del self._plans[request.request_id]
             return None  # expired or released: removed when the request finishes
         logger.info("cwm: request %s is the first use of kept window %s", request.request_id, op_id)

@@ -230,6 +230,19 @@ def read_json(path: Path) -> Any | None:
         return None
 
 
+def keep_expiry(note: Any, cache_salt: str | None = None) -> float | None:
+    """The expiry (Unix time) a `keep.json` note gives, checked against `cache_salt` when
+    given; None for anything else (no note, another salt, a malformed one)."""
+    if not isinstance(note, dict) or (
+        cache_salt is not None and note.get("cache_salt") != cache_salt
+    ):
+        return None
+    value = note.get("expires_at")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
 def directive(kv_transfer_params: Any) -> dict[str, Any] | None:
     """The cwm directive in a request's kv_transfer_params, if it carries a valid one."""
     if not isinstance(kv_transfer_params, dict):

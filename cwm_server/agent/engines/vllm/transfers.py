@@ -75,15 +75,18 @@ def check_load_manifest(
         raise ValueError("the prompt must extend the staged tokens by at least one token")
     if prompt[:tokens] != token_ids[:tokens]:
         raise ValueError("the prompt does not start with the staged tokens")
-    chunks = [
-        ChunkRef(
-            file=str(c["file"]),
-            token_start=int(c["token_start"]),
-            token_count=int(c["token_count"]),
-            digest=str(c["digest"]),
-        )
-        for c in manifest.get("chunks", [])
-    ]
+    try:
+        chunks = [
+            ChunkRef(
+                file=str(c["file"]),
+                token_start=int(c["token_start"]),
+                token_count=int(c["token_count"]),
+                digest=str(c["digest"]),
+            )
+            for c in manifest.get("chunks", [])
+        ]
+    except (KeyError, TypeError, ValueError):
+        raise ValueError("the manifest's chunk list is malformed") from None
     for chunk in chunks:
         if "/" in chunk.file or chunk.file.startswith("."):
             raise ValueError(f"bad chunk file name {chunk.file!r}")

@@ -137,3 +137,34 @@ def test_a_window_its_first_request_already_released_is_forgotten(
     assert kept.keep(newer, "b", 128, 100)
     assert len(kept) == 1 and kept.kept_bytes == 100  # the budget counts only what is staged
     assert present(root, chunk_root, newer) == (True, True)
+
+
+@pytest.mark.parametrize(
+    "note",
+    [
+        "not json",
+        {"cache_salt": "s", "expires_at": "tomorrow"},
+        {"cache_salt": "s", "expires_at": True},
+        {"cache_salt": "s"},
+        [1, 2],
+    ],
+)
+def test_a_malformed_keep_note_is_not_adopted_and_raises_nothing(
+    dirs: tuple[Path, Path], note: object
+) -> None:
+    root, chunk_root = dirs
+    op_id = stage(root, chunk_root)
+    path = staging.op_dir(root, staging.LOAD_DIR, op_id) / staging.KEEP_FILE
+    if isinstance(note, str):
+        path.write_text(note)
+    else:
+        staging.write_json_atomic(path, note)
+    assert not KeptWindows(root, chunk_root, seconds=60, max_bytes=1000).adopt(op_id)
+    assert staging.keep_expiry(staging.read_json(path), "s") is None
+
+
+def test_a_keep_note_for_another_salt_gives_no_expiry() -> None:
+    note = {"cache_salt": "a", "expires_at": 123.0}
+    assert staging.keep_expiry(note, "a") == 123.0
+    assert staging.keep_expiry(note, "b") is None
+    assert staging.keep_expiry(note) == 123.0

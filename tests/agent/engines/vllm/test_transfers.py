@@ -100,6 +100,15 @@ def test_a_malformed_manifest_gets_no_hit() -> None:
         check_load_manifest(manifest(tokens="48"), SALT, TOKENS, LAYOUT, BLOCK)
     with pytest.raises(ValueError, match="malformed"):
         check_load_manifest(manifest(token_ids=None), SALT, TOKENS, LAYOUT, BLOCK)
+    # A chunk list that is not one (a hostile or broken writer) is a refusal, not a crash of
+    # vLLM's scheduler step.
+    for chunks in (
+        [{"file": "chunk-00000.bin"}],
+        [None],
+        [{"file": "c", "token_start": "x", "token_count": 1, "digest": "d"}],
+    ):
+        with pytest.raises(ValueError, match="malformed"):
+            check_load_manifest(manifest(chunks=chunks), SALT, TOKENS, LAYOUT, BLOCK)
 
 
 @pytest.mark.parametrize("name", ["../../etc/passwd", "sub/chunk.bin", ".hidden"])
