@@ -42,24 +42,14 @@ from cwm_server.agent.engines.vllm.launch import VllmServer, complete
 from cwm_server.agent.host_agent import HostAgent
 from cwm_server.manager.config import ManagerConfig
 from tests.helpers import ROOT, ThreadedAgent, ThreadedManager, free_port, synthetic_chunks
+from tests.ops_helpers import wait_for
+from tests.vllm_helpers import cached as _cached
+from tests.vllm_helpers import complete_salted, wait_reported
+from tests.vllm_helpers import prompt as _prompt
+from tests.vllm_helpers import tokens_of as _tokens
 
 BLOCK = 128
 pytestmark = pytest.mark.timeout(900)
-
-
-def _prompt(seed: int, count: int) -> list[int]:
-    """Random ids above the special tokens: a context the model has never seen."""
-    return [int(t) for t in np.random.default_rng(seed).integers(16, 2048, size=count)]
-
-
-def _wait(predicate: Any, timeout: float = 30.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _staged(engine: VllmAdapter, salt: str, token_ids: list[int], datas: list[Any]) -> Any:
@@ -103,25 +93,10 @@ class VllmCluster:
         return agent
 
     def complete(self, server: VllmServer, prompt: list[int], salt: str, **extra: Any) -> Any:
-        body: dict[str, Any] = {
-            "model": self.model,
-            "prompt": prompt,
-            "max_tokens": 1,
-            "temperature": 0,
-            "cache_salt": salt,
-            "return_token_ids": True,
-        }
-        body.update(extra)
-        return complete(server.url, **body)
+        return complete_salted(server.url, self.model, prompt, salt, **extra)
 
     def wait_reported(self, agent_id: str, session_id: str, tokens: int) -> None:
-        _wait(
-            lambda: any(
-                s.session_id == session_id and s.token_count == tokens
-                for s in self.sessions.list_sessions(agent_id)
-            ),
-            what=f"session {session_id} with {tokens} tokens to be reported by {agent_id}",
-        )
+        wait_reported(self.sessions, agent_id, session_id, tokens)
 
     def close(self) -> None:
         self.sessions.close()
@@ -144,14 +119,6 @@ def cluster(
         yield running
     finally:
         running.close()
-
-
-def _cached(reply: Any) -> int:
-    return int(reply["usage"]["prompt_tokens_details"]["cached_tokens"] or 0)
-
-
-def _tokens(reply: Any) -> list[int]:
-    return list(reply["choices"][0]["token_ids"])
 
 
 @pytest.fixture(scope="module")
@@ -396,7 +363,7 @@ def test_killing_the_agent_during_a_thaw_leaves_b_serving_correctly(
         stderr=subprocess.STDOUT,
     )
     try:
-        _wait(
+        wait_for(
             lambda: any(a.agent_id == agent_id for a in cluster.sessions.list_agents()),
             timeout=60,
             what="the doomed agent to connect",

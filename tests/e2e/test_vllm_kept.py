@@ -9,12 +9,10 @@ vLLM is installed (`make test-vllm`).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed here (make test-vllm uses .venv-vllm)")
@@ -22,28 +20,19 @@ pytest.importorskip("vllm", reason="vLLM is not installed here (make test-vllm u
 from cwm_client import SessionClient
 from cwm_server.agent.engines.vllm import staging
 from cwm_server.agent.engines.vllm.adapter import VllmAdapter
-from cwm_server.agent.engines.vllm.launch import VllmServer, complete
+from cwm_server.agent.engines.vllm.launch import VllmServer
 from cwm_server.agent.host_agent import HostAgent
 from cwm_server.manager.config import ManagerConfig
 from tests.helpers import ThreadedAgent, ThreadedManager, free_port
+from tests.ops_helpers import wait_for
+from tests.vllm_helpers import cached as _cached
+from tests.vllm_helpers import complete_salted, wait_reported
+from tests.vllm_helpers import prompt as _prompt
+from tests.vllm_helpers import tokens_of as _tokens
 
 BLOCK = 128
 CACHE_BLOCKS = 24
 pytestmark = pytest.mark.timeout(900)
-
-
-def _prompt(seed: int, count: int) -> list[int]:
-    return [int(t) for t in np.random.default_rng(seed).integers(16, 2048, size=count)]
-
-
-def _wait(predicate: Any, timeout: float = 30.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class SmallCache:
@@ -69,16 +58,7 @@ class SmallCache:
         self.flooded = 0
 
     def complete(self, prompt: list[int], salt: str, **extra: Any) -> Any:
-        body: dict[str, Any] = {
-            "model": self.model,
-            "prompt": prompt,
-            "max_tokens": 1,
-            "temperature": 0,
-            "cache_salt": salt,
-            "return_token_ids": True,
-            **extra,
-        }
-        return complete(self.server.url, **body)
+        return complete_salted(self.server.url, self.model, prompt, salt, **extra)
 
     def flood(self) -> None:
         """Other prompts, more blocks than the cache has: every earlier prefix is evicted."""
@@ -87,13 +67,7 @@ class SmallCache:
             self.complete(_prompt(1000 + self.flooded, 8 * BLOCK), f"flood-{self.flooded}")
 
     def wait_reported(self, session_id: str, tokens: int) -> None:
-        _wait(
-            lambda: any(
-                s.session_id == session_id and s.token_count == tokens
-                for s in self.sessions.list_sessions("small")
-            ),
-            what=f"session {session_id} with {tokens} tokens",
-        )
+        wait_reported(self.sessions, "small", session_id, tokens)
 
     def staged(self) -> set[str]:
         """Thaw orders with anything left in the staging or chunk folders."""
@@ -121,14 +95,6 @@ def small(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Ite
         running.close()
 
 
-def _cached(reply: Any) -> int:
-    return int(reply["usage"]["prompt_tokens_details"]["cached_tokens"] or 0)
-
-
-def _tokens(reply: Any) -> list[int]:
-    return list(reply["choices"][0]["token_ids"])
-
-
 @pytest.fixture(scope="module")
 def window(small: SmallCache) -> dict[str, Any]:
     """A 640-token window frozen on the server, and a continuation of it computed right
@@ -148,7 +114,11 @@ def window(small: SmallCache) -> dict[str, Any]:
 def test_the_first_request_after_an_eviction_reloads_the_kept_window(
     small: SmallCache, window: dict[str, Any]
 ) -> None:
-    _wait(lambda: not small.staged(), what="the fresh thaw's first use to release its staging")
+    wait_for(
+        lambda: not small.staged(),
+        timeout=30,
+        what="the fresh thaw's first use to release its staging",
+    )
     small.sessions.thaw_window("kept-window", agent_id="small", new_session_id="kept")
     assert len(small.staged()) == 1 and len(small.engine.kept) == 1  # kept, not removed
     small.flood()
@@ -156,7 +126,9 @@ def test_the_first_request_after_an_eviction_reloads_the_kept_window(
     reply = small.complete(window["continuation"], "kept", max_tokens=16)
     assert _cached(reply) == window["tokens"]  # re-loaded from the kept staging
     assert _tokens(reply) == window["expected"]  # the window's own bytes, as before
-    _wait(lambda: not small.staged(), what="the first use to release the kept staging")
+    wait_for(
+        lambda: not small.staged(), timeout=30, what="the first use to release the kept staging"
+    )
     small.engine.sessions()
     assert len(small.engine.kept) == 0
     assert len(small.engine.pool) >= 3  # its chunk files, for the next thaws to write over
@@ -194,7 +166,7 @@ def test_a_kept_window_nobody_uses_is_removed_when_it_expires(
         )
         assert keep["cache_salt"] == "expiring" and keep["tokens"] == window["tokens"]
         # The agent's session poll sweeps expired windows.
-        _wait(lambda: not small.staged(), timeout=10, what="the expired window to be removed")
+        wait_for(lambda: not small.staged(), timeout=10, what="the expired window to be removed")
         assert len(small.engine.kept) == 0
         small.flood()
         reply = small.complete(window["continuation"], "expiring", max_tokens=1)
@@ -215,7 +187,9 @@ def test_a_new_agent_adopts_the_kept_windows_of_the_one_before(
     reply = small.complete(window["continuation"], "adopted", max_tokens=16)
     assert _cached(reply) == window["tokens"]
     assert _tokens(reply) == window["expected"]
-    _wait(lambda: not small.staged(), what="the adopted window to be released by its use")
+    wait_for(
+        lambda: not small.staged(), timeout=30, what="the adopted window to be released by its use"
+    )
 
 
 def test_stopping_vllm_removes_what_is_staged_for_it(

@@ -10,12 +10,10 @@ cores; the TP=2 server binds one worker to each.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed here (make test-vllm uses .venv-vllm)")
@@ -24,27 +22,17 @@ from cwm_client import SessionClient, WindowClient
 from cwm_client.errors import DataLoss
 from cwm_server.agent.engines.vllm import staging
 from cwm_server.agent.engines.vllm.adapter import VllmAdapter
-from cwm_server.agent.engines.vllm.launch import VllmServer, complete
+from cwm_server.agent.engines.vllm.launch import VllmServer
 from cwm_server.agent.host_agent import HostAgent
 from cwm_server.manager.config import ManagerConfig
 from tests.helpers import ThreadedAgent, ThreadedManager, free_port
+from tests.vllm_helpers import cached as _cached
+from tests.vllm_helpers import complete_salted, wait_reported
+from tests.vllm_helpers import prompt as _prompt
+from tests.vllm_helpers import tokens_of as _tokens
 
 BLOCK = 128
 pytestmark = pytest.mark.timeout(900)
-
-
-def _prompt(seed: int, count: int) -> list[int]:
-    return [int(t) for t in np.random.default_rng(seed).integers(16, 2048, size=count)]
-
-
-def _wait(predicate: Any, timeout: float = 30.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class TwoSizes:
@@ -81,25 +69,10 @@ class TwoSizes:
         self.model = self.engine_one.model_name
 
     def complete(self, server: VllmServer, prompt: list[int], salt: str, **extra: Any) -> Any:
-        body: dict[str, Any] = {
-            "model": self.model,
-            "prompt": prompt,
-            "max_tokens": 1,
-            "temperature": 0,
-            "cache_salt": salt,
-            "return_token_ids": True,
-            **extra,
-        }
-        return complete(server.url, **body)
+        return complete_salted(server.url, self.model, prompt, salt, **extra)
 
     def wait_reported(self, agent_id: str, session_id: str, tokens: int) -> None:
-        _wait(
-            lambda: any(
-                s.session_id == session_id and s.token_count == tokens
-                for s in self.sessions.list_sessions(agent_id)
-            ),
-            what=f"session {session_id} with {tokens} tokens on {agent_id}",
-        )
+        wait_reported(self.sessions, agent_id, session_id, tokens)
 
     def digests(self, window: str) -> list[bytes]:
         return [chunk.digest for chunk in self.windows.get(window).chunks]
@@ -123,14 +96,6 @@ def sizes(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Ite
         yield running
     finally:
         running.close()
-
-
-def _cached(reply: Any) -> int:
-    return int(reply["usage"]["prompt_tokens_details"]["cached_tokens"] or 0)
-
-
-def _tokens(reply: Any) -> list[int]:
-    return list(reply["choices"][0]["token_ids"])
 
 
 def test_the_tp2_server_reports_its_ranks_and_the_whole_models_heads(sizes: TwoSizes) -> None:

@@ -61,7 +61,7 @@ from peers import tcp_loopback
 
 from cwm_client import SessionClient, WindowClient
 from cwm_server.agent.engines.reference.tiny_model import RECIPE, ensure_tiny_model
-from cwm_server.agent.engines.vllm.launch import VllmServer, complete
+from cwm_server.agent.engines.vllm.launch import VllmServer, complete_greedy
 
 GiB = 1 << 30
 LLAMA3_8B_KV = dict(
@@ -202,15 +202,7 @@ def _ttft_ms(url: str, served: str, prompt: list[int], salt: str, cached: int) -
     """Latency of a `max_tokens=1` request (prefill plus one token), checking that vLLM
     served exactly `cached` of its prompt tokens from its cache."""
     t0 = time.perf_counter()
-    reply = complete(
-        url,
-        model=served,
-        prompt=prompt,
-        max_tokens=1,
-        temperature=0,
-        cache_salt=salt,
-        timeout=1800,
-    )
+    reply = complete_greedy(url, served, prompt, salt, timeout=1800)
     elapsed = (time.perf_counter() - t0) * 1000
     got = reply["usage"]["prompt_tokens_details"]["cached_tokens"] or 0
     if got != cached:
@@ -353,15 +345,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             row: dict[str, Any] = {"tokens": tokens}
             context = [int(t) for t in rng.integers(16, 2048, size=tokens)]
             t0 = time.perf_counter()
-            first = complete(
-                a.url,
-                model=served,
-                prompt=context,
-                max_tokens=1,
-                temperature=0,
-                cache_salt=f"s-{tokens}",
-                return_token_ids=True,
-                timeout=1800,
+            first = complete_greedy(
+                a.url, served, context, f"s-{tokens}", return_token_ids=True, timeout=1800
             )
             row["prefill_on_a_s"] = round(time.perf_counter() - t0, 2)
             history = context + list(first["choices"][0]["token_ids"])

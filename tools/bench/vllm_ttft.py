@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from cwm_server.agent.engines.vllm.launch import VllmServer, complete
+from cwm_server.agent.engines.vllm.launch import VllmServer, complete_greedy
 
 
 def _free_port() -> int:
@@ -122,15 +122,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             served = json.loads(reply.read())["data"][0]["id"]
         rng = np.random.default_rng(20240917)
         context = [int(t) for t in rng.integers(16, 2048, size=args.tokens)]
-        first = complete(
-            a.url,
-            model=served,
-            prompt=context,
-            max_tokens=1,
-            temperature=0,
-            cache_salt="bench",
-            return_token_ids=True,
-        )
+        first = complete_greedy(a.url, served, context, "bench", return_token_ids=True)
         history = context + list(first["choices"][0]["token_ids"])
         window_tokens = args.tokens // 128 * 128
         _wait_session(manager, "bench-a", "bench", window_tokens)
@@ -153,14 +145,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             thaw_s.append(time.perf_counter() - t0)
             for salt, bucket in ((thawed["session_id"], with_thaw), (f"cold-{i}", recompute)):
                 t0 = time.perf_counter()
-                reply = complete(
-                    b.url,
-                    model=served,
-                    prompt=continuation,
-                    max_tokens=1,
-                    temperature=0,
-                    cache_salt=salt,
-                )
+                reply = complete_greedy(b.url, served, continuation, salt)
                 bucket.append(time.perf_counter() - t0)
                 cached = reply["usage"]["prompt_tokens_details"]["cached_tokens"] or 0
                 expected = window_tokens if bucket is with_thaw else 0

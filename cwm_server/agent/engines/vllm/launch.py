@@ -193,6 +193,23 @@ class VllmServer:
             self._log = None
 
 
+def complete_greedy(
+    url: str, model: str, prompt: list[int], cache_salt: str, **extra: Any
+) -> dict[str, Any]:
+    """Greedy tokens after `prompt` under `cache_salt`, one unless `extra` says otherwise
+    (`extra`: body fields that add to or override these, or `timeout`): how the tests and
+    benches continue a session and time its first token."""
+    body: dict[str, Any] = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": 1,
+        "temperature": 0,
+        "cache_salt": cache_salt,
+        **extra,
+    }
+    return complete(url, **body)
+
+
 def complete(url: str, timeout: float = 300.0, **body: Any) -> dict[str, Any]:
     """POST /v1/completions and return the JSON reply (raises on an HTTP error)."""
     request = urllib.request.Request(
