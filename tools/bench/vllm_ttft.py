@@ -53,7 +53,10 @@ def _cwm(*args: str, manager: str) -> Any:
 def _wait_session(manager: str, agent: str, session: str, tokens: int, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        listed = _cwm("sessions", "--agent", agent, manager=manager)
+        try:
+            listed = _cwm("sessions", "--agent", agent, manager=manager)
+        except subprocess.CalledProcessError:
+            listed = []  # the agent has not connected yet (NOT_FOUND): ask again
         if any(s["session_id"] == session and s["tokens"] >= tokens for s in listed):
             return
         time.sleep(0.5)
