@@ -293,22 +293,20 @@ class CwmConnectorWorker:
             blocks = op.block_ids[start // self.block_size : (start + count) // self.block_size]
             name = staging.chunk_file_name(index)
             digest = None
+            # Alone: gathered under a temporary name, digested and renamed. Under tensor
+            # parallelism the ranks fill the file side by side, and the agent digests it
+            # once all have reported (it reads nothing before that).
+            path = chunk_dir / (f".{name}.tmp" if alone else name)
+            if alone or self.share.writer:
+                size = count * self.bytes_per_token
+                with staging.MappedFile(path, size, shared=not alone) as mapped:
+                    out = self._canonical(mapped.buffer, count)
+                    self._paged.gather(blocks, out=out)
+                    del out
+                    if alone:
+                        digest = blake3.blake3(mapped.buffer).hexdigest()
             if alone:
-                tmp = chunk_dir / f".{name}.tmp"
-                with staging.MappedFile(tmp, count * self.bytes_per_token) as mapped:
-                    out = self._canonical(mapped.buffer, count)
-                    self._paged.gather(blocks, out=out)
-                    del out
-                    digest = blake3.blake3(mapped.buffer).hexdigest()
-                os.replace(tmp, chunk_dir / name)
-            elif self.share.writer:
-                # The ranks fill the file side by side; the agent digests it once all have
-                # reported, and reads nothing before that.
-                path = chunk_dir / name
-                with staging.MappedFile(path, count * self.bytes_per_token, shared=True) as mapped:
-                    out = self._canonical(mapped.buffer, count)
-                    self._paged.gather(blocks, out=out)
-                    del out
+                os.replace(path, chunk_dir / name)
             chunks.append(
                 {"file": name, "token_start": start, "token_count": count, "digest": digest}
             )
