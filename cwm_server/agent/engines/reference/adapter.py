@@ -19,9 +19,9 @@ from cwm_server.agent.engines.base import (
     EngineSettingsError,
     ExportedKV,
 )
+from cwm_server.agent.engines.inputs import EngineInputError
+from cwm_server.agent.engines.openai_http import serve_http
 from cwm_server.agent.engines.reference.engine import ReferenceEngine
-from cwm_server.agent.engines.reference.http_api import serve_http
-from cwm_server.agent.engines.reference.inputs import EngineInputError
 from cwm_server.agent.engines.reference.sessions import SessionNotFound
 
 TINY_MODEL = "tiny"

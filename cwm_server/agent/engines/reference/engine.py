@@ -51,13 +51,14 @@ from transformers.utils import logging as hf_logging
 
 from cwm_client import pb
 from cwm_server.agent.engines.fingerprint import REFERENCE_BLOCK_SIZE, model_fingerprint
-from cwm_server.agent.engines.reference.inputs import (
+from cwm_server.agent.engines.inputs import (
     EngineInputError,
     check_chunk_tokens,
     check_prompt,
     check_salt,
     check_token_ids,
 )
+from cwm_server.agent.engines.openai_http import GenerationResult
 from cwm_server.agent.engines.reference.kv_chunks import KVChunkCodec
 from cwm_server.agent.engines.reference.sessions import (
     DEFAULT_MAX_SESSIONS,
@@ -91,17 +92,6 @@ class PrefillResult:
     logits: torch.Tensor  # [vocab], the model's dtype, exactly what sampling sees
     prompt_tokens: int
     cached_tokens: int
-
-
-@dataclass(frozen=True)
-class GenerationResult:
-    """One completion: what was generated and what the session's cache did."""
-
-    token_ids: list[int]
-    text: str
-    prompt_tokens: int
-    cached_tokens: int
-    finish_reason: str  # "stop" (an EOS token was sampled) or "length"
 
 
 class ReferenceEngine:

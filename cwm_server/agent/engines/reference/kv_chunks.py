@@ -18,7 +18,7 @@ from transformers.cache_utils import DynamicLayer
 
 from cwm_client import pb
 from cwm_client.chunks import array_from_chunk, chunk_raw_size, chunks_from_array, token_spans
-from cwm_server.agent.engines.reference.inputs import EngineInputError
+from cwm_server.agent.engines.inputs import EngineInputError
 
 # The integer word each dtype travels as in canonical chunk bytes (numpy has no bfloat16).
 # (torch integer view, numpy integer view, canonical word): bits are moved through the integer

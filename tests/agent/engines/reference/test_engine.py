@@ -26,9 +26,9 @@ pytest.importorskip("transformers")
 from cwm_client import pb  # noqa: E402
 from cwm_client.chunks import array_from_chunk, chunk_raw_size, digest  # noqa: E402
 from cwm_server.agent.engines.fingerprint import model_fingerprint  # noqa: E402
+from cwm_server.agent.engines.inputs import EngineInputError  # noqa: E402
+from cwm_server.agent.engines.openai_http import serve_http  # noqa: E402
 from cwm_server.agent.engines.reference.engine import ReferenceEngine  # noqa: E402
-from cwm_server.agent.engines.reference.http_api import serve_http  # noqa: E402
-from cwm_server.agent.engines.reference.inputs import EngineInputError  # noqa: E402
 from cwm_server.agent.engines.reference.sessions import SessionNotFound  # noqa: E402
 from cwm_server.agent.engines.reference.tiny_model import ensure_tiny_model, is_built  # noqa: E402
 

@@ -1,4 +1,6 @@
-"""A minimal OpenAI-style HTTP front for the reference engine.
+"""A minimal OpenAI-style HTTP front for the engines that run inside the agent (the reference
+engine on HF transformers, llama.cpp through llama-cpp-python): anything with the
+`CompletionEngine` shape.
 
 It speaks the subset of vLLM's API that cwm's end-to-end checks and chat clients use, so the
 same checks run against both engines: POST /v1/completions and POST /v1/chat/completions
@@ -18,12 +20,56 @@ import math
 import threading
 import time
 import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Protocol
 
-from cwm_server.agent.engines.reference.engine import GenerationResult, ReferenceEngine
-from cwm_server.agent.engines.reference.inputs import EngineInputError
+from cwm_server.agent.engines.inputs import EngineInputError
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """One completion: what was generated and what the session's cache did."""
+
+    token_ids: list[int]
+    text: str
+    prompt_tokens: int
+    cached_tokens: int
+    finish_reason: str  # "stop" (an EOS token was sampled) or "length"
+
+
+class CompletionEngine(Protocol):
+    """What the HTTP front needs of an engine: its name and limits, its tokenizer, and
+    `generate`, which reuses and extends the session keyed by `cache_salt` (None: no
+    session) and raises EngineInputError for what the caller got wrong."""
+
+    @property
+    def model_id(self) -> str: ...
+
+    @property
+    def max_model_len(self) -> int: ...
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]: ...
+
+    def tokenize(self, text: str) -> list[int]: ...
+
+    def detokenize(self, token_ids: Sequence[int]) -> str: ...
+
+    def chat_prompt(self, messages: Sequence[Mapping[str, str]]) -> list[int]: ...
+
+    def generate(
+        self,
+        prompt_token_ids: Sequence[int],
+        cache_salt: str | None,
+        max_tokens: int,
+        temperature: float = 0.0,
+        seed: int | None = None,
+        on_token: Callable[[int], None] | None = None,
+    ) -> GenerationResult: ...
+
 
 MAX_BODY_BYTES = 16 << 20
 MAX_TEMPERATURE = 100.0
@@ -50,7 +96,7 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _parse_completion(engine: ReferenceEngine, body: Any, chat: bool = False) -> dict[str, Any]:
+def _parse_completion(engine: CompletionEngine, body: Any, chat: bool = False) -> dict[str, Any]:
     """Validate a /v1/completions (or, with `chat`, /v1/chat/completions) body; every
     failure names the offending field."""
     if not isinstance(body, dict):
@@ -83,7 +129,7 @@ def _parse_completion(engine: ReferenceEngine, body: Any, chat: bool = False) ->
     }
 
 
-def _chat_prompt(engine: ReferenceEngine, body: dict[str, Any]) -> list[int]:
+def _chat_prompt(engine: CompletionEngine, body: dict[str, Any]) -> list[int]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RequestError("messages must be a non-empty list", "messages")
@@ -100,7 +146,7 @@ def _chat_prompt(engine: ReferenceEngine, body: dict[str, Any]) -> list[int]:
     return engine.chat_prompt([{"role": m["role"], "content": m["content"]} for m in messages])
 
 
-def _prompt_ids(engine: ReferenceEngine, prompt: Any) -> list[int]:
+def _prompt_ids(engine: CompletionEngine, prompt: Any) -> list[int]:
     if isinstance(prompt, str):
         if not prompt:
             raise RequestError("prompt must not be empty", "prompt")
@@ -115,7 +161,7 @@ def _prompt_ids(engine: ReferenceEngine, prompt: Any) -> list[int]:
 
 
 def _sampling(
-    engine: ReferenceEngine, body: dict[str, Any], prompt_ids: list[int]
+    engine: CompletionEngine, body: dict[str, Any], prompt_ids: list[int]
 ) -> dict[str, Any]:
     max_tokens = body.get("max_tokens", 16)
     limit = engine.max_model_len
@@ -149,7 +195,7 @@ def _sampling(
 
 
 def _generate(
-    engine: ReferenceEngine, request: dict[str, Any], on_token: Any = None
+    engine: CompletionEngine, request: dict[str, Any], on_token: Any = None
 ) -> GenerationResult:
     try:
         return engine.generate(
@@ -174,7 +220,7 @@ def _usage(result: GenerationResult) -> dict[str, Any]:
     }
 
 
-def _completion(engine: ReferenceEngine, request: dict[str, Any]) -> dict[str, Any]:
+def _completion(engine: CompletionEngine, request: dict[str, Any]) -> dict[str, Any]:
     result = _generate(engine, request)
     choice: dict[str, Any] = {"index": 0, "finish_reason": result.finish_reason}
     if request["chat"]:
@@ -200,7 +246,7 @@ class _EventStream:
     headers go with the first token, so a request refused before it (a prompt too long)
     still gets an ordinary error response."""
 
-    def __init__(self, handler: _Handler, engine: ReferenceEngine, request: dict[str, Any]):
+    def __init__(self, handler: _Handler, engine: CompletionEngine, request: dict[str, Any]):
         self._handler = handler
         self._engine = engine
         self._request = request
@@ -265,7 +311,7 @@ class _EventStream:
         self._handler.wfile.flush()
 
 
-def _models(engine: ReferenceEngine) -> dict[str, Any]:
+def _models(engine: CompletionEngine) -> dict[str, Any]:
     return {
         "object": "list",
         "data": [
@@ -352,13 +398,13 @@ class _Handler(BaseHTTPRequestHandler):
 class _EngineHTTPServer(ThreadingHTTPServer):
     daemon_threads = True  # a hung client must not keep the process alive at exit
 
-    def __init__(self, address: tuple[str, int], engine: ReferenceEngine) -> None:
+    def __init__(self, address: tuple[str, int], engine: CompletionEngine) -> None:
         self.engine = engine
         super().__init__(address, _Handler)
 
 
 def serve_http(
-    engine: ReferenceEngine, host: str = "127.0.0.1", port: int = 0
+    engine: CompletionEngine, host: str = "127.0.0.1", port: int = 0
 ) -> tuple[ThreadingHTTPServer, int]:
     """Serve `engine` over HTTP from a background thread; port 0 picks a free one.
 
@@ -369,7 +415,7 @@ def serve_http(
     thread = threading.Thread(
         target=server.serve_forever,
         kwargs={"poll_interval": 0.05},  # shutdown() waits up to one poll interval
-        name=f"reference-http-{server.server_address[1]}",
+        name=f"engine-http-{server.server_address[1]}",
         daemon=True,
     )
     thread.start()
