@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
-import secrets
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -182,6 +182,9 @@ class HostAgent:
                 sent_at = time.monotonic()
             await asyncio.sleep(self.report_interval)
 
+    def _request_fields(self, session_id: str) -> str:
+        return json.dumps(self.engine.request_fields(session_id), separators=(",", ":"))
+
     def _report(self, sessions: list[Any]) -> pb.SessionReport:
         report = pb.SessionReport()
         for session in sessions:
@@ -191,6 +194,7 @@ class HostAgent:
                 cache_salt=session.cache_salt,
                 token_count=session.token_count,
                 last_window=self._last_window.get(session.session_id, ""),
+                request_fields=self._request_fields(session.session_id),
             )
             info.last_active.FromNanoseconds(int(session.last_active * 1e9))
         return report
@@ -297,8 +301,9 @@ class HostAgent:
     async def thaw(self, window_name: str, new_session_id: str = "") -> pb.ThawOrderResult:
         """Pull a window (verified chunk by chunk) and load it into a new engine session."""
         assert self._windows is not None
-        # A new session's id is its cache_salt: 256 random bits, shown only to the tenant.
-        session_id = new_session_id or secrets.token_hex(32)
+        # A new session's id is its cache_salt: 256 random bits, shown only to the tenant
+        # (or, where sessions are fixed places such as llama-server's slots, a free one).
+        session_id = new_session_id or await asyncio.to_thread(self.engine.new_session_id)
         if not SESSION_ID_RE.match(session_id):
             raise InvalidArgument(
                 f"session id {session_id[:40]!r} must be 1-256 characters, none of them a "
@@ -349,6 +354,7 @@ class HostAgent:
             cache_salt=session_id,
             token_count=window.token_count,
             last_window=window_name,
+            request_fields=self._request_fields(session_id),
         )
         session.last_active.GetCurrentTime()
         return pb.ThawOrderResult(session=session, chunks=chunks, raw_bytes=raw_bytes)

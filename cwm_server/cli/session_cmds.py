@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -153,6 +154,7 @@ def cmd_thaw(args: argparse.Namespace) -> int:
                 "token_ids": token_ids,
                 "session_id": response.session_id,
                 "cache_salt": response.cache_salt,
+                "request_fields": json.loads(response.request_fields or "{}"),
                 "agent_id": response.agent_id,
                 "endpoint": response.endpoint,
                 "tokens": response.token_count,
@@ -161,11 +163,12 @@ def cmd_thaw(args: argparse.Namespace) -> int:
             }
         )
     else:
+        fields = response.request_fields or json.dumps({"cache_salt": response.cache_salt})
         print(
             f"thawed {args.window} into session {response.session_id} on {response.agent_id} "
             f"({count_of(response.token_count, 'token')}, {count_of(response.chunks, 'chunk')})\n"
             f"continue with: POST {response.endpoint}/v1/completions "
-            f'{{"cache_salt": "{response.cache_salt}", "prompt": <the {response.token_count} '
+            f'{fields[:-1]}, "prompt": <the {response.token_count} '
             f"token ids (cwm show {args.window} --tokens) + your new tokens>}}"
         )
     return 0

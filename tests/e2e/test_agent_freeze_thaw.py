@@ -25,6 +25,7 @@ from cwm_server.agent.engines.reference.engine import ReferenceEngine
 from cwm_server.agent.host_agent import HostAgent
 from cwm_server.manager.config import ManagerConfig
 from tests.helpers import ROOT, ManagerProcess, ThreadedAgent, ThreadedManager, free_port
+from tests.ops_helpers import wait_for
 
 
 def _prompt(seed: int, count: int) -> list[int]:
@@ -108,6 +109,17 @@ def test_thaw_on_another_node_continues_bit_for_bit(
     thawed = cluster.sessions.thaw_window(f"lossless-{seed}", agent_id="node-b")
     assert thawed.agent_id == "node-b" and thawed.endpoint == cluster.engine_b.endpoint
     assert list(thawed.token_ids) == context
+    assert json.loads(thawed.request_fields) == {"cache_salt": thawed.session_id}
+
+    def reported() -> list[Any]:
+        return [
+            json.loads(s.request_fields)
+            for s in cluster.sessions.list_sessions("node-b")
+            if s.session_id == thawed.session_id
+        ]
+
+    wait_for(lambda: bool(reported()), what="the thawed session to be reported")
+    assert reported() == [{"cache_salt": thawed.session_id}]
 
     # Uninterrupted: node-a continues its own session. Thawed: node-b continues from the
     # window. Both compute only the new tokens over the cached context.

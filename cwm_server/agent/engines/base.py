@@ -6,11 +6,13 @@ an adapter by the engine's name. The agent only ever uses these primitives, grou
 
 - building (`from_settings`, `close`): the factory builds an engine from what `cwm agent` was
   told (`EngineSettings`) and the agent releases it when it stops.
-- identity (`fingerprint`, `endpoint`): what model/engine produced the KV, so thaw refuses a
-  window whose fingerprint differs and KV never lands in an engine that would misread it; and
-  where clients send OpenAI-style requests that continue a session.
-- sessions (`sessions()`): the live sessions (id = cache_salt, token count, last activity),
-  reported to the manager and watched by the auto-freeze policy.
+- identity (`fingerprint`, `endpoint`, `request_fields`): what model/engine produced the KV,
+  so thaw refuses a window whose fingerprint differs and KV never lands in an engine that
+  would misread it; where clients send OpenAI-style requests that continue a session, and
+  what those requests carry to reach it.
+- sessions (`sessions()`, `new_session_id()`): the live sessions (id = cache_salt, or a
+  slot's name on llama-server; token count, last activity), reported to the manager and
+  watched by the auto-freeze policy; and the id a thaw gives a session when told none.
 - KV out and in:
   * `export_session(session_id, chunk_tokens)`: the exact token ids whose KV the session
     holds and that KV as canonical chunks ([2, L, tokens, H*D], K then V, little-endian, the
@@ -30,6 +32,7 @@ Adapters are called from worker threads (engines block); they do their own locki
 
 from __future__ import annotations
 
+import secrets
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -62,6 +65,10 @@ class EngineSettings:
     """The most staged memory kept windows may hold; past it the oldest are released."""
     vllm_pool_mib: int = 2048
     """Staged chunk files kept for the next thaws to write over (0: none)."""
+    llama_url: str | None = None
+    """The llama-server whose slots are the sessions."""
+    slot_dir: str | None = None
+    """The directory llama-server was started with as --slot-save-path."""
     models_dir: Path | None = None
     """Where built-in models are built on first use (None: none may be built)."""
 
@@ -196,3 +203,14 @@ class EngineAdapter(ABC):
     def default_chunk_tokens(self) -> int:
         """The chunk span `cwm agent` uses unless told (`--chunk-tokens`)."""
         return 256
+
+    def new_session_id(self) -> str:
+        """The id of a session a thaw creates when the caller names none: 256 random bits
+        (a cache_salt only its tenant sees). An engine whose sessions are fixed places
+        (llama-server's slots) names a free one instead."""
+        return secrets.token_hex(32)
+
+    def request_fields(self, session_id: str) -> dict[str, object]:
+        """What every request that continues `session_id` carries besides its prompt, as the
+        engine's HTTP API spells it: the cache_salt here, llama-server's slot id there."""
+        return {"cache_salt": session_id}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
 
 import grpc.aio
@@ -148,4 +149,6 @@ class SessionServicer(pb.SessionServiceServicer):
             token_count=window.token_count,
             chunks=result.chunks,
             raw_bytes=result.raw_bytes,
+            request_fields=result.session.request_fields
+            or json.dumps({"cache_salt": result.session.cache_salt}),
         )

@@ -27,7 +27,7 @@ from cwm_client._generated.cwm.v1 import window_pb2 as cwm_dot_v1_dot_window__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63wm/v1/session_service.proto\x12\x06\x63wm.v1\x1a\x18\x63wm/v1/fingerprint.proto\x1a\x13\x63wm/v1/window.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa7\x01\n\tAgentInfo\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12-\n\x0b\x66ingerprint\x18\x02 \x01(\x0b\x32\x18.cwm.v1.ModelFingerprint\x12\x10\n\x08\x65ndpoint\x18\x03 \x01(\t\x12\x30\n\x0c\x63onnected_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rsession_count\x18\x05 \x01(\r\"\xa2\x01\n\x0bSessionInfo\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x12\n\ncache_salt\x18\x03 \x01(\t\x12\x13\n\x0btoken_count\x18\x04 \x01(\x04\x12/\n\x0blast_active\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0blast_window\x18\x06 \x01(\t\"_\n\nAgentHello\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12-\n\x0b\x66ingerprint\x18\x02 \x01(\x0b\x32\x18.cwm.v1.ModelFingerprint\x12\x10\n\x08\x65ndpoint\x18\x03 \x01(\t\"6\n\rSessionReport\x12%\n\x08sessions\x18\x01 \x03(\x0b\x32\x13.cwm.v1.SessionInfo\"\xcb\x01\n\x0b\x46reezeOrder\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bwindow_name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12+\n\x04tags\x18\x04 \x03(\x0b\x32\x1d.cwm.v1.FreezeOrder.TagsEntry\x12\x13\n\x0bttl_seconds\x18\x05 \x01(\x04\x12\x0f\n\x07replace\x18\x06 \x01(\x08\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"w\n\x11\x46reezeOrderResult\x12\"\n\x06window\x18\x01 \x01(\x0b\x32\x12.cwm.v1.WindowInfo\x12\x13\n\x0b\x63hunks_sent\x18\x02 \x01(\r\x12\x15\n\rchunks_reused\x18\x03 \x01(\r\x12\x12\n\nbytes_sent\x18\x04 \x01(\x04\"8\n\tThawOrder\x12\x13\n\x0bwindow_name\x18\x01 \x01(\t\x12\x16\n\x0enew_session_id\x18\x02 \x01(\t\"Z\n\x0fThawOrderResult\x12$\n\x07session\x18\x01 \x01(\x0b\x32\x13.cwm.v1.SessionInfo\x12\x0e\n\x06\x63hunks\x18\x02 \x01(\r\x12\x11\n\traw_bytes\x18\x03 \x01(\x04\"k\n\x05Order\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12%\n\x06\x66reeze\x18\x02 \x01(\x0b\x32\x13.cwm.v1.FreezeOrderH\x00\x12!\n\x04thaw\x18\x03 \x01(\x0b\x32\x11.cwm.v1.ThawOrderH\x00\x42\x06\n\x04kind\"\xa5\x01\n\x0bOrderResult\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12+\n\x06\x66reeze\x18\x02 \x01(\x0b\x32\x19.cwm.v1.FreezeOrderResultH\x00\x12\'\n\x04thaw\x18\x03 \x01(\x0b\x32\x17.cwm.v1.ThawOrderResultH\x00\x12#\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x12.cwm.v1.OrderErrorH\x00\x42\t\n\x07outcome\";\n\nOrderError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x92\x01\n\x0e\x43onnectRequest\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.cwm.v1.AgentHelloH\x00\x12)\n\x08sessions\x18\x02 \x01(\x0b\x32\x15.cwm.v1.SessionReportH\x00\x12%\n\x06result\x18\x03 \x01(\x0b\x32\x13.cwm.v1.OrderResultH\x00\x42\t\n\x07payload\"\x1d\n\x07Welcome\x12\x12\n\nmanager_id\x18\x01 \x01(\t\"`\n\x0f\x43onnectResponse\x12\"\n\x07welcome\x18\x01 \x01(\x0b\x32\x0f.cwm.v1.WelcomeH\x00\x12\x1e\n\x05order\x18\x02 \x01(\x0b\x32\r.cwm.v1.OrderH\x00\x42\t\n\x07payload\"\x13\n\x11ListAgentsRequest\"7\n\x12ListAgentsResponse\x12!\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x11.cwm.v1.AgentInfo\"\'\n\x13ListSessionsRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\"=\n\x14ListSessionsResponse\x12%\n\x08sessions\x18\x01 \x03(\x0b\x32\x13.cwm.v1.SessionInfo\"\xef\x01\n\x14\x46reezeSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bwindow_name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x34\n\x04tags\x18\x04 \x03(\x0b\x32&.cwm.v1.FreezeSessionRequest.TagsEntry\x12\x13\n\x0bttl_seconds\x18\x05 \x01(\x04\x12\x10\n\x08\x61gent_id\x18\x06 \x01(\t\x12\x0f\n\x07replace\x18\x07 \x01(\x08\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8d\x01\n\x15\x46reezeSessionResponse\x12\"\n\x06window\x18\x01 \x01(\x0b\x32\x12.cwm.v1.WindowInfo\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x13\n\x0b\x63hunks_sent\x18\x03 \x01(\r\x12\x15\n\rchunks_reused\x18\x04 \x01(\r\x12\x12\n\nbytes_sent\x18\x05 \x01(\x04\"R\n\x11ThawWindowRequest\x12\x13\n\x0bwindow_name\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x16\n\x0enew_session_id\x18\x03 \x01(\t\"\xab\x01\n\x12ThawWindowResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\ncache_salt\x18\x02 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x03 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x04 \x01(\t\x12\x11\n\ttoken_ids\x18\x05 \x03(\r\x12\x13\n\x0btoken_count\x18\x06 \x01(\x04\x12\x0e\n\x06\x63hunks\x18\x07 \x01(\r\x12\x11\n\traw_bytes\x18\x08 \x01(\x04\x32\xf3\x02\n\x0eSessionService\x12>\n\x07\x43onnect\x12\x16.cwm.v1.ConnectRequest\x1a\x17.cwm.v1.ConnectResponse(\x01\x30\x01\x12\x43\n\nListAgents\x12\x19.cwm.v1.ListAgentsRequest\x1a\x1a.cwm.v1.ListAgentsResponse\x12I\n\x0cListSessions\x12\x1b.cwm.v1.ListSessionsRequest\x1a\x1c.cwm.v1.ListSessionsResponse\x12L\n\rFreezeSession\x12\x1c.cwm.v1.FreezeSessionRequest\x1a\x1d.cwm.v1.FreezeSessionResponse\x12\x43\n\nThawWindow\x12\x19.cwm.v1.ThawWindowRequest\x1a\x1a.cwm.v1.ThawWindowResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63wm/v1/session_service.proto\x12\x06\x63wm.v1\x1a\x18\x63wm/v1/fingerprint.proto\x1a\x13\x63wm/v1/window.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa7\x01\n\tAgentInfo\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12-\n\x0b\x66ingerprint\x18\x02 \x01(\x0b\x32\x18.cwm.v1.ModelFingerprint\x12\x10\n\x08\x65ndpoint\x18\x03 \x01(\t\x12\x30\n\x0c\x63onnected_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rsession_count\x18\x05 \x01(\r\"\xba\x01\n\x0bSessionInfo\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x12\n\ncache_salt\x18\x03 \x01(\t\x12\x13\n\x0btoken_count\x18\x04 \x01(\x04\x12/\n\x0blast_active\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0blast_window\x18\x06 \x01(\t\x12\x16\n\x0erequest_fields\x18\x07 \x01(\t\"_\n\nAgentHello\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12-\n\x0b\x66ingerprint\x18\x02 \x01(\x0b\x32\x18.cwm.v1.ModelFingerprint\x12\x10\n\x08\x65ndpoint\x18\x03 \x01(\t\"6\n\rSessionReport\x12%\n\x08sessions\x18\x01 \x03(\x0b\x32\x13.cwm.v1.SessionInfo\"\xcb\x01\n\x0b\x46reezeOrder\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bwindow_name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12+\n\x04tags\x18\x04 \x03(\x0b\x32\x1d.cwm.v1.FreezeOrder.TagsEntry\x12\x13\n\x0bttl_seconds\x18\x05 \x01(\x04\x12\x0f\n\x07replace\x18\x06 \x01(\x08\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"w\n\x11\x46reezeOrderResult\x12\"\n\x06window\x18\x01 \x01(\x0b\x32\x12.cwm.v1.WindowInfo\x12\x13\n\x0b\x63hunks_sent\x18\x02 \x01(\r\x12\x15\n\rchunks_reused\x18\x03 \x01(\r\x12\x12\n\nbytes_sent\x18\x04 \x01(\x04\"8\n\tThawOrder\x12\x13\n\x0bwindow_name\x18\x01 \x01(\t\x12\x16\n\x0enew_session_id\x18\x02 \x01(\t\"Z\n\x0fThawOrderResult\x12$\n\x07session\x18\x01 \x01(\x0b\x32\x13.cwm.v1.SessionInfo\x12\x0e\n\x06\x63hunks\x18\x02 \x01(\r\x12\x11\n\traw_bytes\x18\x03 \x01(\x04\"k\n\x05Order\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12%\n\x06\x66reeze\x18\x02 \x01(\x0b\x32\x13.cwm.v1.FreezeOrderH\x00\x12!\n\x04thaw\x18\x03 \x01(\x0b\x32\x11.cwm.v1.ThawOrderH\x00\x42\x06\n\x04kind\"\xa5\x01\n\x0bOrderResult\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12+\n\x06\x66reeze\x18\x02 \x01(\x0b\x32\x19.cwm.v1.FreezeOrderResultH\x00\x12\'\n\x04thaw\x18\x03 \x01(\x0b\x32\x17.cwm.v1.ThawOrderResultH\x00\x12#\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x12.cwm.v1.OrderErrorH\x00\x42\t\n\x07outcome\";\n\nOrderError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x92\x01\n\x0e\x43onnectRequest\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.cwm.v1.AgentHelloH\x00\x12)\n\x08sessions\x18\x02 \x01(\x0b\x32\x15.cwm.v1.SessionReportH\x00\x12%\n\x06result\x18\x03 \x01(\x0b\x32\x13.cwm.v1.OrderResultH\x00\x42\t\n\x07payload\"\x1d\n\x07Welcome\x12\x12\n\nmanager_id\x18\x01 \x01(\t\"`\n\x0f\x43onnectResponse\x12\"\n\x07welcome\x18\x01 \x01(\x0b\x32\x0f.cwm.v1.WelcomeH\x00\x12\x1e\n\x05order\x18\x02 \x01(\x0b\x32\r.cwm.v1.OrderH\x00\x42\t\n\x07payload\"\x13\n\x11ListAgentsRequest\"7\n\x12ListAgentsResponse\x12!\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x11.cwm.v1.AgentInfo\"\'\n\x13ListSessionsRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\"=\n\x14ListSessionsResponse\x12%\n\x08sessions\x18\x01 \x03(\x0b\x32\x13.cwm.v1.SessionInfo\"\xef\x01\n\x14\x46reezeSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bwindow_name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x34\n\x04tags\x18\x04 \x03(\x0b\x32&.cwm.v1.FreezeSessionRequest.TagsEntry\x12\x13\n\x0bttl_seconds\x18\x05 \x01(\x04\x12\x10\n\x08\x61gent_id\x18\x06 \x01(\t\x12\x0f\n\x07replace\x18\x07 \x01(\x08\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8d\x01\n\x15\x46reezeSessionResponse\x12\"\n\x06window\x18\x01 \x01(\x0b\x32\x12.cwm.v1.WindowInfo\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x13\n\x0b\x63hunks_sent\x18\x03 \x01(\r\x12\x15\n\rchunks_reused\x18\x04 \x01(\r\x12\x12\n\nbytes_sent\x18\x05 \x01(\x04\"R\n\x11ThawWindowRequest\x12\x13\n\x0bwindow_name\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x16\n\x0enew_session_id\x18\x03 \x01(\t\"\xc3\x01\n\x12ThawWindowResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\ncache_salt\x18\x02 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x03 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x04 \x01(\t\x12\x11\n\ttoken_ids\x18\x05 \x03(\r\x12\x13\n\x0btoken_count\x18\x06 \x01(\x04\x12\x0e\n\x06\x63hunks\x18\x07 \x01(\r\x12\x11\n\traw_bytes\x18\x08 \x01(\x04\x12\x16\n\x0erequest_fields\x18\t \x01(\t2\xf3\x02\n\x0eSessionService\x12>\n\x07\x43onnect\x12\x16.cwm.v1.ConnectRequest\x1a\x17.cwm.v1.ConnectResponse(\x01\x30\x01\x12\x43\n\nListAgents\x12\x19.cwm.v1.ListAgentsRequest\x1a\x1a.cwm.v1.ListAgentsResponse\x12I\n\x0cListSessions\x12\x1b.cwm.v1.ListSessionsRequest\x1a\x1c.cwm.v1.ListSessionsResponse\x12L\n\rFreezeSession\x12\x1c.cwm.v1.FreezeSessionRequest\x1a\x1d.cwm.v1.FreezeSessionResponse\x12\x43\n\nThawWindow\x12\x19.cwm.v1.ThawWindowRequest\x1a\x1a.cwm.v1.ThawWindowResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,51 +41,51 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AGENTINFO']._serialized_start=121
   _globals['_AGENTINFO']._serialized_end=288
   _globals['_SESSIONINFO']._serialized_start=291
-  _globals['_SESSIONINFO']._serialized_end=453
-  _globals['_AGENTHELLO']._serialized_start=455
-  _globals['_AGENTHELLO']._serialized_end=550
-  _globals['_SESSIONREPORT']._serialized_start=552
-  _globals['_SESSIONREPORT']._serialized_end=606
-  _globals['_FREEZEORDER']._serialized_start=609
-  _globals['_FREEZEORDER']._serialized_end=812
-  _globals['_FREEZEORDER_TAGSENTRY']._serialized_start=769
-  _globals['_FREEZEORDER_TAGSENTRY']._serialized_end=812
-  _globals['_FREEZEORDERRESULT']._serialized_start=814
-  _globals['_FREEZEORDERRESULT']._serialized_end=933
-  _globals['_THAWORDER']._serialized_start=935
-  _globals['_THAWORDER']._serialized_end=991
-  _globals['_THAWORDERRESULT']._serialized_start=993
-  _globals['_THAWORDERRESULT']._serialized_end=1083
-  _globals['_ORDER']._serialized_start=1085
-  _globals['_ORDER']._serialized_end=1192
-  _globals['_ORDERRESULT']._serialized_start=1195
-  _globals['_ORDERRESULT']._serialized_end=1360
-  _globals['_ORDERERROR']._serialized_start=1362
-  _globals['_ORDERERROR']._serialized_end=1421
-  _globals['_CONNECTREQUEST']._serialized_start=1424
-  _globals['_CONNECTREQUEST']._serialized_end=1570
-  _globals['_WELCOME']._serialized_start=1572
-  _globals['_WELCOME']._serialized_end=1601
-  _globals['_CONNECTRESPONSE']._serialized_start=1603
-  _globals['_CONNECTRESPONSE']._serialized_end=1699
-  _globals['_LISTAGENTSREQUEST']._serialized_start=1701
-  _globals['_LISTAGENTSREQUEST']._serialized_end=1720
-  _globals['_LISTAGENTSRESPONSE']._serialized_start=1722
-  _globals['_LISTAGENTSRESPONSE']._serialized_end=1777
-  _globals['_LISTSESSIONSREQUEST']._serialized_start=1779
-  _globals['_LISTSESSIONSREQUEST']._serialized_end=1818
-  _globals['_LISTSESSIONSRESPONSE']._serialized_start=1820
-  _globals['_LISTSESSIONSRESPONSE']._serialized_end=1881
-  _globals['_FREEZESESSIONREQUEST']._serialized_start=1884
-  _globals['_FREEZESESSIONREQUEST']._serialized_end=2123
-  _globals['_FREEZESESSIONREQUEST_TAGSENTRY']._serialized_start=769
-  _globals['_FREEZESESSIONREQUEST_TAGSENTRY']._serialized_end=812
-  _globals['_FREEZESESSIONRESPONSE']._serialized_start=2126
-  _globals['_FREEZESESSIONRESPONSE']._serialized_end=2267
-  _globals['_THAWWINDOWREQUEST']._serialized_start=2269
-  _globals['_THAWWINDOWREQUEST']._serialized_end=2351
-  _globals['_THAWWINDOWRESPONSE']._serialized_start=2354
-  _globals['_THAWWINDOWRESPONSE']._serialized_end=2525
-  _globals['_SESSIONSERVICE']._serialized_start=2528
-  _globals['_SESSIONSERVICE']._serialized_end=2899
+  _globals['_SESSIONINFO']._serialized_end=477
+  _globals['_AGENTHELLO']._serialized_start=479
+  _globals['_AGENTHELLO']._serialized_end=574
+  _globals['_SESSIONREPORT']._serialized_start=576
+  _globals['_SESSIONREPORT']._serialized_end=630
+  _globals['_FREEZEORDER']._serialized_start=633
+  _globals['_FREEZEORDER']._serialized_end=836
+  _globals['_FREEZEORDER_TAGSENTRY']._serialized_start=793
+  _globals['_FREEZEORDER_TAGSENTRY']._serialized_end=836
+  _globals['_FREEZEORDERRESULT']._serialized_start=838
+  _globals['_FREEZEORDERRESULT']._serialized_end=957
+  _globals['_THAWORDER']._serialized_start=959
+  _globals['_THAWORDER']._serialized_end=1015
+  _globals['_THAWORDERRESULT']._serialized_start=1017
+  _globals['_THAWORDERRESULT']._serialized_end=1107
+  _globals['_ORDER']._serialized_start=1109
+  _globals['_ORDER']._serialized_end=1216
+  _globals['_ORDERRESULT']._serialized_start=1219
+  _globals['_ORDERRESULT']._serialized_end=1384
+  _globals['_ORDERERROR']._serialized_start=1386
+  _globals['_ORDERERROR']._serialized_end=1445
+  _globals['_CONNECTREQUEST']._serialized_start=1448
+  _globals['_CONNECTREQUEST']._serialized_end=1594
+  _globals['_WELCOME']._serialized_start=1596
+  _globals['_WELCOME']._serialized_end=1625
+  _globals['_CONNECTRESPONSE']._serialized_start=1627
+  _globals['_CONNECTRESPONSE']._serialized_end=1723
+  _globals['_LISTAGENTSREQUEST']._serialized_start=1725
+  _globals['_LISTAGENTSREQUEST']._serialized_end=1744
+  _globals['_LISTAGENTSRESPONSE']._serialized_start=1746
+  _globals['_LISTAGENTSRESPONSE']._serialized_end=1801
+  _globals['_LISTSESSIONSREQUEST']._serialized_start=1803
+  _globals['_LISTSESSIONSREQUEST']._serialized_end=1842
+  _globals['_LISTSESSIONSRESPONSE']._serialized_start=1844
+  _globals['_LISTSESSIONSRESPONSE']._serialized_end=1905
+  _globals['_FREEZESESSIONREQUEST']._serialized_start=1908
+  _globals['_FREEZESESSIONREQUEST']._serialized_end=2147
+  _globals['_FREEZESESSIONREQUEST_TAGSENTRY']._serialized_start=793
+  _globals['_FREEZESESSIONREQUEST_TAGSENTRY']._serialized_end=836
+  _globals['_FREEZESESSIONRESPONSE']._serialized_start=2150
+  _globals['_FREEZESESSIONRESPONSE']._serialized_end=2291
+  _globals['_THAWWINDOWREQUEST']._serialized_start=2293
+  _globals['_THAWWINDOWREQUEST']._serialized_end=2375
+  _globals['_THAWWINDOWRESPONSE']._serialized_start=2378
+  _globals['_THAWWINDOWRESPONSE']._serialized_end=2573
+  _globals['_SESSIONSERVICE']._serialized_start=2576
+  _globals['_SESSIONSERVICE']._serialized_end=2947
 # @@protoc_insertion_point(module_scope)

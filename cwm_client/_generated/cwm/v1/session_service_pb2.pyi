@@ -75,6 +75,7 @@ class SessionInfo(_message.Message):
     TOKEN_COUNT_FIELD_NUMBER: _builtins.int
     LAST_ACTIVE_FIELD_NUMBER: _builtins.int
     LAST_WINDOW_FIELD_NUMBER: _builtins.int
+    REQUEST_FIELDS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Session id, unique on its agent. For the reference and vLLM engines it is the
     session's cache_salt.
@@ -87,6 +88,12 @@ class SessionInfo(_message.Message):
     """Number of tokens whose KV the session holds."""
     last_window: _builtins.str
     """Name of the window the session was last frozen to or thawed from, if any."""
+    request_fields: _builtins.str
+    """The fields, as a JSON object, that every request continuing the session carries besides
+    its prompt, as the engine's API spells them: {"cache_salt": "…"} on vLLM and the
+    in-process engines, {"id_slot": 2, "cache_prompt": true} on llama-server. Empty from
+    agents that predate it: send the cache_salt.
+    """
     @_builtins.property
     def last_active(self) -> _timestamp_pb2.Timestamp:
         """Last time a request used the session."""
@@ -100,10 +107,11 @@ class SessionInfo(_message.Message):
         token_count: _builtins.int = ...,
         last_active: _timestamp_pb2.Timestamp | None = ...,
         last_window: _builtins.str = ...,
+        request_fields: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_active", b"last_active"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "cache_salt", b"cache_salt", "last_active", b"last_active", "last_window", b"last_window", "session_id", b"session_id", "token_count", b"token_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "cache_salt", b"cache_salt", "last_active", b"last_active", "last_window", b"last_window", "request_fields", b"request_fields", "session_id", b"session_id", "token_count", b"token_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -768,6 +776,7 @@ class ThawWindowResponse(_message.Message):
     TOKEN_COUNT_FIELD_NUMBER: _builtins.int
     CHUNKS_FIELD_NUMBER: _builtins.int
     RAW_BYTES_FIELD_NUMBER: _builtins.int
+    REQUEST_FIELDS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The new session's id."""
     cache_salt: _builtins.str
@@ -782,6 +791,10 @@ class ThawWindowResponse(_message.Message):
     """Chunks loaded."""
     raw_bytes: _builtins.int
     """Raw bytes loaded."""
+    request_fields: _builtins.str
+    """The fields, as a JSON object, that every request continuing the session carries besides
+    its prompt (SessionInfo.request_fields).
+    """
     @_builtins.property
     def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """The token ids the session holds; continue by sending a prompt that extends them."""
@@ -797,10 +810,11 @@ class ThawWindowResponse(_message.Message):
         token_count: _builtins.int = ...,
         chunks: _builtins.int = ...,
         raw_bytes: _builtins.int = ...,
+        request_fields: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "cache_salt", b"cache_salt", "chunks", b"chunks", "endpoint", b"endpoint", "raw_bytes", b"raw_bytes", "session_id", b"session_id", "token_count", b"token_count", "token_ids", b"token_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "cache_salt", b"cache_salt", "chunks", b"chunks", "endpoint", b"endpoint", "raw_bytes", b"raw_bytes", "request_fields", b"request_fields", "session_id", b"session_id", "token_count", b"token_count", "token_ids", b"token_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
