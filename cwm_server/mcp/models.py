@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from typing import Literal
 
 from google.protobuf.timestamp_pb2 import Timestamp
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from cwm_client import pb
 
@@ -94,7 +94,11 @@ class FreezeResult(BaseModel):
 
 
 class CompletionBody(BaseModel):
-    """The JSON body of POST <endpoint>/v1/completions that continues a thawed session."""
+    """The JSON body of POST <endpoint>/v1/completions that continues a thawed session: the
+    session's cache_salt, and any other field its engine keys the session by (llama-server's
+    id_slot)."""
+
+    model_config = ConfigDict(extra="allow")
 
     cache_salt: str
     prompt: list[int] = Field(

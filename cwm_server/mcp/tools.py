@@ -10,6 +10,7 @@ there is nothing finer to report in between).
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated
@@ -336,8 +337,11 @@ def thaw_result(window_name: str, response: pb.ThawWindowResponse) -> ThawResult
         f"POST body as JSON to url, after appending your new token ids to body.prompt. The "
         f"first {tokens} tokens are served from the thawed cache (the reply's "
         f"usage.prompt_tokens_details.cached_tokens says {tokens}); only new tokens are "
-        "computed. Send the same cache_salt with every later request of this session."
+        "computed. Send the same fields (all of body but prompt and max_tokens) with every "
+        "later request of this session."
     )
+    fields = json.loads(response.request_fields or "{}")
+    fields.setdefault("cache_salt", response.cache_salt)
     if not endpoint:
         note = "the agent reported no HTTP endpoint; ask its operator how to reach the engine"
     return ThawResult(
@@ -351,7 +355,7 @@ def thaw_result(window_name: str, response: pb.ThawWindowResponse) -> ThawResult
         raw_bytes=response.raw_bytes,
         continue_with=ContinueRequest(
             url=f"{endpoint}/v1/completions" if endpoint else "",
-            body=CompletionBody(cache_salt=response.cache_salt, prompt=list(response.token_ids)),
+            body=CompletionBody(**fields, prompt=list(response.token_ids)),
             note=note,
         ),
     )
