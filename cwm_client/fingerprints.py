@@ -27,10 +27,26 @@ def _shown(fp: pb.ModelFingerprint, field: str) -> str:
     return text[:16] + "…" if len(text) > 16 else text
 
 
+def _version_parts(window: str, engine: str) -> tuple[str, str]:
+    """The parts of two engine versions ("; "-separated: library versions, KV layout) that
+    differ, so a mismatch names what changed ("v_trans 1" vs "v_trans 0") instead of a
+    shared prefix cut short."""
+    ours, theirs = window.split("; "), engine.split("; ")
+    if len(ours) == len(theirs) and len(ours) > 1:
+        differing = [(a, b) for a, b in zip(ours, theirs, strict=True) if a != b]
+        return "; ".join(a for a, _ in differing), "; ".join(b for _, b in differing)
+    return window, engine
+
+
 def fingerprint_differences(window: pb.ModelFingerprint, engine: pb.ModelFingerprint) -> list[str]:
     """Human-readable differences, e.g. "num_layers: window 4, engine 8"; empty if usable."""
-    return [
-        f"{field}: window {_shown(window, field)}, engine {_shown(engine, field)}"
-        for field in MATCHED_FIELDS
-        if getattr(window, field) != getattr(engine, field)
-    ]
+    out = []
+    for field in MATCHED_FIELDS:
+        if getattr(window, field) == getattr(engine, field):
+            continue
+        if field == "engine_version":
+            ours, theirs = _version_parts(window.engine_version, engine.engine_version)
+            out.append(f"{field}: window {ours!r}, engine {theirs!r}")
+        else:
+            out.append(f"{field}: window {_shown(window, field)}, engine {_shown(engine, field)}")
+    return out
