@@ -8,7 +8,7 @@ PROTO_PY := $(PROTO_VENV)/bin/python
 PIP_FLAGS := --quiet --disable-pip-version-check
 
 .PHONY: demo test lint proto proto-check buf-lint buf-breaking test-py test-protobuf6 bench clean \
-	api-docs api-docs-check test-vllm bench-vllm test-lmcache
+	api-docs api-docs-check test-vllm bench-vllm test-lmcache llamacpp bench-llamacpp
 
 # The main environment: protobuf 7, grpcio 1.85, torch 2.13.0 (the CPU wheel pip finds here;
 # it must be named in the same pip command so nothing pulls a CUDA build).
@@ -61,8 +61,45 @@ lint: $(VENV)/.installed buf-lint buf-breaking proto-check api-docs-check
 	$(VENV)/bin/ruff format --check cwm_client cwm_server tools tests
 	$(VENV)/bin/mypy --strict cwm_client
 
-test-py: $(VENV)/.installed $(INTEROP)/node_modules/.installed
-	$(VENV)/bin/pytest -q -p no:cacheprovider tests
+# llama.cpp, both ways it runs beside cwm: llama-cpp-python in .venv (the in-process engine,
+# `--engine llamacpp`) and an unmodified llama-server (`--engine llama-server`), built from
+# the same sdist so both run the same vendored llama.cpp commit. Compiling each takes minutes
+# on 2 cores, so the wheel and the server binary are built once per machine into LLAMA_CACHE,
+# outside the checkout, and a fresh clone (CI) only installs them.
+LLAMACPP_VERSION := 0.3.36
+LLAMA_CACHE ?= $(HOME)/.cache/cwm/llama.cpp-$(LLAMACPP_VERSION)
+LLAMA_SERVER := $(LLAMA_CACHE)/bin/llama-server
+LLAMA_WHEELS := $(LLAMA_CACHE)/wheels
+LLAMA_SDIST := llama_cpp_python-$(LLAMACPP_VERSION)
+
+$(LLAMA_WHEELS)/.built: | $(VENV)/.installed
+	$(PY) -m pip wheel $(PIP_FLAGS) --no-deps 'llama-cpp-python==$(LLAMACPP_VERSION)' -w $(LLAMA_WHEELS)
+	touch $@
+
+$(VENV)/.llamacpp-installed: $(VENV)/.installed $(LLAMA_WHEELS)/.built
+	$(PY) -m pip install $(PIP_FLAGS) --find-links $(LLAMA_WHEELS) \
+		'llama-cpp-python==$(LLAMACPP_VERSION)' 'gguf>=0.17'
+	touch $@
+
+# The server from the sdist's vendored llama.cpp, static, without the web UI download or
+# OpenSSL; only the binary is kept.
+$(LLAMA_SERVER): | $(VENV)/.installed
+	rm -rf $(LLAMA_CACHE)/src $(LLAMA_CACHE)/build && mkdir -p $(LLAMA_CACHE)/src
+	$(PY) -m pip download $(PIP_FLAGS) --no-binary :all: --no-deps \
+		'llama-cpp-python==$(LLAMACPP_VERSION)' -d $(LLAMA_CACHE)/src
+	tar xzf $(LLAMA_CACHE)/src/$(LLAMA_SDIST).tar.gz -C $(LLAMA_CACHE)/src
+	cmake -S $(LLAMA_CACHE)/src/$(LLAMA_SDIST)/vendor/llama.cpp -B $(LLAMA_CACHE)/build \
+		-DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
+		-DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+	cmake --build $(LLAMA_CACHE)/build --target llama-server -j$$(nproc)
+	install -D $(LLAMA_CACHE)/build/bin/llama-server $@
+	rm -rf $(LLAMA_CACHE)/src $(LLAMA_CACHE)/build
+
+llamacpp: $(VENV)/.llamacpp-installed $(LLAMA_SERVER)
+
+# The llama.cpp tests (tests/**/llamacpp) find the server through CWM_LLAMA_SERVER.
+test-py: $(VENV)/.installed $(INTEROP)/node_modules/.installed llamacpp
+	CWM_LLAMA_SERVER=$(LLAMA_SERVER) $(VENV)/bin/pytest -q -p no:cacheprovider tests
 
 # The SDK and the manager on protobuf 6 (what LMCache pins), with the same generated code.
 test-protobuf6: $(PROTO_VENV)/.installed
@@ -137,6 +174,10 @@ bench: $(VENV)/.installed
 	$(PY) tools/bench/suite.py --random-mib 1024 --kv-sessions 4 --repeat 3 --profile
 	$(PY) tools/bench/ttft.py --tokens 4096 --repeat 3
 	$(PY) tools/bench/data_plane.py --mib 256 --repeat 3
+
+# Time to first token on a fresh llama-server at 4k tokens: thawing a slot vs recomputing it.
+bench-llamacpp: llamacpp
+	$(PY) tools/bench/llamacpp_ttft.py --server $(LLAMA_SERVER) --tokens 4096 --repeat 3
 
 clean:
 	rm -rf $(VENV) $(PROTO_VENV) $(VLLM_VENV) $(LMCACHE_VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -25,6 +25,8 @@ def _engine(args: argparse.Namespace) -> EngineAdapter:
         vllm_keep_seconds=args.vllm_keep_seconds,
         vllm_keep_mib=args.vllm_keep_mib,
         vllm_pool_mib=args.vllm_pool_mib,
+        llama_url=args.llama_url,
+        slot_dir=args.slot_dir,
         models_dir=default_data_dir() / "models",
     )
     try:
@@ -69,14 +71,21 @@ def add_parser(sub: Subparsers) -> None:
         choices=engine_names(),
         default="reference",
         help="reference: HF transformers in this process; vllm: a vLLM server with the cwm "
-        "connector (--vllm-url, --vllm-dir)",
+        "connector (--vllm-url, --vllm-dir); llama-server: an unmodified llama-server's slots "
+        "(--llama-url, --slot-dir); llamacpp: llama.cpp in this process (--model FILE.gguf)",
     )
     agent.add_argument(
         "--model",
         default=None,
         help="local HF model directory, or 'tiny' (built on first use; the reference "
         "engine's default); with --engine vllm, the directory of the model vLLM serves "
-        "(default: the path vLLM reports)",
+        "(default: the path vLLM reports); with --engine llamacpp, a GGUF file or 'tiny'; with "
+        "--engine llama-server, the GGUF file the server runs (default: the path it reports)",
+    )
+    agent.add_argument("--llama-url", help="the llama-server, e.g. http://127.0.0.1:8080")
+    agent.add_argument(
+        "--slot-dir",
+        help="the directory llama-server was started with as --slot-save-path",
     )
     agent.add_argument("--vllm-url", help="the vLLM server, e.g. http://127.0.0.1:8000")
     agent.add_argument(

@@ -18,6 +18,8 @@ from cwm_server.agent.engines.base import EngineAdapter, EngineSettings
 ENGINES: dict[str, tuple[str, str]] = {
     "reference": ("cwm_server.agent.engines.reference.adapter", "ReferenceAdapter"),
     "vllm": ("cwm_server.agent.engines.vllm.adapter", "VllmAdapter"),
+    "llama-server": ("cwm_server.agent.engines.llamacpp.server_adapter", "LlamaServerAdapter"),
+    "llamacpp": ("cwm_server.agent.engines.llamacpp.adapter", "LlamaCppAdapter"),
 }
 """Engine name -> (module, adapter class), imported on first use."""
 

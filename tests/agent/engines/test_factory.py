@@ -21,7 +21,8 @@ from cwm_server.cli.main import build_parser
 
 
 def test_every_registered_engine_imports_to_an_adapter_class() -> None:
-    assert engine_names() == ["reference", "vllm"]
+    pytest.importorskip("llama_cpp", reason="the llamacpp engine needs llama-cpp-python")
+    assert engine_names() == ["llama-server", "llamacpp", "reference", "vllm"]
     for name in engine_names():
         adapter = adapter_class(name)
         assert issubclass(adapter, EngineAdapter)
@@ -29,16 +30,18 @@ def test_every_registered_engine_imports_to_an_adapter_class() -> None:
 
 
 def test_the_registry_names_the_adapters_the_engines_define() -> None:
+    from cwm_server.agent.engines.llamacpp.server_adapter import LlamaServerAdapter
     from cwm_server.agent.engines.reference.adapter import ReferenceAdapter
     from cwm_server.agent.engines.vllm.adapter import VllmAdapter
 
     assert adapter_class("reference") is ReferenceAdapter
     assert adapter_class("vllm") is VllmAdapter
+    assert adapter_class("llama-server") is LlamaServerAdapter
 
 
 def test_an_unknown_engine_is_refused_with_the_known_names() -> None:
     with pytest.raises(
-        UnknownEngine, match=r"unknown engine 'sglang'; known engines: reference, vllm"
+        UnknownEngine, match=r"unknown engine 'sglang'; known engines: llama-server, llamacpp, reference, vllm"
     ):
         create_engine("sglang", EngineSettings())
 
@@ -55,6 +58,9 @@ def test_choosing_an_engine_imports_only_that_engine() -> None:
         "assert 'torch' not in sys.modules, 'the vllm adapter imported torch'\n"
         "reference = 'cwm_server.agent.engines.reference'\n"
         "assert not [m for m in sys.modules if m.startswith(reference)], 'imported reference'\n"
+        "factory.adapter_class('llama-server')\n"
+        "assert 'torch' not in sys.modules, 'the llama-server adapter imported torch'\n"
+        "assert 'llama_cpp' not in sys.modules, 'the llama-server adapter imported llama_cpp'\n"
         "factory.adapter_class('reference')\n"
         "assert 'torch' in sys.modules\n"
     )
