@@ -225,7 +225,9 @@ class HostAgent:
                 raise InvalidArgument(f"this agent does not know order kind {kind!r}")
         except CwmError as exc:
             result.error.CopyFrom(
-                pb.OrderError(code=exc.code.value[0], message=exc.message, reason=exc.reason)
+                pb.OrderError(
+                    code=exc.code.value[0], message=exc.message, reason=exc.reason, field=exc.field
+                )
             )
         except Exception as exc:
             log.exception("order_failed", order_id=order.order_id)

@@ -256,7 +256,7 @@ class AgentRegistry:
 
 def _order_error(error: pb.OrderError) -> CwmError:
     code = _CODES.get(error.code, grpc.StatusCode.UNKNOWN)
-    exc = error_class(code)(error.message, reason=error.reason)
+    exc = error_class(code)(error.message, reason=error.reason, field=error.field)
     if type(exc) is CwmError:
         exc.code = code
     return exc
