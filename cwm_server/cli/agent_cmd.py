@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import signal
 
+from cwm_client.errors import CwmError
 from cwm_server.agent.engines.base import EngineAdapter, EngineSettings, EngineSettingsError
 from cwm_server.agent.engines.factory import create_engine, engine_names
 from cwm_server.cli.options import Subparsers, add_command, client_credentials
@@ -33,6 +34,8 @@ def _engine(args: argparse.Namespace) -> EngineAdapter:
         return create_engine(args.engine, settings)
     except EngineSettingsError as exc:
         raise SystemExit(str(exc)) from None
+    except CwmError as exc:  # the engine is unreachable or refuses (named in the message)
+        raise SystemExit(f"cwm agent: {exc}") from None
 
 
 def cmd_agent(args: argparse.Namespace) -> int:

@@ -25,7 +25,14 @@ from typing import Any
 import pytest
 
 from cwm_client import SessionClient, WindowClient
-from cwm_client.errors import CwmError, DataLoss, FailedPrecondition, ResourceExhausted
+from cwm_client.errors import (
+    AlreadyExists,
+    CwmError,
+    DataLoss,
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+)
 from cwm_server.agent.engines.llamacpp.launch import LlamaServer, completion, server_binary
 from cwm_server.agent.engines.llamacpp.server_adapter import LOCK_FILE, LlamaServerAdapter
 from cwm_server.agent.engines.llamacpp.tiny_gguf import RECIPE, ensure_tiny_gguf
@@ -263,6 +270,32 @@ def test_a_second_agent_on_the_same_slot_directory_is_refused(fleet: Fleet, gguf
     with pytest.raises(FailedPrecondition) as refused:
         LlamaServerAdapter(server.url, server.slot_dir)
     assert refused.value.reason == "SLOT_DIR_IN_USE"
+    command = ["agent", "--engine", "llama-server", "--llama-url", server.url]
+    command += ["--slot-dir", str(server.slot_dir), "--agent-id", "x"]
+    started = subprocess.run(
+        [sys.executable, "-m", "cwm_server.cli.main", *command],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert started.returncode == 1
+    assert "another cwm agent already serves" in started.stderr
+    assert "Traceback" not in started.stderr
+
+
+def test_a_thaw_into_a_slot_that_does_not_exist_is_refused(fleet: Fleet, gguf: Path) -> None:
+    fleet.server("names", gguf)
+    fleet.agent("names")
+    _session_on(fleet, "names", 0, words=3)
+    fleet.sessions.freeze_session("slot-0", "names-window", agent_id="llama-names")
+    for bad in ("slot-2", "slot-01", "chat-1"):
+        with pytest.raises(InvalidArgument) as refused:
+            fleet.sessions.thaw_window("names-window", agent_id="llama-names", new_session_id=bad)
+        assert refused.value.field == "new_session_id"
+    with pytest.raises(AlreadyExists):
+        fleet.sessions.thaw_window("names-window", agent_id="llama-names", new_session_id="slot-0")
+    assert _own_files(fleet.servers["names"].slot_dir) == []
 
 
 def _agent_process(fleet: Fleet, name: str, log: Path) -> subprocess.Popen[bytes]:
