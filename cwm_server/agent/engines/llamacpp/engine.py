@@ -208,7 +208,10 @@ class LlamaCppEngine:
             buffer = ctypes.create_string_buffer(size)
             count = lc.llama_chat_apply_template(template, array, len(messages), True, buffer, size)
             if count < 0:
-                raise EngineInputError("the model's chat template cannot format these messages")
+                raise EngineInputError(
+                    "llama.cpp does not recognise this GGUF's chat template (it applies only "
+                    "the templates it knows); send the formatted prompt to /v1/completions"
+                )
             if count <= size:
                 return self.tokenize(buffer.raw[:count].decode(errors="replace"), special=True)
             size = count

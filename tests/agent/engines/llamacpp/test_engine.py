@@ -129,3 +129,12 @@ def test_the_adapter_names_missing_and_taken_sessions(gguf: Path) -> None:
         assert adapter.default_chunk_tokens() == 2048  # 1 KiB of KV per token
     finally:
         adapter.close()
+
+
+def test_a_chat_template_llama_cpp_does_not_know_is_refused_by_name(gguf: Path) -> None:
+    engine = _engine(gguf, True)
+    try:
+        with pytest.raises(EngineInputError, match="does not recognise this GGUF's chat template"):
+            engine.chat_prompt([{"role": "user", "content": "hello"}])
+    finally:
+        engine.close()
