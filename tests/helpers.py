@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -241,3 +243,40 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(mount: Path, mib: int) -> Iterator[Path]:
+    """A tmpfs of `mib` MiB mounted at `mount` (made if missing) for the block; the test is
+    skipped where it cannot be mounted (it needs root)."""
+    import pytest
+
+    mount.mkdir(parents=True, exist_ok=True)
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={mib}m", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({made.stderr.strip()}); needs root")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill_disk(path: Path) -> None:
+    """Write `path` until its filesystem is full (as another process would)."""
+    block = os.urandom(1 << 20)
+    with open(path, "wb") as out:
+        with contextlib.suppress(OSError):
+            while True:
+                out.write(block)
+                out.flush()
+        # the last partial blocks, byte-sized pieces until nothing fits
+        for size in (1 << 16, 1 << 12, 1 << 8, 1):
+            try:
+                while True:
+                    os.write(out.fileno(), block[:size])
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC

@@ -5,10 +5,6 @@ mounts (root only; skipped elsewhere)."""
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +14,14 @@ from cwm_client import WindowClient
 from cwm_client.errors import ResourceExhausted
 from cwm_server.fsck import run_fsck
 from cwm_server.manager.config import ManagerConfig, ServerOptions
-from tests.helpers import FINGERPRINT, ThreadedManager, synthetic_chunks, token_ids
+from tests.helpers import (
+    FINGERPRINT,
+    ThreadedManager,
+    fill_disk,
+    mounted_tmpfs,
+    synthetic_chunks,
+    token_ids,
+)
 
 DISK_MIB = 64
 TOKENS = 256 * 8  # 8 chunks of 256 KiB: 2 MiB a window
@@ -26,36 +29,8 @@ TOKENS = 256 * 8  # 8 chunks of 256 KiB: 2 MiB a window
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    made = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={DISK_MIB}m", "tmpfs", str(mount)],
-        capture_output=True,
-        text=True,
-    )
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({made.stderr.strip()}); needs root")
-    try:
+    with mounted_tmpfs(tmp_path / "disk", DISK_MIB) as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def fill(path: Path) -> None:
-    """Write `path` until the filesystem is full (as another process would)."""
-    block = os.urandom(1 << 20)
-    with open(path, "wb") as out:
-        with contextlib.suppress(OSError):
-            while True:
-                out.write(block)
-                out.flush()
-        # the last partial blocks, byte-sized pieces until nothing fits
-        for size in (1 << 16, 1 << 12, 1 << 8, 1):
-            try:
-                while True:
-                    os.write(out.fileno(), block[:size])
-            except OSError as exc:
-                assert exc.errno == errno.ENOSPC
 
 
 def test_a_full_disk_refuses_freezes_with_disk_full_lets_deletes_through_and_recovers(
@@ -76,7 +51,7 @@ def test_a_full_disk_refuses_freezes_with_disk_full_lets_deletes_through_and_rec
                     token_ids=token_ids(TOKENS),
                 )
             filler = small_disk / "filler"
-            fill(filler)
+            fill_disk(filler)
             with pytest.raises(ResourceExhausted) as full:
                 client.freeze(
                     "c",

@@ -38,7 +38,7 @@ from cwm_server.agent.engines.llamacpp.server_adapter import LOCK_FILE, LlamaSer
 from cwm_server.agent.engines.llamacpp.tiny_gguf import RECIPE, ensure_tiny_gguf
 from cwm_server.agent.host_agent import HostAgent
 from cwm_server.manager.config import ManagerConfig
-from tests.helpers import ROOT, ThreadedAgent, ThreadedManager, free_port
+from tests.helpers import ROOT, ThreadedAgent, ThreadedManager, fill_disk, free_port, mounted_tmpfs
 from tests.ops_helpers import wait_for
 from tests.vllm_helpers import wait_reported
 
@@ -299,25 +299,8 @@ def test_a_thaw_into_a_slot_that_does_not_exist_is_refused(fleet: Fleet, gguf: P
 
 
 def _agent_process(fleet: Fleet, name: str, log: Path) -> subprocess.Popen[bytes]:
-    server = fleet.servers[name]
-    command = [
-        sys.executable,
-        "-m",
-        "cwm_server.cli.main",
-        "agent",
-        "--engine",
-        "llama-server",
-        "--llama-url",
-        server.url,
-        "--slot-dir",
-        str(server.slot_dir),
-        "--agent-id",
-        f"llama-{name}",
-        "--chunk-tokens",
-        str(CHUNK_TOKENS),
-        "--manager",
-        fleet.manager.target,
-    ]
+    args = fleet.servers[name].agent_args(f"llama-{name}", fleet.manager.target)
+    command = [sys.executable, "-m", "cwm_server.cli.main", *args]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with log.open("ab") as out:
         return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -381,20 +364,8 @@ def _thaw_or_error(fleet: Fleet, window: str, agent_id: str) -> None:
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 16 MiB tmpfs for a slot directory (root only; skipped elsewhere)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    made = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)],
-        capture_output=True,
-        text=True,
-    )
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({made.stderr.strip()}); needs root")
-    try:
+    with mounted_tmpfs(tmp_path / "disk", 16) as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_a_full_slot_directory_refuses_freeze_and_thaw_and_leaves_nothing(
@@ -411,10 +382,7 @@ def test_a_full_slot_directory_refuses_freeze_and_thaw_and_leaves_nothing(
     engine = fleet.agent("full")
     history = _session_on(fleet, "full", 1, words=60)
     filler = small_disk / "someone-elses-file"
-    with filler.open("wb") as out, contextlib.suppress(OSError):
-        while True:
-            out.write(b"\0" * (1 << 20))
-            out.flush()
+    fill_disk(filler)
     for order in (
         lambda: fleet.sessions.freeze_session("slot-1", "too-big", agent_id="llama-full"),
         lambda: fleet.sessions.thaw_window("for-full", agent_id="llama-full"),

@@ -20,79 +20,40 @@ from __future__ import annotations
 import argparse
 import json
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
 import numpy as np
+from common import ManagerProcess, free_port, machine
 
 from cwm_client import SessionClient
 from cwm_server.agent.engines.llamacpp.launch import LlamaServer, completion, server_binary
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _cwm(*args: str, manager: str) -> Any:
-    out = subprocess.run(
-        [sys.executable, "-m", "cwm_server.cli.main", *args, "--manager", manager, "--json"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=True,
-    )
-    return json.loads(out.stdout)
-
-
-def _wait_session(manager: str, agent: str, session: str, tokens: int, timeout: float = 60) -> None:
+def _until(condition: Callable[[], bool], what: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            listed = _cwm("sessions", "--agent", agent, manager=manager)
-        except subprocess.CalledProcessError:
-            listed = []  # the agent has not connected yet (NOT_FOUND): ask again
-        if any(s["session_id"] == session and s["tokens"] >= tokens for s in listed):
-            return
-        time.sleep(0.3)
-    raise TimeoutError(f"session {session} was not reported by {agent}")
-
-
-def _wait_agent(manager: str, agent: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(a["agent_id"] == agent for a in _cwm("agents", manager=manager)):
-            return
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
         time.sleep(0.2)
-    raise TimeoutError(f"agent {agent} did not connect")
 
 
-def _agent(name: str, server: LlamaServer, manager: str, log: Path) -> subprocess.Popen[bytes]:
-    command = [
-        sys.executable,
-        "-m",
-        "cwm_server.cli.main",
-        "agent",
-        "--engine",
-        "llama-server",
-        "--llama-url",
-        server.url,
-        "--slot-dir",
-        str(server.slot_dir),
-        "--agent-id",
-        name,
-        "--manager",
-        manager,
-    ]
+def _agent(server: LlamaServer, name: str, manager: str, log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
-        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [sys.executable, "-m", "cwm_server.cli.main", *server.agent_args(name, manager)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -112,110 +73,97 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         from cwm_server.agent.engines.llamacpp.tiny_gguf import ensure_tiny_gguf
 
         model = str(ensure_tiny_gguf(work / "tiny.gguf"))
-    options = {
-        "binary": args.server,
-        "ctx_per_slot": args.tokens + args.extension + 64,
-        "threads": 1,
-    }
+    options = {"binary": args.server, "ctx_per_slot": args.tokens + args.extension + 64}
+    options["threads"] = 1
     procs: list[subprocess.Popen[bytes]] = []
     servers: list[LlamaServer] = []
-    try:
-        port_file = work / "manager.port"
-        port_file.unlink(missing_ok=True)
-        with (work / "manager.log").open("ab") as log:
-            procs.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "cwm_server.cli.main",
-                        "serve",
-                        "--data-dir",
-                        str(work / "data"),
-                        "--listen",
-                        "127.0.0.1:0",
-                        "--port-file",
-                        str(port_file),
-                    ],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
+    with ManagerProcess(work / "data") as manager, SessionClient(manager.target) as sessions:
+
+        def connected(agent: str) -> bool:
+            return any(a.agent_id == agent for a in sessions.list_agents())
+
+        def reported(session: str, tokens: int) -> bool:
+            if not connected("bench-a"):
+                return False
+            listed = sessions.list_sessions("bench-a")
+            return any(s.session_id == session and s.token_count == tokens for s in listed)
+
+        try:
+            a = LlamaServer(
+                model, free_port(), work / "slots-a", work / "a.log", cpu="0", **options
             )
-        a = LlamaServer(model, _free_port(), work / "slots-a", work / "a.log", cpu="0", **options)
-        servers.append(a)
-        a.launch()
-        a.wait_ready()
-        while not port_file.exists():
-            time.sleep(0.05)
-        manager = f"127.0.0.1:{int(port_file.read_text())}"
-        procs.append(_agent("bench-a", a, manager, work / "agent-a.log"))
-        rng = np.random.default_rng(20240917)
-        context = [int(t) for t in rng.integers(16, 2000, size=args.tokens)]
-        first = completion(a.url, context, 0, n_predict=2)
-        history = context + first["tokens"][:-1]
-        _wait_session(manager, "bench-a", "slot-0", len(history))
-        sessions = SessionClient(manager)
-        t0 = time.perf_counter()
-        frozen = sessions.freeze_session("slot-0", "bench-window", agent_id="bench-a")
-        freeze_s = time.perf_counter() - t0
-        continuation = history + [int(t) for t in rng.integers(16, 2000, size=args.extension)]
-        thaw_s, with_thaw, recompute, startup = [], [], [], []
-        for i in range(args.repeat):
+            servers.append(a)
+            a.launch()
+            a.wait_ready()
+            procs.append(_agent(a, "bench-a", manager.target, work / "agent-a.log"))
+            rng = np.random.default_rng(20240917)
+            context = [int(t) for t in rng.integers(16, 2000, size=args.tokens)]
+            first = completion(a.url, context, 0, n_predict=2)
+            history = context + first["tokens"][:-1]
+            _until(lambda: reported("slot-0", len(history)), "bench-a to report slot-0")
             t0 = time.perf_counter()
-            b = LlamaServer(
-                model, _free_port(), work / f"slots-b{i}", work / f"b{i}.log", cpu="1", **options
-            )
-            servers.append(b)
-            b.launch()
-            b.wait_ready()
-            startup.append(time.perf_counter() - t0)
-            name = f"bench-b{i}"
-            agent = _agent(name, b, manager, work / f"agent-b{i}.log")
-            try:
-                _wait_agent(manager, name)
-                order = ("thaw", "recompute") if i % 2 == 0 else ("recompute", "thaw")
-                for step in order:
-                    if step == "thaw":
+            frozen = sessions.freeze_session("slot-0", "bench-window", agent_id="bench-a")
+            freeze_s = time.perf_counter() - t0
+            continuation = history + [int(t) for t in rng.integers(16, 2000, size=args.extension)]
+            thaw_s, with_thaw, recompute, startup = [], [], [], []
+            for i in range(args.repeat):
+                t0 = time.perf_counter()
+                b = LlamaServer(
+                    model, free_port(), work / f"slots-b{i}", work / f"b{i}.log", cpu="1", **options
+                )
+                servers.append(b)
+                b.launch()
+                b.wait_ready()
+                startup.append(time.perf_counter() - t0)
+                name = f"bench-b{i}"
+                agent = _agent(b, name, manager.target, work / f"agent-b{i}.log")
+                try:
+                    _until(lambda name=name: connected(name), f"{name} to connect")
+                    for step in ("thaw", "recompute")[:: 1 if i % 2 == 0 else -1]:
+                        if step == "thaw":
+                            t0 = time.perf_counter()
+                            sessions.thaw_window("bench-window", agent_id=name)
+                            thaw_s.append(time.perf_counter() - t0)
+                            slot, bucket, cached = 0, with_thaw, len(history)
+                        else:
+                            slot, bucket, cached = 1, recompute, 0
                         t0 = time.perf_counter()
-                        sessions.thaw_window("bench-window", agent_id=name)
-                        thaw_s.append(time.perf_counter() - t0)
-                        slot, bucket, cached = 0, with_thaw, len(history)
-                    else:
-                        slot, bucket, cached = 1, recompute, 0
-                    t0 = time.perf_counter()
-                    reply = completion(b.url, continuation, slot, n_predict=1)
-                    bucket.append(time.perf_counter() - t0)
-                    if reply["timings"]["cache_n"] != cached:
-                        raise AssertionError(
-                            f"slot {slot}: {reply['timings']['cache_n']} cached, {cached} expected"
-                        )
-            finally:
-                _stop(agent)
-                b.stop()
-        thaw_ms = statistics.median(thaw_s) * 1000
-        ttft_ms = statistics.median(with_thaw) * 1000
-        cold_ms = statistics.median(recompute) * 1000
-        return {
-            "prompt_tokens": len(continuation),
-            "window_tokens": len(history),
-            "window_raw_bytes": frozen.bytes_sent,
-            "repeat": args.repeat,
-            "thaw_order_ms": round(thaw_ms, 1),
-            "ttft_after_thaw_ms": round(ttft_ms, 1),
-            "thaw_plus_ttft_ms": round(thaw_ms + ttft_ms, 1),
-            "ttft_recompute_ms": round(cold_ms, 1),
-            "speedup_ttft": round(cold_ms / ttft_ms, 1),
-            "speedup_thaw_plus_ttft": round(cold_ms / (thaw_ms + ttft_ms), 1),
-            "freeze_order_s": round(freeze_s, 3),
-            "server_startup_s": round(statistics.median(startup), 2),
-            "engine": f"llama-server {server_binary() if args.server is None else args.server}",
-            "model": Path(model).name,
-        }
-    finally:
-        for proc in procs:
-            _stop(proc)
-        for server in servers:
-            server.stop()
+                        reply = completion(b.url, continuation, slot, n_predict=1)
+                        bucket.append(time.perf_counter() - t0)
+                        if reply["timings"]["cache_n"] != cached:
+                            raise AssertionError(
+                                f"slot {slot}: {reply['timings']['cache_n']} cached, "
+                                f"{cached} expected"
+                            )
+                finally:
+                    _stop(agent)
+                    b.stop()
+        finally:
+            for proc in procs:
+                _stop(proc)
+            for server in servers:
+                server.stop()
+    thaw_ms = statistics.median(thaw_s) * 1000
+    ttft_ms = statistics.median(with_thaw) * 1000
+    cold_ms = statistics.median(recompute) * 1000
+    return {
+        "machine": machine(),
+        "prompt_tokens": len(continuation),
+        "extension": args.extension,
+        "window_tokens": len(history),
+        "window_raw_bytes": frozen.bytes_sent,
+        "repeat": args.repeat,
+        "thaw_order_ms": round(thaw_ms, 1),
+        "ttft_after_thaw_ms": round(ttft_ms, 1),
+        "thaw_plus_ttft_ms": round(thaw_ms + ttft_ms, 1),
+        "ttft_recompute_ms": round(cold_ms, 1),
+        "speedup_ttft": round(cold_ms / ttft_ms, 1),
+        "speedup_thaw_plus_ttft": round(cold_ms / (thaw_ms + ttft_ms), 1),
+        "freeze_order_s": round(freeze_s, 3),
+        "server_startup_s": round(statistics.median(startup), 2),
+        "engine": f"llama-server {args.server or server_binary()}",
+        "model": Path(model).name,
+    }
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
-"""What a caller may ask of the reference engine: the checks every request, export and import
-passes before the engine touches a session.
+"""What a caller may ask of an engine that runs in the agent (reference, llama.cpp): the checks
+every request, export and import passes before the engine touches a session.
 
 The engine is reached from HTTP clients as well as the agent, so every id, length and salt is
 checked here and refused with `EngineInputError` (HTTP 400), never left to fail deep inside
@@ -8,6 +8,7 @@ the model.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -48,6 +49,14 @@ def check_prompt(
             f"model's {max_model_len} positions"
         )
     return prompt
+
+
+def check_sampling(max_tokens: int, temperature: float) -> None:
+    """At least one token to generate, and a temperature softmax can use (0: greedy)."""
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+        raise EngineInputError("max_tokens must be an integer >= 1")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise EngineInputError("temperature must be a finite number >= 0")
 
 
 def check_chunk_tokens(chunk_tokens: int, block_size: int) -> None:

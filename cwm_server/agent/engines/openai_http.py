@@ -420,3 +420,19 @@ def serve_http(
     )
     thread.start()
     return server, int(server.server_address[1])
+
+
+class HttpFront:
+    """An engine's API served from a background thread for as long as its adapter lives:
+    where clients reach it (`endpoint`), and `close` to stop serving (idempotent)."""
+
+    def __init__(self, engine: CompletionEngine, host: str = "127.0.0.1", port: int = 0) -> None:
+        self._server: ThreadingHTTPServer | None
+        self._server, bound = serve_http(engine, host, port)
+        self.endpoint = f"http://{host}:{bound}"
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

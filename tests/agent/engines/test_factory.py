@@ -41,7 +41,8 @@ def test_the_registry_names_the_adapters_the_engines_define() -> None:
 
 def test_an_unknown_engine_is_refused_with_the_known_names() -> None:
     with pytest.raises(
-        UnknownEngine, match=r"unknown engine 'sglang'; known engines: llama-server, llamacpp, reference, vllm"
+        UnknownEngine,
+        match=r"unknown engine 'sglang'; known engines: llama-server, llamacpp, reference, vllm",
     ):
         create_engine("sglang", EngineSettings())
 

@@ -4,7 +4,6 @@ OpenAI-style API as the reference engine (`cache_salt` names the session)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from http.server import ThreadingHTTPServer
 
 from cwm_client import pb
 from cwm_client.errors import AlreadyExists, InvalidArgument, NotFound
@@ -19,7 +18,7 @@ from cwm_server.agent.engines.base import (
 from cwm_server.agent.engines.inputs import EngineInputError
 from cwm_server.agent.engines.llamacpp.engine import LlamaCppEngine
 from cwm_server.agent.engines.llamacpp.gguf_identity import GgufError
-from cwm_server.agent.engines.openai_http import serve_http
+from cwm_server.agent.engines.openai_http import HttpFront
 
 TINY_MODEL = "tiny"
 """The model name that stands for the built-in random-weight GGUF, built on first use."""
@@ -29,9 +28,7 @@ TINY_MODEL_FILE = "tiny-llama.gguf"
 class LlamaCppAdapter(EngineAdapter):
     def __init__(self, engine: LlamaCppEngine, http_host: str = "127.0.0.1", http_port: int = 0):
         self.engine = engine
-        self._server: ThreadingHTTPServer | None
-        self._server, port = serve_http(engine, http_host, http_port)
-        self._endpoint = f"http://{http_host}:{port}"
+        self._http = HttpFront(engine, http_host, http_port)
 
     @classmethod
     def from_settings(cls, settings: EngineSettings) -> LlamaCppAdapter:
@@ -57,7 +54,7 @@ class LlamaCppAdapter(EngineAdapter):
 
     @property
     def endpoint(self) -> str:
-        return self._endpoint
+        return self._http.endpoint
 
     def default_chunk_tokens(self) -> int:
         return chunk_tokens_for(self.engine.bytes_per_token)
@@ -94,8 +91,5 @@ class LlamaCppAdapter(EngineAdapter):
             raise InvalidArgument(f"the engine refused the window's KV: {exc}") from None
 
     def close(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        self._http.close()
         self.engine.close()

@@ -16,7 +16,6 @@ computation on an engine that thawed the session as on the one that built it.
 from __future__ import annotations
 
 import ctypes
-import math
 import threading
 import time
 from collections import OrderedDict
@@ -33,6 +32,7 @@ from cwm_server.agent.engines.inputs import (
     EngineInputError,
     check_prompt,
     check_salt,
+    check_sampling,
     check_token_ids,
 )
 from cwm_server.agent.engines.llamacpp.gguf_identity import GgufModel
@@ -227,10 +227,7 @@ class LlamaCppEngine:
         seed: int | None = None,
         on_token: Callable[[int], None] | None = None,
     ) -> GenerationResult:
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-            raise EngineInputError("max_tokens must be an integer >= 1")
-        if not math.isfinite(temperature) or temperature < 0:
-            raise EngineInputError("temperature must be a finite number >= 0")
+        check_sampling(max_tokens, temperature)
         prompt = check_prompt(prompt_token_ids, max_tokens, self._n_vocab, self._n_ctx)
         if cache_salt is not None:
             check_salt(cache_salt)

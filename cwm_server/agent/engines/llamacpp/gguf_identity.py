@@ -17,6 +17,7 @@ to fingerprint its model.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -92,25 +93,34 @@ def _value(handle: BinaryIO, kind: int) -> Any:
     raise GgufError(f"unknown GGUF value type {kind}")
 
 
-def read_metadata(path: Path) -> tuple[dict[str, Any], bytes]:
-    """The GGUF's key/value metadata, and the raw bytes of its `tokenizer.*` entries."""
+def metadata_entries(path: Path) -> Iterator[tuple[str, Any, bytes]]:
+    """The GGUF's key/value metadata in file order: key, value and the entry's raw bytes.
+    Lazy, so a caller looking for one early key reads only up to it."""
     with path.open("rb") as handle:
         if handle.read(4) != GGUF_MAGIC:
             raise GgufError(f"{path} is not a GGUF file")
         version, _tensors, entries = struct.unpack("<IQQ", _read(handle, 20))
         if version < 2 or entries > MAX_METADATA_ENTRIES:
             raise GgufError(f"{path}: GGUF version {version} with {entries} entries")
-        metadata: dict[str, Any] = {}
-        tokenizer = bytearray()
         for _ in range(entries):
             start = handle.tell()
             key = _string(handle)
             (kind,) = struct.unpack("<I", _read(handle, 4))
-            metadata[key] = _value(handle, kind)
-            if key.startswith("tokenizer."):
-                end = handle.tell()
-                handle.seek(start)
-                tokenizer += handle.read(end - start)
+            value = _value(handle, kind)
+            end = handle.tell()
+            handle.seek(start)
+            raw = handle.read(end - start)
+            yield key, value, raw
+
+
+def read_metadata(path: Path) -> tuple[dict[str, Any], bytes]:
+    """The GGUF's key/value metadata, and the raw bytes of its `tokenizer.*` entries."""
+    metadata: dict[str, Any] = {}
+    tokenizer = bytearray()
+    for key, value, raw in metadata_entries(path):
+        metadata[key] = value
+        if key.startswith("tokenizer."):
+            tokenizer += raw
     return metadata, bytes(tokenizer)
 
 

@@ -86,6 +86,22 @@ class LlamaServer:
         self.process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
+    def agent_args(self, agent_id: str, manager: str) -> list[str]:
+        """`cwm` arguments that start an agent beside this server, dialled to `manager`."""
+        return [
+            "agent",
+            "--engine",
+            "llama-server",
+            "--llama-url",
+            self.url,
+            "--slot-dir",
+            str(self.slot_dir),
+            "--agent-id",
+            agent_id,
+            "--manager",
+            manager,
+        ]
+
     def launch(self) -> None:
         self.slot_dir.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("ab")

@@ -26,10 +26,11 @@ import os
 import struct
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
+from cwm_server.agent.engines.llamacpp.gguf_identity import metadata_entries
 from cwm_server.agent.engines.reference import tiny_model as _reference
 
 # Bump when anything below changes what gets written: a stale build is then rebuilt.
@@ -84,54 +85,10 @@ _TOKEN_NORMAL = 1
 _TOKEN_CONTROL = 3
 _FILE_TYPE_MOSTLY_F16 = 1
 
-# GGUF header parsing, just enough to find one string key (see `read_recipe_digest`).
-_GGUF_MAGIC = b"GGUF"
-_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-_STRING, _ARRAY = 8, 9
-_MAX_ENTRIES = 1 << 16
-_MAX_LENGTH = 1 << 28
-
 
 def recipe_digest(recipe: dict[str, Any] = RECIPE) -> str:
     """A short identity for a recipe: what the built file records under `DIGEST_KEY`."""
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
-
-
-class _NotOurs(ValueError):
-    """The file is not a GGUF this module could have written."""
-
-
-def _read(handle: BinaryIO, size: int) -> bytes:
-    data = handle.read(size)
-    if len(data) != size:
-        raise _NotOurs("truncated GGUF header")
-    return data
-
-
-def _read_string(handle: BinaryIO) -> bytes:
-    (length,) = struct.unpack("<Q", _read(handle, 8))
-    if length > _MAX_LENGTH:
-        raise _NotOurs("implausible GGUF string length")
-    return _read(handle, length)
-
-
-def _skip_value(handle: BinaryIO, kind: int) -> None:
-    if kind in _SCALAR_SIZES:
-        handle.seek(_SCALAR_SIZES[kind], os.SEEK_CUR)
-    elif kind == _STRING:
-        (length,) = struct.unpack("<Q", _read(handle, 8))
-        handle.seek(length, os.SEEK_CUR)
-    elif kind == _ARRAY:
-        item_kind, count = struct.unpack("<IQ", _read(handle, 12))
-        if count > _MAX_LENGTH:
-            raise _NotOurs("implausible GGUF array length")
-        if item_kind in _SCALAR_SIZES:
-            handle.seek(_SCALAR_SIZES[item_kind] * count, os.SEEK_CUR)
-        else:
-            for _ in range(count):
-                _skip_value(handle, item_kind)
-    else:
-        raise _NotOurs(f"unknown GGUF value type {kind}")
 
 
 def read_recipe_digest(path: Path) -> str | None:
@@ -141,17 +98,10 @@ def read_recipe_digest(path: Path) -> str | None:
     so checking a multi-GiB foreign model costs a few reads, not a scan.
     """
     try:
-        with path.open("rb") as handle:
-            if handle.read(4) != _GGUF_MAGIC:
-                return None
-            _version, _tensors, entries = struct.unpack("<IQQ", _read(handle, 20))
-            for _ in range(min(entries, _MAX_ENTRIES)):
-                key = _read_string(handle)
-                (kind,) = struct.unpack("<I", _read(handle, 4))
-                if key == DIGEST_KEY.encode() and kind == _STRING:
-                    return _read_string(handle).decode("utf-8")
-                _skip_value(handle, kind)
-    except (OSError, ValueError, struct.error):  # _NotOurs and UnicodeDecodeError are ValueErrors
+        for key, value, _ in metadata_entries(path):
+            if key == DIGEST_KEY:
+                return value if isinstance(value, str) else None
+    except (OSError, ValueError, struct.error):  # GgufError and UnicodeDecodeError included
         return None
     return None
 

@@ -7,7 +7,6 @@ the engine's HTTP endpoint, exactly as with vLLM.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 from cwm_client import pb
@@ -20,7 +19,7 @@ from cwm_server.agent.engines.base import (
     ExportedKV,
 )
 from cwm_server.agent.engines.inputs import EngineInputError
-from cwm_server.agent.engines.openai_http import serve_http
+from cwm_server.agent.engines.openai_http import HttpFront
 from cwm_server.agent.engines.reference.engine import ReferenceEngine
 from cwm_server.agent.engines.reference.sessions import SessionNotFound
 
@@ -32,9 +31,7 @@ TINY_MODEL_DIR = "tiny-llama"
 class ReferenceAdapter(EngineAdapter):
     def __init__(self, engine: ReferenceEngine, http_host: str = "127.0.0.1", http_port: int = 0):
         self.engine = engine
-        self._server: ThreadingHTTPServer | None
-        self._server, port = serve_http(engine, http_host, http_port)
-        self._endpoint = f"http://{http_host}:{port}"
+        self._http = HttpFront(engine, http_host, http_port)
 
     @classmethod
     def from_model_dir(
@@ -64,7 +61,7 @@ class ReferenceAdapter(EngineAdapter):
 
     @property
     def endpoint(self) -> str:
-        return self._endpoint
+        return self._http.endpoint
 
     def sessions(self) -> list[EngineSession]:
         return [
@@ -103,7 +100,4 @@ class ReferenceAdapter(EngineAdapter):
             raise InvalidArgument(f"the engine refused the window's KV: {exc}") from None
 
     def close(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        self._http.close()

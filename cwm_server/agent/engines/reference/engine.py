@@ -36,7 +36,6 @@ session's KV into canonical chunks and back, and `inputs` checks what callers as
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -56,6 +55,7 @@ from cwm_server.agent.engines.inputs import (
     check_chunk_tokens,
     check_prompt,
     check_salt,
+    check_sampling,
     check_token_ids,
 )
 from cwm_server.agent.engines.openai_http import GenerationResult
@@ -248,10 +248,7 @@ class ReferenceEngine:
         `temperature` is 0; otherwise sampled from softmax(logits / temperature) in float32
         with a generator seeded by `seed` (fresh entropy when None).
         """
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-            raise EngineInputError("max_tokens must be an integer >= 1")
-        if not math.isfinite(temperature) or temperature < 0:
-            raise EngineInputError("temperature must be a finite number >= 0")
+        check_sampling(max_tokens, temperature)
         prompt = check_prompt(prompt_token_ids, max_tokens, self._vocab_size, self._max_model_len)
         generator: torch.Generator | None = None
         if temperature > 0:
