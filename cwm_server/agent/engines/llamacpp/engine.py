@@ -28,6 +28,7 @@ import llama_cpp as lc
 import numpy as np
 
 from cwm_client import pb
+from cwm_server.agent.engines.decode_loop import decode
 from cwm_server.agent.engines.inputs import (
     EngineInputError,
     check_prompt,
@@ -236,19 +237,14 @@ class LlamaCppEngine:
             self._activate(cache_salt)
             try:
                 logits, cached = self._extend(prompt)
-                generated: list[int] = []
-                finish = "length"
-                while True:
-                    token = self._sample(logits, temperature, rng)
-                    generated.append(token)
-                    if on_token is not None:
-                        on_token(token)
-                    if token in self._eos:
-                        finish = "stop"
-                        break
-                    if len(generated) >= max_tokens:
-                        break
-                    logits = self._decode([token])
+                generated, finish = decode(
+                    logits,
+                    lambda scores: self._sample(scores, temperature, rng),
+                    lambda token: self._decode([token]),
+                    max_tokens=max_tokens,
+                    eos=self._eos,
+                    on_token=on_token,
+                )
             finally:
                 if cache_salt is None:
                     self._clear()

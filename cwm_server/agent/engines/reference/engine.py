@@ -49,6 +49,7 @@ from transformers.cache_utils import DynamicLayer
 from transformers.utils import logging as hf_logging
 
 from cwm_client import pb
+from cwm_server.agent.engines.decode_loop import decode
 from cwm_server.agent.engines.fingerprint import REFERENCE_BLOCK_SIZE, model_fingerprint
 from cwm_server.agent.engines.inputs import (
     EngineInputError,
@@ -261,21 +262,14 @@ class ReferenceEngine:
         with self._lock:
             session = self._session_for(cache_salt)
             logits, cached = self._extend(cache_salt, session, prompt)
-            generated: list[int] = []
-            finish_reason = "length"
-            while True:
-                token = self._sample(logits, temperature, generator)
-                generated.append(token)
-                if on_token is not None:
-                    on_token(token)
-                if token in self._eos_ids:
-                    finish_reason = "stop"
-                    break
-                if len(generated) >= max_tokens:
-                    break
-                # Feed the token we just sampled: its KV joins the cache, and its logits give
-                # the next token. The final sampled token is never fed (see module docstring).
-                logits = self._forward(cache_salt, session, [token])
+            generated, finish_reason = decode(
+                logits,
+                lambda scores: self._sample(scores, temperature, generator),
+                lambda token: self._forward(cache_salt, session, [token]),
+                max_tokens=max_tokens,
+                eos=self._eos_ids,
+                on_token=on_token,
+            )
         text_ids = generated[:-1] if finish_reason == "stop" else generated
         return GenerationResult(
             token_ids=generated,
