@@ -40,10 +40,10 @@ from cwm_server.agent.engines.llamacpp.gguf_identity import GgufModel
 from cwm_server.agent.engines.llamacpp.state_format import (
     StateFormatError,
     StateLayout,
-    build_seq_state,
-    join_chunks,
+    StateWriter,
     parse_seq_state,
     split_chunks,
+    state_size,
     unwrap_memory_state,
     wrap_memory_state,
 )
@@ -351,8 +351,11 @@ class LlamaCppEngine:
         while len(self._parked) + 1 > self._max_sessions:
             self._parked.popitem(last=False)  # the least recently used goes, as in a server
 
-    def _load(self, blob: bytes) -> None:
-        buffer = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
+    def _load(self, blob: bytes | bytearray) -> None:
+        array = ctypes.c_uint8 * len(blob)
+        buffer = (
+            array.from_buffer(blob) if isinstance(blob, bytearray) else array.from_buffer_copy(blob)
+        )
         if lc.llama_state_seq_set_data(self._ctx, buffer, len(blob), _SEQ) == 0:
             lc.llama_memory_seq_rm(self._memory, _SEQ, -1, -1)
             raise EngineInputError("llama.cpp refused the sequence state (no room in the context?)")
@@ -396,13 +399,22 @@ class LlamaCppEngine:
         if not tokens or len(tokens) > self._n_ctx:
             raise EngineInputError(f"a session holds 1..{self._n_ctx} tokens, not {len(tokens)}")
         width = self.model.num_kv_heads * self.model.head_dim
-        try:
-            kv = join_chunks(chunks, self.model.num_layers, width, self.layout.kv_type, len(tokens))
+        layout = StateLayout(1, self.layout.v_trans, self.layout.kv_type)
+        header = wrap_memory_state(b"")
+        blob = bytearray(
+            len(header) + state_size(layout, self.model.num_layers, width, len(tokens))
+        )
+        blob[: len(header)] = header
+        try:  # each chunk copied once, into its places in the state llama.cpp reads
+            writer = StateWriter(
+                memoryview(blob)[len(header) :], layout, self.model.num_layers, width, len(tokens)
+            )
+            for chunk in chunks:
+                writer.add(chunk)
+            writer.check_complete()
         except ValueError as exc:
             raise EngineInputError(str(exc)) from None
-        blob = wrap_memory_state(
-            build_seq_state(kv, StateLayout(1, self.layout.v_trans, self.layout.kv_type))
-        )
+        del writer
         with self._lock:
             if cache_salt == self._active:
                 self._clear()

@@ -25,6 +25,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import mmap
 import os
 import re
 import shutil
@@ -54,6 +55,7 @@ from cwm_server.agent.engines.base import (
     EngineSettings,
     EngineSettingsError,
     ExportedKV,
+    ImportSink,
     chunk_tokens_for,
 )
 from cwm_server.agent.engines.llamacpp.gguf_identity import GgufError, GgufModel
@@ -61,12 +63,12 @@ from cwm_server.agent.engines.llamacpp.state_format import (
     GGML_TYPE_NAMES,
     StateFormatError,
     StateLayout,
-    build_seq_state,
-    build_slot_file,
-    join_chunks,
+    StateWriter,
     parse_seq_state,
     parse_slot_file,
+    slot_file_prefix,
     split_chunks,
+    state_size,
     stream_count,
 )
 
@@ -291,6 +293,13 @@ class LlamaServerAdapter(EngineAdapter):
             )
         return ExportedKV(token_ids=tokens, chunks=split_chunks(state.kv, chunk_tokens))
 
+    def begin_import(
+        self, session_id: str, token_ids: Sequence[int], chunk_tokens: int
+    ) -> ImportSink:
+        """The window goes straight into a slot file of the agent's own, mapped, chunk by
+        chunk as they arrive (one copy each); the slot is touched only by `finish`."""
+        return _SlotImport(self, slot_of(session_id), [int(t) for t in token_ids])
+
     def import_session(
         self,
         session_id: str,
@@ -298,36 +307,14 @@ class LlamaServerAdapter(EngineAdapter):
         chunks: Sequence[bytes],
         chunk_tokens: int,
     ) -> None:
-        slot = slot_of(session_id)
-        if slot >= self.total_slots:
-            raise InvalidArgument(
-                f"llama-server has slots 0..{self.total_slots - 1}, not {slot}",
-                field="new_session_id",
-            )
-        with self._lock:
-            if slot in self._importing:
-                raise AlreadyExists(f"a thaw into slot {slot} is already running")
-            self._importing.add(slot)
+        sink = self.begin_import(session_id, token_ids, chunk_tokens)
         try:
-            if self._occupancy(self._slots()).get(slot, 0) > 0:
-                raise AlreadyExists(f"slot {slot} already holds a session")
-            width = self.model.num_kv_heads * self.model.head_dim
-            try:
-                kv = join_chunks(
-                    chunks, self.model.num_layers, width, self.layout.kv_type, len(token_ids)
-                )
-            except ValueError as exc:
-                raise InvalidArgument(f"the window's KV does not fit this model: {exc}") from None
-            self._check_room(len(token_ids), f"stage a window of {len(token_ids)} tokens")
-            data = build_slot_file(token_ids, build_seq_state(kv, self.layout))
-            del kv
-            task = next((s.get("id_task") for s in self._slots() if int(s["id"]) == slot), None)
-            self._restore(slot, data)
-            with self._lock:
-                self._restored[slot] = (task, len(token_ids))
-        finally:
-            with self._lock:
-                self._importing.discard(slot)
+            for index, chunk in enumerate(chunks):
+                sink.add_chunk(index, chunk)
+        except BaseException:
+            sink.abort()
+            raise
+        sink.finish()
 
     # -- slot files ---------------------------------------------------------------------
 
@@ -337,7 +324,9 @@ class LlamaServerAdapter(EngineAdapter):
     def _check_room(self, tokens: int, what: str) -> None:
         """Refuse before llama-server or the agent writes a file the slot directory cannot
         hold (a half-written slot file helps nobody)."""
-        needed = tokens * self.bytes_per_token + (1 << 20)
+        self._check_room_bytes(tokens * self.bytes_per_token + (1 << 20), what)
+
+    def _check_room_bytes(self, needed: int, what: str) -> None:
         free = shutil.disk_usage(self.slot_dir).free
         if free < needed:
             raise ResourceExhausted(
@@ -347,11 +336,14 @@ class LlamaServerAdapter(EngineAdapter):
             )
 
     def _save(self, slot: int) -> tuple[list[int], memoryview]:
+        """The slot's tokens and state, saved by llama-server into a file of the agent's own
+        and mapped (not read: the parse copies what it needs once); the file is removed at
+        once, its pages go when the last view of them does."""
         path = self._file("freeze")
         try:
             self._post(f"/slots/{slot}?action=save", {"filename": path.name})
             try:
-                data = path.read_bytes()
+                data = _map_file(path)
             except FileNotFoundError:
                 raise FailedPrecondition(
                     f"llama-server saved slot {slot} but not into {self.slot_dir}: start it "
@@ -365,23 +357,12 @@ class LlamaServerAdapter(EngineAdapter):
             raise FailedPrecondition(f"slot {slot}'s save file cannot be read: {exc}") from None
         return tokens, blob
 
-    def _restore(self, slot: int, data: bytes) -> None:
-        path = self._file("thaw")
-        try:
-            try:
-                with open(path, "xb") as handle:
-                    handle.write(data)
-            except OSError as exc:
-                raise ResourceExhausted(
-                    f"cannot stage the window for llama-server in {self.slot_dir}: {exc}",
-                    reason="DISK_FULL" if exc.errno == errno.ENOSPC else "",
-                ) from None
-            answer = self._post(f"/slots/{slot}?action=restore", {"filename": path.name})
-            restored = int(answer.get("n_restored", -1)) if isinstance(answer, dict) else -1
-            log.info("slot_restored", slot=slot, tokens=restored, bytes=len(data))
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
+    def _restore(self, slot: int, path: Path, tokens: int) -> None:
+        answer = self._post(f"/slots/{slot}?action=restore", {"filename": path.name})
+        restored = int(answer.get("n_restored", -1)) if isinstance(answer, dict) else -1
+        if restored != tokens:
+            raise LlamaServerError(f"llama-server restored {restored} tokens of {tokens}")
+        log.info("slot_restored", slot=slot, tokens=restored, bytes=path.stat().st_size)
 
     # -- HTTP -----------------------------------------------------------------------------
 
@@ -438,3 +419,108 @@ class LlamaServerAdapter(EngineAdapter):
             ) from None
         except (urllib.error.URLError, OSError, ValueError) as exc:
             raise Unavailable(f"llama-server at {self.url} is unreachable: {exc}") from None
+
+
+def _map_file(path: Path) -> mmap.mmap | bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        return mmap.mmap(fd, size, prot=mmap.PROT_READ) if size else b""
+    finally:
+        os.close(fd)
+
+
+class _SlotImport(ImportSink):
+    """One thaw into one slot: the slot reserved, its file created (full size allocated up
+    front, so a full disk is an error here, never a fault later), mapped and filled as the
+    chunks arrive; `finish` restores it into the slot; every path removes the file."""
+
+    def __init__(self, adapter: LlamaServerAdapter, slot: int, tokens: list[int]) -> None:
+        if slot >= adapter.total_slots:
+            raise InvalidArgument(
+                f"llama-server has slots 0..{adapter.total_slots - 1}, not {slot}",
+                field="new_session_id",
+            )
+        if not tokens:
+            raise InvalidArgument("a window without tokens cannot be restored")
+        self._adapter, self._slot, self._tokens = adapter, slot, tokens
+        with adapter._lock:
+            if slot in adapter._importing:
+                raise AlreadyExists(f"a thaw into slot {slot} is already running")
+            adapter._importing.add(slot)
+        self._path: Path | None = None
+        self._map: mmap.mmap | None = None
+        try:
+            if adapter._occupancy(adapter._slots()).get(slot, 0) > 0:
+                raise AlreadyExists(f"slot {slot} already holds a session")
+            model = adapter.model
+            width = model.num_kv_heads * model.head_dim
+            prefix = slot_file_prefix(tokens)
+            size = len(prefix) + state_size(adapter.layout, model.num_layers, width, len(tokens))
+            adapter._check_room_bytes(size, f"stage a window of {len(tokens)} tokens")
+            self._path = adapter._file("thaw")
+            self._map = self._create(self._path, size)
+            self._map[: len(prefix)] = prefix
+            self._writer = StateWriter(
+                memoryview(self._map)[len(prefix) :],
+                adapter.layout,
+                model.num_layers,
+                width,
+                len(tokens),
+            )
+        except BaseException:
+            self.abort()
+            raise
+
+    @staticmethod
+    def _create(path: Path, size: int) -> mmap.mmap:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.posix_fallocate(fd, 0, size)
+            return mmap.mmap(fd, size)
+        except OSError as exc:
+            raise ResourceExhausted(
+                f"cannot stage the window for llama-server in {path.parent}: {exc}",
+                reason="DISK_FULL" if exc.errno == errno.ENOSPC else "",
+            ) from None
+        finally:
+            os.close(fd)
+
+    def add_chunk(self, index: int, data: bytes | memoryview, digest: bytes | None = None) -> None:
+        try:
+            self._writer.add(data)
+        except ValueError as exc:
+            raise InvalidArgument(f"the window's KV does not fit this model: {exc}") from None
+
+    def finish(self) -> None:
+        try:
+            try:
+                self._writer.check_complete()
+            except ValueError as exc:
+                raise InvalidArgument(f"the window's KV does not fit this model: {exc}") from None
+            assert self._map is not None and self._path is not None
+            del self._writer  # its views into the map must go before the map closes
+            self._map.close()
+            self._map = None
+            adapter = self._adapter
+            task = next(
+                (s.get("id_task") for s in adapter._slots() if int(s["id"]) == self._slot), None
+            )
+            adapter._restore(self._slot, self._path, len(self._tokens))
+            with adapter._lock:
+                adapter._restored[self._slot] = (task, len(self._tokens))
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        if self._map is not None:
+            self.__dict__.pop("_writer", None)
+            with contextlib.suppress(BufferError):
+                self._map.close()
+            self._map = None
+        if self._path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._path)
+            self._path = None
+        with self._adapter._lock:
+            self._adapter._importing.discard(self._slot)

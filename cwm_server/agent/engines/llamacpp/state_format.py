@@ -29,6 +29,7 @@ refused with a message that says which.
 
 from __future__ import annotations
 
+import mmap
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -84,7 +85,7 @@ class SeqState:
 
 
 class _Reader:
-    def __init__(self, data: bytes | memoryview) -> None:
+    def __init__(self, data: bytes | memoryview | mmap.mmap) -> None:
         self._view = memoryview(data).cast("B")
         self.offset = 0
 
@@ -241,35 +242,95 @@ def stream_count(data: bytes | memoryview) -> int:
     return _Reader(data).u32("the stream count")
 
 
+def state_size(layout: StateLayout, layers: int, width: int, tokens: int) -> int:
+    """Bytes of the state `StateWriter` writes for `tokens` tokens."""
+    element = _ELEMENT_DTYPES[layout.kv_type].itemsize
+    per_layer = 12 + tokens * width * element  # a 12-byte header (either V layout), the rows
+    return 8 + 12 * tokens + 8 + 2 * layers * per_layer + 4 * (layout.n_stream - 1)
+
+
+class StateWriter:
+    """Writes the state that restores a window into a context of `layout`, straight into
+    `out` (a writable buffer of `state_size` bytes: a mapped slot file, a bytearray), chunk
+    by chunk as they arrive: each chunk's bytes are copied once, into their places in every
+    layer's K and V (transposed for V when the target wants it). Tokens sit at positions
+    0..T-1; llama.cpp assigns the cells to the target sequence itself."""
+
+    def __init__(
+        self, out: memoryview, layout: StateLayout, layers: int, width: int, tokens: int
+    ) -> None:
+        if tokens < 1:
+            raise ValueError("a state needs at least one token")
+        size = state_size(layout, layers, width, tokens)
+        view = memoryview(out).cast("B")
+        if len(view) != size:
+            raise ValueError(f"the state needs {size} bytes, the buffer holds {len(view)}")
+        self.layers, self.width, self.tokens = layers, width, tokens
+        self.element = _ELEMENT_DTYPES[layout.kv_type]
+        self.filled = 0
+        buffer = np.frombuffer(view, dtype=np.uint8)
+        struct.pack_into("<II", view, 0, layout.n_stream, tokens)
+        cells = buffer[8 : 8 + 12 * tokens].view("<i4").reshape(tokens, 3)
+        cells[:, 0] = np.arange(tokens)
+        cells[:, 1] = 1  # n_seq_id; the seq id itself (0) is ignored by the reader
+        cells[:, 2] = 0
+        offset = 8 + 12 * tokens
+        struct.pack_into("<II", view, offset, int(layout.v_trans), layers)
+        offset += 8
+        row_bytes = width * self.element.itemsize
+        self._k: list[np.ndarray] = []
+        self._v: list[np.ndarray] = []
+        for which in ("K", "V"):
+            for _ in range(layers):
+                if which == "V" and layout.v_trans:
+                    header = ("<iII", layout.kv_type, self.element.itemsize, width)
+                else:
+                    header = ("<iQ", layout.kv_type, row_bytes)
+                struct.pack_into(header[0], view, offset, *header[1:])
+                offset += 12
+                rows = buffer[offset : offset + tokens * row_bytes].view(self.element)
+                if which == "K":
+                    self._k.append(rows.reshape(tokens, width))
+                elif layout.v_trans:
+                    self._v.append(rows.reshape(width, tokens).T)  # written as columns
+                else:
+                    self._v.append(rows.reshape(tokens, width))
+                offset += tokens * row_bytes
+        buffer[offset:] = 0  # the other streams: empty
+
+    def add(self, chunk: bytes | memoryview) -> int:
+        """Place the next canonical chunk ([2, L, t, E]); returns its token count."""
+        per_token = 2 * self.layers * self.width * self.element.itemsize
+        size = memoryview(chunk).nbytes
+        if size == 0 or size % per_token:
+            raise ValueError(
+                f"a chunk of {size} bytes is not a whole number of tokens of {per_token} bytes"
+            )
+        count = size // per_token
+        if self.filled + count > self.tokens:
+            raise ValueError(f"the chunks hold more than the window's {self.tokens} tokens")
+        data = np.frombuffer(chunk, dtype=self.element).reshape(2, self.layers, count, self.width)
+        span = slice(self.filled, self.filled + count)
+        for layer in range(self.layers):
+            self._k[layer][span] = data[0, layer]
+            self._v[layer][span] = data[1, layer]
+        self.filled += count
+        return count
+
+    def check_complete(self) -> None:
+        if self.filled != self.tokens:
+            raise ValueError(f"the chunks hold {self.filled} tokens, the window {self.tokens}")
+
+
 def build_seq_state(kv: np.ndarray, layout: StateLayout) -> bytes:
-    """The blob that restores `kv` ([2, L, T, E], tokens at positions 0..T-1) into a context
-    of `layout`; llama.cpp assigns the cells to the target sequence itself."""
+    """The state that restores `kv` ([2, L, T, E]) into a context of `layout`."""
     if kv.ndim != 4 or kv.shape[0] != 2:
         raise ValueError(f"KV must be [2, layers, tokens, width], got {list(kv.shape)}")
-    element = _ELEMENT_DTYPES[layout.kv_type]
-    kv = np.ascontiguousarray(kv.astype(element, copy=False))
     _, layers, tokens, width = kv.shape
-    if tokens == 0:
-        raise ValueError("a state needs at least one token")
-    parts: list[bytes | memoryview] = [struct.pack("<II", layout.n_stream, tokens)]
-    cells = np.zeros((tokens, 3), dtype="<i4")
-    cells[:, 0] = np.arange(tokens)
-    cells[:, 1] = 1  # n_seq_id; the seq id itself (0) is ignored by the reader
-    parts.append(cells.tobytes())
-    parts.append(struct.pack("<II", int(layout.v_trans), layers))
-    row_bytes = width * element.itemsize
-    for layer in range(layers):
-        parts.append(struct.pack("<iQ", layout.kv_type, row_bytes))
-        parts.append(memoryview(kv[0, layer]).cast("B"))
-    for layer in range(layers):
-        if layout.v_trans:
-            parts.append(struct.pack("<iII", layout.kv_type, element.itemsize, width))
-            parts.append(np.ascontiguousarray(kv[1, layer].T).tobytes())
-        else:
-            parts.append(struct.pack("<iQ", layout.kv_type, row_bytes))
-            parts.append(memoryview(kv[1, layer]).cast("B"))
-    parts.append(struct.pack("<I", 0) * (layout.n_stream - 1))  # the other streams: empty
-    return b"".join(parts)
+    out = bytearray(state_size(layout, layers, width, tokens))
+    writer = StateWriter(memoryview(out), layout, layers, width, tokens)
+    writer.add(np.ascontiguousarray(kv.astype(_ELEMENT_DTYPES[layout.kv_type], copy=False)))
+    return bytes(out)
 
 
 # -- in-memory states (llama_state_seq_get_data / set_data) ---------------------------------
@@ -295,7 +356,7 @@ def wrap_memory_state(state: bytes | memoryview, seq_id: int = 0) -> bytes:
 # -- llama-server's slot files -------------------------------------------------------------
 
 
-def parse_slot_file(data: bytes | memoryview) -> tuple[list[int], memoryview]:
+def parse_slot_file(data: bytes | memoryview | mmap.mmap) -> tuple[list[int], memoryview]:
     """A `/slots/{id}?action=save` file: the slot's token ids and its sequence state blob."""
     reader = _Reader(data)
     magic, version, count = reader.unpack("III", "the slot file header")
@@ -325,11 +386,16 @@ def _unpack_tokens(packed: np.ndarray) -> list[int]:
     return tokens
 
 
-def build_slot_file(tokens: Sequence[int], state: bytes) -> bytes:
-    """A slot file `/slots/{id}?action=restore` accepts (a plain token list, which every
-    llama-server release reads)."""
+def slot_file_prefix(tokens: Sequence[int]) -> bytes:
+    """What a slot file `/slots/{id}?action=restore` accepts holds before the state: the
+    header and a plain token list, which every llama-server release reads."""
     header = struct.pack("<III", SLOT_FILE_MAGIC, SLOT_FILE_VERSION, len(tokens))
-    return header + np.asarray(tokens, dtype="<i4").tobytes() + state
+    return header + np.asarray(tokens, dtype="<i4").tobytes()
+
+
+def build_slot_file(tokens: Sequence[int], state: bytes) -> bytes:
+    """A whole slot file in memory (the agent writes one in place instead: `StateWriter`)."""
+    return slot_file_prefix(tokens) + state
 
 
 # -- canonical chunks ----------------------------------------------------------------------
@@ -341,27 +407,7 @@ def split_chunks(kv: np.ndarray, chunk_tokens: int) -> list[bytes]:
     if chunk_tokens < 1:
         raise ValueError("chunk_tokens must be at least 1")
     tokens = kv.shape[2]
-    return [
-        np.ascontiguousarray(kv[:, :, start : start + chunk_tokens, :]).tobytes()
+    return [  # tobytes gathers a strided view in C order: one copy per chunk
+        kv[:, :, start : start + chunk_tokens, :].tobytes()
         for start in range(0, tokens, chunk_tokens)
     ]
-
-
-def join_chunks(
-    chunks: Sequence[bytes | memoryview], layers: int, width: int, kv_type: int, tokens: int
-) -> np.ndarray:
-    """The `[2, L, tokens, width]` array the canonical chunks make, checking every size."""
-    element = _ELEMENT_DTYPES[kv_type]
-    per_token = 2 * layers * width * element.itemsize
-    arrays = []
-    for index, chunk in enumerate(chunks):
-        size = memoryview(chunk).nbytes
-        if size == 0 or size % per_token:
-            raise ValueError(
-                f"chunk {index} is {size} bytes, not a whole number of tokens of {per_token} bytes"
-            )
-        arrays.append(np.frombuffer(chunk, dtype=element).reshape(2, layers, -1, width))
-    kv = np.concatenate(arrays, axis=2) if arrays else np.empty((2, layers, 0, width), element)
-    if kv.shape[2] != tokens:
-        raise ValueError(f"the chunks hold {kv.shape[2]} tokens, the window {tokens}")
-    return kv

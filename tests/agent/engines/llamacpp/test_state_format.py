@@ -15,12 +15,13 @@ from cwm_server.agent.engines.llamacpp.state_format import (
     SLOT_FILE_MAGIC,
     StateFormatError,
     StateLayout,
+    StateWriter,
     build_seq_state,
     build_slot_file,
-    join_chunks,
     parse_seq_state,
     parse_slot_file,
     split_chunks,
+    state_size,
     stream_count,
 )
 
@@ -182,18 +183,43 @@ def test_slot_files_with_media_or_another_version_are_refused() -> None:
         parse_slot_file(struct.pack("<III", SLOT_FILE_MAGIC, 2, 0) + blob)
 
 
+@pytest.mark.parametrize("v_trans", [False, True])
 @pytest.mark.parametrize("span", [1, 2, 4, 5, 64])
-def test_chunks_split_and_join_back_to_the_same_kv(span: int) -> None:
+def test_the_writer_fed_chunk_by_chunk_writes_what_llama_cpp_writes(
+    span: int, v_trans: bool
+) -> None:
     kv = _kv(10)
     chunks = split_chunks(kv, span)
     assert len(chunks) == -(-10 // span)
     assert chunks[0] == np.ascontiguousarray(kv[:, :, :span]).tobytes()
-    assert np.array_equal(join_chunks(chunks, LAYERS, WIDTH, GGML_TYPE_F16, 10), kv)
+    layout = StateLayout(2, v_trans, GGML_TYPE_F16)
+    out = bytearray(state_size(layout, LAYERS, WIDTH, 10))
+    writer = StateWriter(memoryview(out), layout, LAYERS, WIDTH, 10)
+    for chunk in chunks:
+        writer.add(chunk)
+    writer.check_complete()
+    assert bytes(out) == llama_blob(kv, v_trans=v_trans, n_stream=2, seq_id=0)
+    assert np.array_equal(parse_seq_state(bytes(out)).kv, kv)
 
 
-def test_join_refuses_chunks_of_the_wrong_size_or_count() -> None:
+def test_the_writer_refuses_chunks_of_the_wrong_size_or_count() -> None:
+    layout = StateLayout(1, False, GGML_TYPE_F16)
     chunks = split_chunks(_kv(4), 2)
+
+    def writer(tokens: int) -> StateWriter:
+        out = bytearray(state_size(layout, LAYERS, WIDTH, tokens))
+        return StateWriter(memoryview(out), layout, LAYERS, WIDTH, tokens)
+
     with pytest.raises(ValueError, match="whole number of tokens"):
-        join_chunks([chunks[0][:-2]], LAYERS, WIDTH, GGML_TYPE_F16, 2)
+        writer(2).add(chunks[0][:-2])
+    too_few = writer(5)
+    for chunk in chunks:
+        too_few.add(chunk)
     with pytest.raises(ValueError, match="hold 4 tokens, the window 5"):
-        join_chunks(chunks, LAYERS, WIDTH, GGML_TYPE_F16, 5)
+        too_few.check_complete()
+    too_many = writer(3)
+    too_many.add(chunks[0])
+    with pytest.raises(ValueError, match="more than the window's 3 tokens"):
+        too_many.add(chunks[1])
+    with pytest.raises(ValueError, match="needs"):
+        StateWriter(memoryview(bytearray(10)), layout, LAYERS, WIDTH, 2)
