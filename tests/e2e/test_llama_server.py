@@ -26,6 +26,7 @@ import pytest
 
 from cwm_client import SessionClient, WindowClient
 from cwm_client.errors import (
+    Aborted,
     AlreadyExists,
     CwmError,
     DataLoss,
@@ -396,3 +397,26 @@ def test_a_full_slot_directory_refuses_freeze_and_thaw_and_leaves_nothing(
     assert fleet.sessions.freeze_session("slot-1", "fits", agent_id="llama-full").window.token_count
     assert fleet.sessions.thaw_window("for-full", agent_id="llama-full").session_id == "slot-0"
     assert _own_files(small_disk) == []
+
+
+def test_a_request_that_takes_the_slot_during_a_thaw_is_not_overwritten(
+    fleet: Fleet, gguf: Path
+) -> None:
+    fleet.server("race-src", gguf)
+    fleet.agent("race-src")
+    history = _session_on(fleet, "race-src", 0, words=3)
+    fleet.sessions.freeze_session("slot-0", "race-window", agent_id="llama-race-src")
+    with fleet.windows.thaw("race-window") as stream:
+        chunks = [chunk.data for chunk in stream]
+    server = fleet.server("race", gguf)
+    engine = fleet.agent("race")
+    sink = engine.begin_import("slot-0", history, CHUNK_TOKENS)
+    for index, chunk in enumerate(chunks):
+        sink.add_chunk(index, chunk)
+    client = completion(server.url, [1, 300, 301, 302], 0, n_predict=2)  # lands in slot 0
+    with pytest.raises(Aborted) as taken:
+        sink.finish()
+    assert taken.value.reason == "SLOT_TAKEN"
+    assert _own_files(server.slot_dir) == []
+    again = completion(server.url, [1, 300, 301, 302, *client["tokens"][:1]], 0, n_predict=1)
+    assert again["timings"]["cache_n"] == 4  # the client's own session, not the window

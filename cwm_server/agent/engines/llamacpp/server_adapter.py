@@ -42,6 +42,7 @@ import structlog
 
 from cwm_client import pb
 from cwm_client.errors import (
+    Aborted,
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
@@ -503,9 +504,17 @@ class _SlotImport(ImportSink):
             self._map.close()
             self._map = None
             adapter = self._adapter
-            task = next(
-                (s.get("id_task") for s in adapter._slots() if int(s["id"]) == self._slot), None
-            )
+            slots = adapter._slots()
+            if adapter._occupancy(slots).get(self._slot, 0) > 0:
+                # A client's request took the slot while the window was arriving; restoring
+                # now would overwrite its session (the check narrows that race to the last
+                # moment; llama-server has no compare-and-restore to close it).
+                raise Aborted(
+                    f"a request started a session in slot {self._slot} during the thaw; "
+                    "thaw again into another slot",
+                    reason="SLOT_TAKEN",
+                )
+            task = next((s.get("id_task") for s in slots if int(s["id"]) == self._slot), None)
             adapter._restore(self._slot, self._path, len(self._tokens))
             with adapter._lock:
                 adapter._restored[self._slot] = (task, len(self._tokens))
