@@ -131,6 +131,18 @@ class ImportSink(ABC):
         """Drop what was staged (the import failed before `finish`)."""
 
 
+def feed_import(sink: ImportSink, chunks: Sequence[bytes | memoryview]) -> None:
+    """Give `sink` every chunk in order and finish it, aborting it if a chunk is refused: how
+    an engine that stages chunk by chunk (`begin_import`) implements `import_session`."""
+    try:
+        for index, chunk in enumerate(chunks):
+            sink.add_chunk(index, chunk)
+    except BaseException:
+        sink.abort()
+        raise
+    sink.finish()
+
+
 class _CollectingSink(ImportSink):
     def __init__(
         self, adapter: EngineAdapter, session_id: str, token_ids: list[int], chunk_tokens: int

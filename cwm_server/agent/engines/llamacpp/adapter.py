@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from cwm_client import pb
+from cwm_client.chunks import bytes_per_token
 from cwm_client.errors import AlreadyExists, InvalidArgument, NotFound
 from cwm_server.agent.engines.base import (
     EngineAdapter,
@@ -57,7 +58,7 @@ class LlamaCppAdapter(EngineAdapter):
         return self._http.endpoint
 
     def default_chunk_tokens(self) -> int:
-        return chunk_tokens_for(self.engine.bytes_per_token)
+        return chunk_tokens_for(bytes_per_token(self.engine.fingerprint))
 
     def sessions(self) -> list[EngineSession]:
         return [

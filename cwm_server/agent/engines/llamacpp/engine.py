@@ -167,11 +167,6 @@ class LlamaCppEngine:
     def eos_token_ids(self) -> frozenset[int]:
         return self._eos
 
-    @property
-    def bytes_per_token(self) -> int:
-        width = self.model.num_kv_heads * self.model.head_dim
-        return 2 * self.model.num_layers * width * (4 if self.layout.kv_type == 0 else 2)
-
     # -- text ----------------------------------------------------------------------------
 
     def tokenize(self, text: str, special: bool = False) -> list[int]:

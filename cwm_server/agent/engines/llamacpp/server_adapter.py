@@ -41,6 +41,7 @@ from typing import IO, Any
 import structlog
 
 from cwm_client import pb
+from cwm_client.chunks import bytes_per_token
 from cwm_client.errors import (
     Aborted,
     AlreadyExists,
@@ -58,6 +59,7 @@ from cwm_server.agent.engines.base import (
     ExportedKV,
     ImportSink,
     chunk_tokens_for,
+    feed_import,
 )
 from cwm_server.agent.engines.llamacpp.gguf_identity import GgufError, GgufModel
 from cwm_server.agent.engines.llamacpp.state_format import (
@@ -199,12 +201,13 @@ class LlamaServerAdapter(EngineAdapter):
         before any request ran in it, so each slot is saved until one holds tokens; only
         when all are truly empty does a one-token prompt run in one (erased again)."""
         streams = 0
-        for slot in self._slots():
+        slots = self._slots()
+        for slot in slots:
             tokens, blob = self._save(int(slot["id"]))
             if tokens:
                 return parse_seq_state(blob).layout
             streams = stream_count(blob)
-        scratch = int(self._slots()[-1]["id"])
+        scratch = int(slots[-1]["id"])
         bos = self._post("/tokenize", {"content": "a", "add_special": True}).get("tokens") or [1]
         self._post(
             "/completion",
@@ -227,13 +230,8 @@ class LlamaServerAdapter(EngineAdapter):
     def endpoint(self) -> str:
         return self.url
 
-    @property
-    def bytes_per_token(self) -> int:
-        width = self.model.num_kv_heads * self.model.head_dim
-        return 2 * self.model.num_layers * width * (4 if self.layout.kv_type == 0 else 2)
-
     def default_chunk_tokens(self) -> int:
-        return chunk_tokens_for(self.bytes_per_token)
+        return chunk_tokens_for(bytes_per_token(self._fingerprint))
 
     def new_session_id(self) -> str:
         with self._lock:
@@ -270,7 +268,8 @@ class LlamaServerAdapter(EngineAdapter):
 
     def export_session(self, session_id: str, chunk_tokens: int) -> ExportedKV:
         slot = slot_of(session_id)
-        self._check_room(self._occupancy(self._slots()).get(slot, 0), f"save slot {slot}")
+        held = self._occupancy(self._slots()).get(slot, 0)
+        self._check_room(held * bytes_per_token(self._fingerprint) + (1 << 20), f"save slot {slot}")
         tokens, blob = self._save(slot)
         if not tokens:
             with self._lock:
@@ -308,26 +307,16 @@ class LlamaServerAdapter(EngineAdapter):
         chunks: Sequence[bytes],
         chunk_tokens: int,
     ) -> None:
-        sink = self.begin_import(session_id, token_ids, chunk_tokens)
-        try:
-            for index, chunk in enumerate(chunks):
-                sink.add_chunk(index, chunk)
-        except BaseException:
-            sink.abort()
-            raise
-        sink.finish()
+        feed_import(self.begin_import(session_id, token_ids, chunk_tokens), chunks)
 
     # -- slot files ---------------------------------------------------------------------
 
     def _file(self, verb: str) -> Path:
         return self.slot_dir / f"{FILE_PREFIX}{verb}-{uuid.uuid4().hex}.bin"
 
-    def _check_room(self, tokens: int, what: str) -> None:
-        """Refuse before llama-server or the agent writes a file the slot directory cannot
-        hold (a half-written slot file helps nobody)."""
-        self._check_room_bytes(tokens * self.bytes_per_token + (1 << 20), what)
-
-    def _check_room_bytes(self, needed: int, what: str) -> None:
+    def _check_room(self, needed: int, what: str) -> None:
+        """Refuse before llama-server or the agent writes a file of `needed` bytes the slot
+        directory cannot hold (a half-written slot file helps nobody)."""
         free = shutil.disk_usage(self.slot_dir).free
         if free < needed:
             raise ResourceExhausted(
@@ -458,7 +447,7 @@ class _SlotImport(ImportSink):
             width = model.num_kv_heads * model.head_dim
             prefix = slot_file_prefix(tokens)
             size = len(prefix) + state_size(adapter.layout, model.num_layers, width, len(tokens))
-            adapter._check_room_bytes(size, f"stage a window of {len(tokens)} tokens")
+            adapter._check_room(size, f"stage a window of {len(tokens)} tokens")
             self._path = adapter._file("thaw")
             self._map = self._create(self._path, size)
             self._map[: len(prefix)] = prefix

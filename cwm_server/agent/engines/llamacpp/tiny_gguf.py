@@ -116,24 +116,10 @@ def is_built(path: Path, recipe: dict[str, Any] = RECIPE) -> bool:
 
 def _train_tokenizer(recipe: dict[str, Any]) -> tuple[list[str], list[str], dict[str, int]]:
     """Byte-level BPE trained on the generated corpus: (tokens by id, merges, special ids)."""
-    # The trainer parallelises word counting; one thread removes any doubt about ties in the
-    # merge order, at a cost of well under a second. Must be set before rayon first starts.
-    os.environ.setdefault("RAYON_NUM_THREADS", "1")
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
     settings = recipe["tokenizer"]
-    tokenizer = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    trainer = trainers.BpeTrainer(
-        vocab_size=recipe["vocab_size"],
-        min_frequency=2,
-        special_tokens=SPECIAL_TOKENS,
-        # All 256 byte symbols, so any UTF-8 text tokenizes (no unknown token is needed).
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+    tokenizer = _reference.train_bpe(
+        recipe["vocab_size"], recipe["seed"], settings["corpus_sentences"]
     )
-    corpus = _reference.build_corpus(recipe["seed"], settings["corpus_sentences"])
-    tokenizer.train_from_iterator(corpus, trainer=trainer, length=len(corpus))
 
     vocab: dict[str, int] = tokenizer.get_vocab(with_added_tokens=True)
     if len(vocab) != recipe["vocab_size"] or sorted(vocab.values()) != list(range(len(vocab))):

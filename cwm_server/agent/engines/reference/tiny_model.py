@@ -325,25 +325,37 @@ def is_built(path: Path, recipe: dict[str, Any] = RECIPE) -> bool:
     return all((path / name).is_file() for name in recorded.get("files", []))
 
 
-def _train_tokenizer(recipe: dict[str, Any]) -> Any:
-    """Byte-level BPE trained on the built-in corpus (single-threaded for determinism)."""
+def train_bpe(vocab_size: int, seed: int, sentences: int) -> Any:
+    """A byte-level BPE `tokenizers.Tokenizer` trained on `build_corpus(seed, sentences)`,
+    single-threaded for determinism; the vocabulary both tiny models (this one and the tiny
+    GGUF) share, so both engines split text alike."""
     # The tokenizers trainer parallelises word counting; ties in merge selection are broken
     # deterministically, but one thread removes any doubt at a cost of well under a second.
+    # Must be set before rayon first starts.
     os.environ.setdefault("RAYON_NUM_THREADS", "1")
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=recipe["vocab_size"],
+        vocab_size=vocab_size,
         min_frequency=2,
         special_tokens=SPECIAL_TOKENS,
+        # All 256 byte symbols, so any UTF-8 text tokenizes (no unknown token is needed).
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    corpus = build_corpus(recipe["seed"], recipe["corpus_sentences"])
+    corpus = build_corpus(seed, sentences)
     tokenizer.train_from_iterator(corpus, trainer=trainer, length=len(corpus))
+    return tokenizer
+
+
+def _train_tokenizer(recipe: dict[str, Any]) -> Any:
+    """The reference model's tokenizer: `train_bpe` with a byte-level decoder and BOS."""
+    from tokenizers import decoders, processors
+
+    tokenizer = train_bpe(recipe["vocab_size"], recipe["seed"], recipe["corpus_sentences"])
+    tokenizer.decoder = decoders.ByteLevel()
     bos_id = tokenizer.token_to_id(BOS_TOKEN)
     # Prepend BOS like Llama does, so text prompts over HTTP start the way chat prompts do.
     tokenizer.post_processor = processors.TemplateProcessing(

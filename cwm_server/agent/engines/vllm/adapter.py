@@ -63,6 +63,7 @@ from cwm_server.agent.engines.base import (
     ExportedKV,
     ImportSink,
     chunk_tokens_for,
+    feed_import,
 )
 from cwm_server.agent.engines.fingerprint import kv_dtype_from_name, model_fingerprint
 from cwm_server.agent.engines.vllm import staging
@@ -346,14 +347,7 @@ class VllmAdapter(EngineAdapter):
         chunks: Sequence[bytes],
         chunk_tokens: int,
     ) -> None:
-        sink = self.begin_import(session_id, token_ids, chunk_tokens)
-        try:
-            for index, data in enumerate(chunks):
-                sink.add_chunk(index, data)
-        except BaseException:
-            sink.abort()
-            raise
-        sink.finish()
+        feed_import(self.begin_import(session_id, token_ids, chunk_tokens), chunks)
 
     def begin_import(
         self, session_id: str, token_ids: Sequence[int], chunk_tokens: int
