@@ -61,10 +61,7 @@ class LlamaCppAdapter(EngineAdapter):
         return chunk_tokens_for(bytes_per_token(self.engine.fingerprint))
 
     def sessions(self) -> list[EngineSession]:
-        return [
-            EngineSession(s.cache_salt, s.cache_salt, s.num_tokens, s.last_active)
-            for s in self.engine.list_sessions()
-        ]
+        return self.engine.list_sessions()
 
     def export_session(self, session_id: str, chunk_tokens: int) -> ExportedKV:
         try:

@@ -28,6 +28,7 @@ import llama_cpp as lc
 import numpy as np
 
 from cwm_client import pb
+from cwm_server.agent.engines.base import EngineSession
 from cwm_server.agent.engines.decode_loop import decode
 from cwm_server.agent.engines.inputs import (
     EngineInputError,
@@ -62,13 +63,6 @@ class _Parked:
 
     tokens: list[int]
     blob: bytes
-    last_active: float
-
-
-@dataclass(frozen=True)
-class LlamaSessionInfo:
-    cache_salt: str
-    num_tokens: int
     last_active: float
 
 
@@ -304,17 +298,13 @@ class LlamaCppEngine:
 
     # -- sessions -----------------------------------------------------------------------
 
-    def list_sessions(self) -> list[LlamaSessionInfo]:
+    def list_sessions(self) -> list[EngineSession]:
+        """The sessions, as the agent reports them (session id = cache_salt)."""
         with self._lock:
-            out = [
-                LlamaSessionInfo(salt, len(p.tokens), p.last_active)
-                for salt, p in self._parked.items()
-            ]
+            held = [(salt, len(p.tokens), p.last_active) for salt, p in self._parked.items()]
             if self._active is not None and self._active_tokens:
-                out.append(
-                    LlamaSessionInfo(self._active, len(self._active_tokens), self._active_since)
-                )
-            return out
+                held.append((self._active, len(self._active_tokens), self._active_since))
+        return [EngineSession(salt, salt, count, when) for salt, count, when in held]
 
     def _state(self) -> bytes:
         size = lc.llama_state_seq_get_size(self._ctx, _SEQ)
@@ -331,7 +321,7 @@ class LlamaCppEngine:
         if cache_salt is not None and cache_salt == self._active:
             return
         if self._active is not None and self._active_tokens:
-            self._park(self._active, list(self._active_tokens), self._state(), self._active_since)
+            self._park(self._active, self._active_tokens, self._state(), self._active_since)
         self._clear()
         parked = self._parked.pop(cache_salt, None) if cache_salt is not None else None
         if parked is not None:

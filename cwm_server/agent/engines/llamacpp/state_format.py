@@ -322,17 +322,6 @@ class StateWriter:
             raise ValueError(f"the chunks hold {self.filled} tokens, the window {self.tokens}")
 
 
-def build_seq_state(kv: np.ndarray, layout: StateLayout) -> bytes:
-    """The state that restores `kv` ([2, L, T, E]) into a context of `layout`."""
-    if kv.ndim != 4 or kv.shape[0] != 2:
-        raise ValueError(f"KV must be [2, layers, tokens, width], got {list(kv.shape)}")
-    _, layers, tokens, width = kv.shape
-    out = bytearray(state_size(layout, layers, width, tokens))
-    writer = StateWriter(memoryview(out), layout, layers, width, tokens)
-    writer.add(np.ascontiguousarray(kv.astype(_ELEMENT_DTYPES[layout.kv_type], copy=False)))
-    return bytes(out)
-
-
 # -- in-memory states (llama_state_seq_get_data / set_data) ---------------------------------
 
 MEMORY_STATE_MAGIC = 0xAF143CD8
@@ -391,11 +380,6 @@ def slot_file_prefix(tokens: Sequence[int]) -> bytes:
     header and a plain token list, which every llama-server release reads."""
     header = struct.pack("<III", SLOT_FILE_MAGIC, SLOT_FILE_VERSION, len(tokens))
     return header + np.asarray(tokens, dtype="<i4").tobytes()
-
-
-def build_slot_file(tokens: Sequence[int], state: bytes) -> bytes:
-    """A whole slot file in memory (the agent writes one in place instead: `StateWriter`)."""
-    return slot_file_prefix(tokens) + state
 
 
 # -- canonical chunks ----------------------------------------------------------------------

@@ -16,10 +16,9 @@ from cwm_server.agent.engines.llamacpp.state_format import (
     StateFormatError,
     StateLayout,
     StateWriter,
-    build_seq_state,
-    build_slot_file,
     parse_seq_state,
     parse_slot_file,
+    slot_file_prefix,
     split_chunks,
     state_size,
     stream_count,
@@ -72,6 +71,14 @@ def llama_blob(
                 out.append(struct.pack("<iQ", kv_type, WIDTH * size))
                 out.append(rows.tobytes())
     return b"".join(out) + trailing
+
+
+def build_seq_state(kv: np.ndarray, layout: StateLayout) -> bytes:
+    """The state `StateWriter` writes for a whole window given as one chunk."""
+    _, layers, tokens, width = kv.shape
+    out = bytearray(state_size(layout, layers, width, tokens))
+    StateWriter(memoryview(out), layout, layers, width, tokens).add(kv.tobytes())
+    return bytes(out)
 
 
 @pytest.mark.parametrize("v_trans", [False, True])
@@ -162,7 +169,7 @@ def test_an_empty_sequence_is_refused_but_says_its_stream_count() -> None:
 def test_slot_files_round_trip_plain_and_packed_token_lists() -> None:
     kv = _kv(3)
     blob = llama_blob(kv, v_trans=False)
-    tokens, state = parse_slot_file(build_slot_file([5, 6, 7], blob))
+    tokens, state = parse_slot_file(slot_file_prefix([5, 6, 7]) + blob)
     assert tokens == [5, 6, 7]
     assert bytes(state) == blob
     # llama-server's newer packed list: marker, version, count, ids, media count 0
