@@ -309,7 +309,11 @@ def test_auto_freeze_fires_at_threshold_and_is_thawable(
 
 def test_agent_reconnects_after_manager_restart(tmp_path: Path, tiny_model_dir: Path) -> None:
     port = free_port()
-    process = ManagerProcess(tmp_path / "data", ["--listen", f"127.0.0.1:{port}"])
+    # The gRPC port stays fixed across the restart; the bulk port takes any free one, since
+    # "auto" (gRPC port + 1) can be taken meanwhile by an ephemeral socket, such as one of
+    # the agent's own reconnect attempts.
+    bulk = ["--bulk-listen", "127.0.0.1:0"]
+    process = ManagerProcess(tmp_path / "data", ["--listen", f"127.0.0.1:{port}", *bulk])
     process.start()
     engine = ReferenceAdapter(ReferenceEngine(tiny_model_dir))
     host = HostAgent(engine, f"127.0.0.1:{port}", "node-r", backoff=(0.1, 1.0))
